@@ -1,0 +1,1 @@
+"""Linux mechanics: namespaces, links, HTB plans, processes, samplers, cleanup, fidelity."""

@@ -1,0 +1,74 @@
+"""Processes that a run starts inside its namespaces, and how they stop.
+
+Every process is started from an argv list (never a shell string) with
+``ip netns exec``, in its own session (so its children can be signalled as a
+group) and with a parent-death signal, so that even a SIGKILLed dpemu does not
+leave daemons behind. Stopping is SIGTERM -> wait -> SIGKILL, on exactly the
+processes this group started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import IO, Callable
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
+    return argv if netns is None else ["ip", "netns", "exec", netns, *argv]
+
+
+class ProcessGroup:
+    """The processes of one run. `on_start(pid)` lets the registry record them."""
+
+    def __init__(self, on_start: Callable[[int], None] | None = None):
+        self._procs: list[tuple[str, subprocess.Popen]] = []
+        self._on_start = on_start
+
+    def start(self, name: str, netns: str | None, argv: list[str], *,
+              stdout: IO | int | None = subprocess.PIPE, stderr: IO | int | None = subprocess.PIPE,
+              cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(netns_argv(netns, argv), stdout=stdout, stderr=stderr, text=True,
+                                cwd=cwd, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        self._procs.append((name, proc))
+        if self._on_start:
+            self._on_start(proc.pid)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace_s: float = 3.0) -> int | None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=grace_s)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        while self._procs:
+            _, proc = self._procs.pop()
+            self.stop(proc)
+
+    def alive(self) -> list[str]:
+        return [name for name, p in self._procs if p.poll() is None]

@@ -1,0 +1,110 @@
+"""The emulated network as plain data: hosts, bridges, shaped links.
+
+A :class:`NetSpec` is what :mod:`emulator.net` builds and what ``dpemu plan``
+prints. It is generic: a host is a network namespace, a switch is a Linux
+bridge, a link is a veth pair from a host to a switch, shaped with HTB in both
+directions. Topologies (``topologies/``) produce NetSpecs; nothing here knows
+what a prefill node is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .names import check_ifname, owned
+from .tcplan import TcOp, shape_ops
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str  # e.g. "pe1"
+    role: str  # free-form tag for people and reports ("pe", "de", "st")
+
+    @property
+    def netns(self) -> str:
+        """The named namespace (``ip netns``) of this host."""
+        return owned(self.name)
+
+
+@dataclass(frozen=True)
+class SwitchSpec:
+    name: str  # e.g. "rail0"
+    fabric: str  # "storage", "compute", ...
+
+    @property
+    def bridge(self) -> str:
+        return owned(self.name)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A host NIC cabled to a switch port; `rate_bps` applies in both directions."""
+
+    host: str
+    nic: str  # e.g. "snic", "cnic3"
+    switch: str
+    link_class: str  # what calibration groups by: "snic", "cnic", "stnic"
+    rate_bps: float
+    ip: str  # host address with prefix length, "10.10.1.1/16"
+    queue_s: float
+
+    @property
+    def host_intf(self) -> str:
+        """Interface name inside the host namespace (needs no prefix there)."""
+        return check_ifname(f"{self.host}-{self.nic}")
+
+    @property
+    def switch_intf(self) -> str:
+        """The switch side, in the root namespace: carries the project prefix."""
+        return owned(f"{self.host}-{self.nic}")
+
+    @property
+    def addr(self) -> str:
+        return self.ip.split("/")[0]
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    hosts: tuple[HostSpec, ...]
+    switches: tuple[SwitchSpec, ...]
+    links: tuple[LinkSpec, ...]
+
+    def host(self, name: str) -> HostSpec:
+        return next(h for h in self.hosts if h.name == name)
+
+    def switch(self, name: str) -> SwitchSpec:
+        return next(s for s in self.switches if s.name == name)
+
+    def links_of(self, host: str) -> list[LinkSpec]:
+        return [lk for lk in self.links if lk.host == host]
+
+    def root_objects(self) -> list[str]:
+        """Every name this network creates in the root namespace."""
+        return ([s.bridge for s in self.switches] + [lk.switch_intf for lk in self.links]
+                + [h.netns for h in self.hosts])
+
+    def tc_ops(self) -> list[TcOp]:
+        """Shaping in both directions: host egress ("up") and switch-port egress ("down")."""
+        ops: list[TcOp] = []
+        for lk in self.links:
+            ops += shape_ops(self.host(lk.host).netns, lk.host_intf, lk.rate_bps, lk.queue_s)
+            ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s)
+        return ops
+
+    def validate(self) -> None:
+        """Names unique and within IFNAMSIZ; every link's ends exist."""
+        names = [h.name for h in self.hosts] + [s.name for s in self.switches]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate node names: {sorted(dup)}")
+        hosts = {h.name for h in self.hosts}
+        switches = {s.name for s in self.switches}
+        seen: set[str] = set()
+        for lk in self.links:
+            if lk.host not in hosts or lk.switch not in switches:
+                raise ValueError(f"link {lk.host}-{lk.nic} -> {lk.switch}: unknown end")
+            for n in (lk.host_intf, lk.switch_intf):
+                if n in seen:
+                    raise ValueError(f"duplicate interface name {n}")
+                seen.add(n)
+        self.root_objects()

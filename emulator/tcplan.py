@@ -1,0 +1,142 @@
+"""Traffic-control plans: HTB shaping as printable data, then applied.
+
+A :class:`TcOp` is one ``tc`` operation (a qdisc or a class) on one interface in
+one namespace. :func:`shape_ops` turns "this interface sends at most R" into the
+HTB tree every shaped interface gets::
+
+    root qdisc htb 1: (default 1:10)
+      class 1:1  rate R ceil R          link capacity (parent of all traffic classes)
+        class 1:10 rate R ceil R        default class: everything unclassified
+          qdisc bfifo 10: limit Q       explicit queue, in bytes
+
+Traffic classes (KV vs collectives) will add siblings of 1:10 under 1:1.
+Plans are pure values: ``dpemu plan`` prints them with :func:`render` as the
+equivalent ``tc`` command lines, tests compare them with golden files, and
+:func:`apply` executes them through pyroute2 netlink (never through a shell).
+This module knows nothing about prefill or decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .units import format_rate, format_size
+
+
+def _register_bfifo() -> None:
+    """pyroute2 ships a `pfifo` plugin but none for `bfifo`; both carry the same
+    ``struct tc_fifo_qopt { __u32 limit; }``, so bfifo reuses pfifo's layout
+    (without a plugin pyroute2 silently attaches unknown qdiscs at the root)."""
+    from pyroute2.netlink.rtnl.tcmsg import plugins, sched_pfifo
+
+    plugins.setdefault("bfifo", sched_pfifo)
+
+MTU_BYTES = 1500
+# veth uses GSO: a single skb may carry up to 64 KiB. Bursts and queues must
+# hold a few of them or HTB/bfifo degrade into drops and rate error.
+GSO_MAX_BYTES = 65536
+HZ_BURST_S = 0.001  # HTB refill granularity we size bursts for (1 ms)
+ROOT_HANDLE = 0x10000  # 1:
+LINK_CLASS = 0x10001  # 1:1
+DEFAULT_CLASS = 0x10010  # 1:10
+
+
+def handle_str(handle: int) -> str:
+    major, minor = handle >> 16, handle & 0xFFFF
+    return f"{major:x}:{minor:x}" if minor else f"{major:x}:"
+
+
+@dataclass(frozen=True)
+class TcOp:
+    """One tc operation. ``netns`` None means the root namespace."""
+
+    netns: str | None
+    dev: str
+    op: str  # "qdisc" or "class"
+    kind: str  # "htb", "bfifo"
+    handle: int
+    parent: int | None  # None = root
+    params: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+
+    def param(self, name: str) -> int:
+        return dict(self.params)[name]
+
+
+def htb_burst_bytes(rate_bps: float) -> int:
+    """Burst that covers 1 ms at the rate, and never less than two GSO skbs."""
+    return int(max(rate_bps / 8 * HZ_BURST_S, 2 * GSO_MAX_BYTES))
+
+
+def htb_quantum_bytes(rate_bps: float) -> int:
+    """DRR quantum: rate/10 (tc's r2q) clamped to [MTU, 200000] to avoid tc's warnings."""
+    return int(min(max(rate_bps / 8 / 10, MTU_BYTES + 100), 200_000))
+
+
+def queue_limit_bytes(rate_bps: float, queue_s: float) -> int:
+    """A queue of `queue_s` seconds at the rate, holding at least four GSO skbs."""
+    return int(max(rate_bps / 8 * queue_s, 4 * GSO_MAX_BYTES))
+
+
+def shape_ops(netns: str | None, dev: str, rate_bps: float, queue_s: float) -> list[TcOp]:
+    """The HTB tree that limits egress of `dev` to `rate_bps`."""
+    rate = int(round(rate_bps))
+    burst = htb_burst_bytes(rate)
+    quantum = htb_quantum_bytes(rate)
+    cls = (("rate_bps", rate), ("ceil_bps", rate), ("burst_bytes", burst),
+           ("cburst_bytes", burst), ("quantum_bytes", quantum), ("prio", 0))
+    return [
+        TcOp(netns, dev, "qdisc", "htb", ROOT_HANDLE, None, (("default", DEFAULT_CLASS & 0xFFFF), ("r2q", 10))),
+        TcOp(netns, dev, "class", "htb", LINK_CLASS, ROOT_HANDLE, cls),
+        TcOp(netns, dev, "class", "htb", DEFAULT_CLASS, LINK_CLASS, cls),
+        TcOp(netns, dev, "qdisc", "bfifo", 0x100000, DEFAULT_CLASS,
+             (("limit_bytes", queue_limit_bytes(rate, queue_s)),)),
+    ]
+
+
+def render(op: TcOp) -> str:
+    """The ``tc`` command line equivalent to `op` (for people; never executed)."""
+    p = dict(op.params)
+    ns = f"-n {op.netns} " if op.netns else ""
+    where = "root" if op.parent is None else f"parent {handle_str(op.parent)}"
+    head = f"tc {ns}{op.op} add dev {op.dev} {where}"
+    if op.op == "qdisc" and op.kind == "htb":
+        return f"{head} handle {handle_str(op.handle)} htb default {p['default']:x} r2q {p['r2q']}"
+    if op.op == "qdisc" and op.kind == "bfifo":
+        return f"{head} handle {handle_str(op.handle)} bfifo limit {p['limit_bytes']}b"
+    if op.op == "class" and op.kind == "htb":
+        return (f"{head} classid {handle_str(op.handle)} htb rate {format_rate(p['rate_bps'])}"
+                f" ceil {format_rate(p['ceil_bps'])} burst {p['burst_bytes']}b cburst {p['cburst_bytes']}b"
+                f" quantum {p['quantum_bytes']} prio {p['prio']}")
+    raise ValueError(f"cannot render {op}")
+
+
+def describe(op: TcOp) -> str:
+    """Short human text, e.g. for error messages."""
+    if op.kind == "bfifo":
+        return f"{op.dev}: bfifo {format_size(op.param('limit_bytes'))}"
+    return f"{op.dev}: {op.kind} {op.op} {handle_str(op.handle)}"
+
+
+def apply(ipr, ops: list[TcOp]) -> None:
+    """Execute `ops` with a pyroute2 ``IPRoute`` already bound to their namespace."""
+    _register_bfifo()
+    index_of: dict[str, int] = {}
+    for op in ops:
+        if op.dev not in index_of:
+            found = ipr.link_lookup(ifname=op.dev)
+            if not found:
+                raise LookupError(f"interface {op.dev} not found in namespace {op.netns or 'root'}")
+            index_of[op.dev] = found[0]
+        idx = index_of[op.dev]
+        p = dict(op.params)
+        if op.op == "qdisc" and op.kind == "htb":
+            ipr.tc("add", "htb", idx, op.handle, default=p["default"], r2q=p["r2q"])
+        elif op.op == "qdisc" and op.kind == "bfifo":
+            ipr.tc("add", "bfifo", idx, op.handle, parent=op.parent, limit=p["limit_bytes"])
+        elif op.op == "class" and op.kind == "htb":
+            ipr.tc("add-class", "htb", idx, op.handle, parent=op.parent,
+                   rate=p["rate_bps"] // 8, ceil=p["ceil_bps"] // 8,
+                   burst=p["burst_bytes"], cburst=p["cburst_bytes"],
+                   quantum=p["quantum_bytes"], prio=p["prio"])
+        else:
+            raise ValueError(f"cannot apply {op}")

@@ -1,0 +1,130 @@
+"""The DualPath cluster: real units in, scaled emulated links out.
+
+A :class:`ClusterSpec` describes the REAL cluster (as in the paper: 8 Hopper
+GPUs per node, one 400 Gbit/s compute NIC per GPU, one 400 Gbit/s storage NIC
+per node). A :class:`Scale` maps it to what this machine can carry:
+
+    emulated rate = real rate x byte_scale / time_scale
+
+byte_scale is the fraction of real bytes actually moved; time_scale is wall
+seconds per real second. Because every rate is multiplied by the same factor,
+the ratios that DualPath's physics depends on (SNIC:CNIC, P:D, storage:SNIC)
+are preserved exactly; :func:`invariants` states them so a run can record them.
+
+:func:`cluster_net` lays the cluster out (this is the whole address plan):
+
+- storage fabric, bridge ``dp-stor``, subnet 10.10.0.0/16: every compute node's
+  SNIC (prefill ``10.10.1.i``, decode ``10.10.2.i``) and every storage server
+  (``10.10.3.i``);
+- compute fabric, rail-optimized: GPU r of every node is cabled to rail bridge
+  ``dp-rail<r>``, one subnet per rail: 10.(32+r).0.0/16 (prefill
+  ``10.(32+r).1.i``, decode ``10.(32+r).2.i``). Rails share nothing, and the
+  storage and compute fabrics share nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.spec import HostSpec, LinkSpec, NetSpec, SwitchSpec
+
+MAX_NODES_PER_ROLE = 254  # one /24-style octet per role
+MAX_GPUS_PER_NODE = 32  # rails 10.32 .. 10.63
+STORAGE_OCTET = 10
+RAIL_OCTET0 = 32
+ROLE_OCTET = {"pe": 1, "de": 2, "st": 3}
+MODELS = ("ds660b", "ds27b", "qwen32b")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The real cluster, in real units."""
+
+    prefill_nodes: int
+    decode_nodes: int
+    gpus_per_node: int = 8
+    cnic_rate_bps: float = 400e9  # per GPU
+    snic_rate_bps: float = 400e9  # per node
+    storage_servers: int = 2
+    storage_nic_rate_bps: float = 1600e9  # per storage server
+    dram_buffer_bytes: float = 64e9  # per compute node
+    model: str = "ds660b"
+
+
+@dataclass(frozen=True)
+class Scale:
+    byte_scale: float  # fraction of real bytes moved, (0, 1]
+    time_scale: float = 1.0  # wall seconds per real second, > 0
+
+    @property
+    def rate_factor(self) -> float:
+        return self.byte_scale / self.time_scale
+
+    def rate(self, real_bps: float) -> float:
+        """Emulated rate of a real rate."""
+        return real_bps * self.rate_factor
+
+    def real_rate(self, emulated_bps: float) -> float:
+        return emulated_bps / self.rate_factor
+
+    def real_bytes(self, emulated_bytes: float) -> float:
+        return emulated_bytes / self.byte_scale
+
+    def real_seconds(self, wall_s: float) -> float:
+        return wall_s / self.time_scale
+
+
+def invariants(c: ClusterSpec) -> dict[str, float]:
+    """Ratios the scaling must preserve (identical in real and emulated units)."""
+    return {
+        "snic_per_node_to_cnic_per_node": c.snic_rate_bps / (c.cnic_rate_bps * c.gpus_per_node),
+        "snic_to_cnic_per_gpu": c.snic_rate_bps / c.cnic_rate_bps,
+        "p_to_d": c.prefill_nodes / c.decode_nodes,
+        "storage_to_snic_total": (c.storage_servers * c.storage_nic_rate_bps)
+        / ((c.prefill_nodes + c.decode_nodes) * c.snic_rate_bps),
+    }
+
+
+def link_rates(c: ClusterSpec, scale: Scale) -> dict[str, float]:
+    """Emulated rate of each link class, bits per second."""
+    return {
+        "snic": scale.rate(c.snic_rate_bps),
+        "cnic": scale.rate(c.cnic_rate_bps),
+        "stnic": scale.rate(c.storage_nic_rate_bps),
+    }
+
+
+def node_names(c: ClusterSpec) -> dict[str, list[str]]:
+    return {
+        "pe": [f"pe{i}" for i in range(1, c.prefill_nodes + 1)],
+        "de": [f"de{i}" for i in range(1, c.decode_nodes + 1)],
+        "st": [f"st{i}" for i in range(1, c.storage_servers + 1)],
+    }
+
+
+def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float) -> NetSpec:
+    """Lay out the emulated cluster (see the module docstring for the plan)."""
+    for role, n in (("prefill", c.prefill_nodes), ("decode", c.decode_nodes), ("storage", c.storage_servers)):
+        if not 1 <= n <= MAX_NODES_PER_ROLE:
+            raise ValueError(f"{role} nodes must be 1..{MAX_NODES_PER_ROLE}, got {n}")
+    if not 1 <= c.gpus_per_node <= MAX_GPUS_PER_NODE:
+        raise ValueError(f"gpus_per_node must be 1..{MAX_GPUS_PER_NODE}, got {c.gpus_per_node}")
+    rates = link_rates(c, scale)
+    names = node_names(c)
+    hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]]
+    switches = [SwitchSpec("stor", "storage")] + [SwitchSpec(f"rail{r}", "compute") for r in range(c.gpus_per_node)]
+    links: list[LinkSpec] = []
+    for role in ("pe", "de", "st"):
+        for i, host in enumerate(names[role], start=1):
+            if role == "st":
+                links.append(LinkSpec(host, "nic", "stor", "stnic", rates["stnic"],
+                                      f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+                continue
+            links.append(LinkSpec(host, "snic", "stor", "snic", rates["snic"],
+                                  f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+            for r in range(c.gpus_per_node):
+                links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
+                                      f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+    net = NetSpec(tuple(hosts), tuple(switches), tuple(links))
+    net.validate()
+    return net

@@ -1,0 +1,1 @@
+"""Load generators that run inside the emulated hosts' namespaces."""
