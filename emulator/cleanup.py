@@ -32,10 +32,9 @@ def clean(registry: Registry) -> CleanReport:
     manifest = registry.leftover()
     found = kernel.owned_root_objects()
     if manifest:
-        for pid, start in manifest.procs:
-            if proc_start_time(pid) == start:
-                kernel.kill_pid(pid, start)
-                report.procs.append(pid)
+        live = [(pid, start) for pid, start in manifest.procs if proc_start_time(pid) == start]
+        kernel.kill_pids(live)
+        report.procs += [pid for pid, _ in live]
     netns = sorted(set(found["netns"]) | set(manifest.netns if manifest else []))
     for name in netns:
         if name in kernel.list_netns():

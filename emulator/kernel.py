@@ -8,10 +8,12 @@ except :func:`owned_root_objects`, which matches the exact prefix grammar.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -20,6 +22,37 @@ from .names import is_owned
 from .registry import proc_start_time
 
 NETNS_DIR = Path("/run/netns")
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextmanager
+def _thread_in_netns(name: str):
+    """Move the CALLING THREAD (setns is per thread) into namespace `name`, then back."""
+    with open(f"/proc/thread-self/ns/net") as home, open(NETNS_DIR / name) as target:
+        if _libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home.fileno(), _CLONE_NEWNET) != 0:  # pragma: no cover - cannot really fail
+                raise OSError(ctypes.get_errno(), "setns back to the original namespace failed")
+
+
+def netlink(netns: str | None) -> IPRoute:
+    """An rtnetlink socket bound to namespace `netns` (None: root).
+
+    pyroute2's own ``IPRoute(netns=...)`` forks a helper process to open the
+    socket; forking a process that runs sampler threads can deadlock the child
+    (seen here: a hang in about one run out of three). A socket belongs to the
+    namespace of the thread that opened it, so we open it from this thread,
+    briefly moved into `netns`, with no fork at all.
+    """
+    if netns is None:
+        return IPRoute()
+    with _thread_in_netns(netns):
+        return IPRoute()
 
 
 def run_argv(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -52,23 +85,28 @@ def netns_pids(name: str) -> list[int]:
     return [int(x) for x in res.stdout.split() if x.isdigit()]
 
 
-def kill_pid(pid: int, start_time: int | None = None, grace_s: float = 2.0) -> None:
-    """SIGTERM, wait up to `grace_s`, then SIGKILL; skip a recycled pid."""
-    if start_time is not None and proc_start_time(pid) != start_time:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def kill_pids(pids: list[tuple[int, int | None]], grace_s: float = 2.0) -> None:
+    """SIGTERM all of (pid, start time), wait up to `grace_s` for all, SIGKILL the rest.
+
+    A pid whose start time no longer matches was recycled: it is not ours and is
+    left alone. (An interactive shell ignores SIGTERM; it gets the SIGKILL.)
+    """
+    mine = [pid for pid, start in pids if start is None or proc_start_time(pid) == start]
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if proc_start_time(pid) is None or _is_zombie(pid):
-            return
-        time.sleep(0.02)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    while mine and time.monotonic() < deadline:
+        mine = [pid for pid in mine if proc_start_time(pid) is not None and not _is_zombie(pid)]
+        if mine:
+            time.sleep(0.02)
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _is_zombie(pid: int) -> bool:
@@ -80,8 +118,7 @@ def _is_zombie(pid: int) -> bool:
 
 def delete_netns(name: str) -> None:
     """Kill what runs inside namespace `name` (it is ours), then remove its name."""
-    for pid in netns_pids(name):
-        kill_pid(pid, grace_s=1.0)
+    kill_pids([(pid, proc_start_time(pid)) for pid in netns_pids(name)], grace_s=0.5)
     if (NETNS_DIR / name).exists():
         run_argv(["ip", "netns", "delete", name], check=False)
 

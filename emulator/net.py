@@ -112,7 +112,7 @@ class Emulation:
         for sw in self._net.switches:
             self.registry.add_proc(sw.pid)
         self._net.start()
-        self._quiet_ipv6()
+        self._sysctls()
         for op_ns, ops in self._ops_by_ns().items():
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
@@ -123,11 +123,13 @@ class Emulation:
             grouped.setdefault(op.netns, []).append(op)
         return grouped
 
-    def _quiet_ipv6(self) -> None:
-        """No IPv6 on our interfaces: no router solicitations or MLD in the counters."""
+    def _sysctls(self) -> None:
+        """No IPv6 on our interfaces (no router solicitations or MLD in the
+        counters) and the spec's TCP congestion control in every host."""
         for h in self.spec.hosts:
             kernel.run_argv(["ip", "netns", "exec", h.netns, "sysctl", "-q", "-w",
-                             "net.ipv6.conf.all.disable_ipv6=1"])
+                             "net.ipv6.conf.all.disable_ipv6=1",
+                             f"net.ipv4.tcp_congestion_control={self.spec.tcp_cc}"])
         for name in [s.bridge for s in self.spec.switches] + [lk.switch_intf for lk in self.spec.links]:
             path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
             if path.exists():
@@ -136,7 +138,7 @@ class Emulation:
     def ipr(self, netns: str | None) -> IPRoute:
         """A netlink socket in `netns` (None: root), kept open for the run."""
         if netns not in self._iprs:
-            self._iprs[netns] = IPRoute(netns=netns) if netns else IPRoute()
+            self._iprs[netns] = kernel.netlink(netns)
         return self._iprs[netns]
 
     # -- teardown ------------------------------------------------------------
@@ -147,6 +149,8 @@ class Emulation:
         for ipr in self._iprs.values():
             ipr.close()
         self._iprs.clear()
+        inside = [pid for h in self.spec.hosts for pid in kernel.netns_pids(h.netns)]
+        kernel.kill_pids([(pid, kernel.proc_start_time(pid)) for pid in inside], grace_s=0.5)
         for h in self.spec.hosts:
             kernel.delete_netns(h.netns)
         if self._net is not None:

@@ -2,30 +2,24 @@
 
 Every process is started from an argv list (never a shell string) with
 ``ip netns exec``, in its own session (so its children can be signalled as a
-group) and with a parent-death signal, so that even a SIGKILLed dpemu does not
-leave daemons behind. Stopping is SIGTERM -> wait -> SIGKILL, on exactly the
+group) and with a parent-death signal set by ``setpriv --pdeathsig`` (not by a
+Python ``preexec_fn``, which is unsafe while sampler threads run), so that even
+a SIGKILLed dpemu does not leave daemons behind. Stopping is SIGTERM -> wait -> SIGKILL, on exactly the
 processes this group started.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 from pathlib import Path
 from typing import IO, Callable
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
 def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
-    return argv if netns is None else ["ip", "netns", "exec", netns, *argv]
+    """The argv that runs `argv` inside `netns` and dies with its parent."""
+    inner = argv if netns is None else ["ip", "netns", "exec", netns, *argv]
+    return ["setpriv", "--pdeathsig", "TERM", "--", *inner]
 
 
 class ProcessGroup:
@@ -39,8 +33,7 @@ class ProcessGroup:
               stdout: IO | int | None = subprocess.PIPE, stderr: IO | int | None = subprocess.PIPE,
               cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(netns_argv(netns, argv), stdout=stdout, stderr=stderr, text=True,
-                                cwd=cwd, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                cwd=cwd, env=env, start_new_session=True)
         self._procs.append((name, proc))
         if self._on_start:
             self._on_start(proc.pid)

@@ -68,6 +68,7 @@ class NetSpec:
     hosts: tuple[HostSpec, ...]
     switches: tuple[SwitchSpec, ...]
     links: tuple[LinkSpec, ...]
+    tcp_cc: str = "reno"  # congestion control inside every host namespace (see emulator.net)
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)

@@ -1,0 +1,83 @@
+"""Can this run be trusted? Limits measured on this machine, and the verdict.
+
+Two things make an emulation lie: a link that does not deliver its configured
+rate (HTB is exact only within a range of rates on a given machine) and a CPU
+that runs out (then the daemons, not the links, set the pace). Plans outside
+the measured limits are refused before anything is built; every finished run
+gets a verdict from what was actually measured during it.
+
+The limits below were measured with ``dpemu bench`` on the project's 2-core
+machine kind (see docs/fidelity.md for the tables). Re-measure after changing
+the HTB plan or moving to another machine kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .units import format_rate
+
+# One shaped link, both directions, iperf3 (reno) load, 5 s: within +-3% of the
+# configured rate on the wire from RATE_MIN_BPS to RATE_MAX_BPS.
+RATE_MIN_BPS = 20e6
+RATE_MAX_BPS = 2e9
+# Aggregate wire traffic (sum over all shaped directions that carry it once:
+# each byte is counted at the host egress of its sender) that the kernel's
+# veth + bridge + HTB path carries with the machine below CPU_UTIL_MAX.
+KERNEL_BUDGET_BPS = 4e9
+CPU_UTIL_MAX = 0.85  # above this (over 0.5 s spans) timing is not trusted
+RATE_TOLERANCE = 0.03  # saturated links must be within 3% of configured
+
+
+def check_rates(rates_bps: dict[str, float]) -> list[str]:
+    """Problems with link classes whose rate is outside the faithful range."""
+    problems = []
+    for name, rate in rates_bps.items():
+        if not RATE_MIN_BPS <= rate <= RATE_MAX_BPS:
+            problems.append(f"{name} links would be shaped to {format_rate(rate)}, outside the "
+                            f"{format_rate(RATE_MIN_BPS)}..{format_rate(RATE_MAX_BPS)} this machine shapes "
+                            f"within {RATE_TOLERANCE:.0%}; change scale.bytes or scale.time")
+    return problems
+
+
+def check_load(predicted_bps: float, what: str) -> list[str]:
+    if predicted_bps > KERNEL_BUDGET_BPS:
+        return [f"{what} is predicted at {format_rate(predicted_bps)} in aggregate, more than the "
+                f"{format_rate(KERNEL_BUDGET_BPS)} this machine carries below {CPU_UTIL_MAX:.0%} CPU; "
+                f"lower scale.bytes or raise scale.time"]
+    return []
+
+
+@dataclass
+class Verdict:
+    ok: bool = True
+    reasons: list[str] = field(default_factory=list)
+    cpu_util_max: float | None = None
+    cpu_util_mean: float | None = None
+    link_rate_error_max: float | None = None
+
+    def fail(self, reason: str) -> None:
+        self.ok = False
+        self.reasons.append(reason)
+
+
+def judge(cpu_util_max: float | None, cpu_util_mean: float | None,
+          rate_errors: dict[str, float | None]) -> Verdict:
+    """Verdict from measured CPU and per-link rate errors (achieved/configured - 1)."""
+    v = Verdict(cpu_util_max=cpu_util_max, cpu_util_mean=cpu_util_mean)
+    if cpu_util_max is None:
+        v.fail("no CPU samples were taken")
+    elif cpu_util_max > CPU_UTIL_MAX:
+        v.fail(f"CPU reached {cpu_util_max:.0%} (limit {CPU_UTIL_MAX:.0%}): timing is not trustworthy")
+    errs = {k: e for k, e in rate_errors.items() if e is not None}
+    missing = sorted(k for k, e in rate_errors.items() if e is None)
+    if missing:
+        v.fail(f"no rate measured for {', '.join(missing[:5])}")
+    if errs:
+        worst = max(errs, key=lambda k: abs(errs[k]))
+        v.link_rate_error_max = abs(errs[worst])
+        if abs(errs[worst]) > RATE_TOLERANCE:
+            bad = sum(1 for e in errs.values() if abs(e) > RATE_TOLERANCE)
+            v.fail(f"{bad} link direction(s) off by more than {RATE_TOLERANCE:.0%} "
+                   f"(worst {worst}: {errs[worst]:+.1%})")
+    return v

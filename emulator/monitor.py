@@ -1,0 +1,160 @@
+"""Samplers: CPU use of the machine and per-class tc byte counters over time.
+
+Both run in a background thread at a fixed period (default 100 ms), keep every
+sample in memory, and stop when asked; the run turns them into links.csv rows,
+achieved rates and the CPU part of the fidelity verdict. The tc sampler reads
+HTB class counters through netlink; these count every byte HTB charged (one
+Ethernet header per segment, even for GSO packets), which is what "on the
+wire" means in dpemu. Interface counters would under-count GSO headers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from .kernel import netlink
+
+
+@dataclass(frozen=True)
+class ClassKey:
+    """One HTB class to watch: namespace (None = root), interface, class handle."""
+
+    netns: str | None
+    dev: str
+    classid: int
+
+
+@dataclass(frozen=True)
+class ClassSample:
+    t_s: float  # time.monotonic()
+    key: ClassKey
+    bytes: int
+    packets: int
+    drops: int
+    backlog_bytes: int
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user..steal; guest time is already in user
+    return total - idle, total
+
+
+class _Periodic(threading.Thread):
+    def __init__(self, period_s: float):
+        super().__init__(daemon=True)
+        self.period_s = period_s
+        self._stop_evt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.setup()
+            next_t = time.monotonic()
+            while not self._stop_evt.is_set():
+                self.sample(time.monotonic())
+                next_t += self.period_s
+                self._stop_evt.wait(max(0.0, next_t - time.monotonic()))
+            self.sample(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+        finally:
+            self.teardown()
+
+    def setup(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+    def sample(self, now: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=10)
+        if self.is_alive():
+            raise RuntimeError(f"{type(self).__name__} did not stop within 10s (stuck in a kernel call?)")
+        if self.error is not None:
+            raise RuntimeError(f"{type(self).__name__} failed: {self.error}") from self.error
+
+
+class CpuSampler(_Periodic):
+    """Busy fraction (0..1) of the whole machine per period."""
+
+    def __init__(self, period_s: float = 0.1):
+        super().__init__(period_s)
+        self.samples: list[tuple[float, float]] = []  # (t_s, busy fraction of the last period)
+        self._last: tuple[int, int] | None = None
+
+    def sample(self, now: float) -> None:
+        busy, total = _cpu_times()
+        if self._last is not None and total > self._last[1]:
+            self.samples.append((now, (busy - self._last[0]) / (total - self._last[1])))
+        self._last = (busy, total)
+
+    def summary(self, windows: list[tuple[float, float]] | None = None, span_s: float = 0.5) -> dict:
+        """Mean and max busy fraction inside `windows` (all samples if None);
+        the max is taken over consecutive spans of `span_s`, not single samples."""
+        pts = [(t, u) for t, u in self.samples if windows is None or any(a <= t <= b for a, b in windows)]
+        if not pts:
+            return {"cpu_util_mean": None, "cpu_util_max": None}
+        per = max(1, round(span_s / self.period_s))
+        spans = [pts[i:i + per] for i in range(0, len(pts), per)]
+        return {"cpu_util_mean": sum(u for _, u in pts) / len(pts),
+                "cpu_util_max": max(sum(u for _, u in sp) / len(sp) for sp in spans)}
+
+
+class TcSampler(_Periodic):
+    """Counters of a fixed set of HTB classes, every period."""
+
+    def __init__(self, keys: list[ClassKey], period_s: float = 0.1):
+        super().__init__(period_s)
+        self.keys = list(keys)
+        self.samples: list[ClassSample] = []
+        self._iprs: dict[str | None, IPRoute] = {}
+        self._index: dict[tuple[str | None, str], int] = {}
+
+    def setup(self) -> None:
+        for key in self.keys:
+            if key.netns not in self._iprs:
+                self._iprs[key.netns] = netlink(key.netns)
+            ipr = self._iprs[key.netns]
+            if (key.netns, key.dev) not in self._index:
+                (idx,) = ipr.link_lookup(ifname=key.dev)
+                self._index[(key.netns, key.dev)] = idx
+
+    def teardown(self) -> None:
+        for ipr in self._iprs.values():
+            ipr.close()
+
+    def sample(self, now: float) -> None:
+        wanted: dict[tuple[str | None, str], dict[int, ClassKey]] = {}
+        for key in self.keys:
+            wanted.setdefault((key.netns, key.dev), {})[key.classid] = key
+        for (netns, dev), by_id in wanted.items():
+            for msg in self._iprs[netns].get_classes(index=self._index[(netns, dev)]):
+                key = by_id.get(msg["handle"])
+                if key is None:
+                    continue
+                stats = msg.get_attr("TCA_STATS2")
+                basic = stats.get_attr("TCA_STATS_BASIC")
+                queue = stats.get_attr("TCA_STATS_QUEUE")
+                self.samples.append(ClassSample(now, key, basic["bytes"], basic["packets"],
+                                                queue["drops"], queue["backlog"]))
+
+    def rate_bps(self, key: ClassKey, t0: float, t1: float) -> float | None:
+        """Average wire rate of `key` between the samples nearest to t0 and t1."""
+        pts = [s for s in self.samples if s.key == key]
+        if len(pts) < 2:
+            return None
+        a = min(pts, key=lambda s: abs(s.t_s - t0))
+        b = min(pts, key=lambda s: abs(s.t_s - t1))
+        if b.t_s <= a.t_s:
+            return None
+        return (b.bytes - a.bytes) * 8 / (b.t_s - a.t_s)

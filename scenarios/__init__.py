@@ -1,0 +1,1 @@
+"""The composition root: scenario schema, plans, runs, results, the dpemu CLI."""

@@ -1,0 +1,103 @@
+"""``dpemu bench``: re-measure the machine limits that emulator/fidelity.py encodes.
+
+- ``dpemu bench rates``: one small cluster per rate (1 prefill + 1 decode node,
+  1 GPU, 1 storage server, every link at the same rate), every link class
+  calibrated in both directions; prints the worst rate error and the CPU. The
+  faithful range is where the worst error stays within 3%.
+- ``dpemu bench load``: clusters of growing size with every link calibrated at
+  once (no CPU budget), at a fixed rate; prints aggregate offered traffic
+  against CPU. The kernel budget is the largest aggregate below 85% CPU with
+  all links within 3%.
+
+Benchmarks bypass the fidelity refusal (they measure it) but still own the
+machine through the registry and tear everything down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from emulator import calibrate, fidelity
+from emulator.net import Emulation
+from emulator.registry import Registry
+from emulator.units import format_rate, parse_duration, parse_rate
+from topologies.cluster import ClusterSpec, Scale, cluster_net
+
+from . import platform
+
+REAL_BPS = 400e9
+
+
+def _measure(cluster: ClusterSpec, rate_bps: float, mode: str, duration_s: float, say) -> dict:
+    net = cluster_net(cluster, Scale(rate_bps / REAL_BPS), queue_s=0.01)
+    tests = calibrate.plan_tests(net, mode)
+    with Registry() as reg:
+        emu = Emulation(net, reg, f"bench-{int(time.time())}")
+        try:
+            emu.build()
+            cal = calibrate.run(emu, tests, duration_s, budget_bps=float("inf"))
+        finally:
+            left = emu.teardown()
+    errs = [m.error for m in cal.measurements if m.error is not None]
+    row = {"rate_bps": rate_bps, "links": len(net.links), "hosts": len(net.hosts),
+           "offered_bps": sum(t.offered_bps for t in tests),
+           "achieved_up_bps": sum(m.achieved_bps or 0 for m in cal.measurements if m.target.direction == "up"),
+           "worst_error": max(errs, key=abs) if errs else None, "measured": len(errs),
+           "expected": len(cal.measurements), "cpu_util_max": cal.cpu_util_max,
+           "cpu_util_mean": cal.cpu_util_mean, "build_s": emu.build_s, "teardown_s": emu.teardown_s,
+           "left": left}
+    say(f"{format_rate(rate_bps):>9s} {row['hosts']:4d} hosts {row['links']:4d} links  offered "
+        f"{format_rate(row['offered_bps']):>9s}  worst error {row['worst_error']:+.2%}  CPU max "
+        f"{row['cpu_util_max']:.0%} mean {row['cpu_util_mean']:.0%}  build {emu.build_s:.1f}s "
+        f"teardown {emu.teardown_s:.1f}s")
+    return row
+
+
+def run_rates(rates: list[float], duration_s: float, say) -> list[dict]:
+    return [_measure(ClusterSpec(1, 1, gpus_per_node=1, storage_servers=1, storage_nic_rate_bps=REAL_BPS),
+                     r, "class", duration_s, say) for r in rates]
+
+
+def run_load(rate_bps: float, sizes: list[tuple[int, int, int]], duration_s: float, say) -> list[dict]:
+    return [_measure(ClusterSpec(p, d, gpus_per_node=g, storage_servers=1, storage_nic_rate_bps=REAL_BPS),
+                     rate_bps, "all", duration_s, say) for p, d, g in sizes]
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for part in text.split(","):
+        p, d, g = (int(x) for x in part.split(":"))
+        out.append((p, d, g))
+    return out
+
+
+def cmd_bench(args) -> int:
+    platform.require_root()
+    platform.require_tools()
+    duration = parse_duration(args.duration)
+    say = print
+    if args.what == "rates":
+        rows = run_rates([parse_rate(r) for r in args.rates.split(",")], duration, say)
+    else:
+        rows = run_load(parse_rate(args.rate), _parse_sizes(args.sizes), duration, say)
+    out = Path(args.out) / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"what": args.what, "tolerance": fidelity.RATE_TOLERANCE, "rows": rows}, indent=2))
+    say(f"written: {path}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="re-measure this machine's shaping range and CPU budget")
+    b.add_argument("what", choices=["rates", "load"])
+    b.add_argument("--rates", default="5Mbit,10Mbit,20Mbit,50Mbit,100Mbit,500Mbit,1Gbit,2Gbit,4Gbit",
+                   help="rates to sweep (bench rates)")
+    b.add_argument("--rate", default="100Mbit", help="link rate (bench load)")
+    b.add_argument("--sizes", default="1:1:2,2:2:4,2:4:8,4:8:8",
+                   help="clusters P:D:GPUs, comma separated (bench load)")
+    b.add_argument("--duration", default="6s")
+    b.add_argument("--out", default="results")
+    b.set_defaults(func=cmd_bench)

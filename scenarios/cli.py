@@ -1,0 +1,167 @@
+"""The ``dpemu`` command line: the only place that prints and picks exit codes.
+
+    dpemu run SCENARIO [--set KEY=VALUE ...] [--out DIR]
+    dpemu plan SCENARIO [--set ...]        (no root needed)
+    dpemu check                            what this machine lacks
+    dpemu clean                            remove leftovers of a killed run
+    dpemu list                             the scenarios that ship
+    dpemu bench rates|load                 re-measure the limits in emulator/fidelity.py
+
+Exit codes: 0 done and trustworthy; 1 error (bad input, missing tool, busy);
+2 usage; 3 finished but the fidelity check failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from emulator import cleanup, fidelity
+from emulator.errors import DpemuError
+from emulator.registry import Registry
+from emulator.units import format_rate
+
+from . import bench, platform, runner, schema
+from .plan import make_plan, plan_text
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _calibration_table(summary: dict) -> Table:
+    t = Table(title=f"link calibration: {summary['scenario']} ({summary['calibration']['mode']} mode, "
+                    f"wire bytes from HTB counters)")
+    for col, just in (("class", "left"), ("dir", "left"), ("links", "right"), ("real", "right"),
+                      ("configured", "right"), ("achieved", "right"), ("worst error", "right"),
+                      ("iperf3 goodput", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    for r in summary["calibration"]["classes"]:
+        ach = format_rate(r["achieved_bps"]) if r["achieved_bps"] is not None else "-"
+        err = f"{r['worst_error']:+.2%}" if r["worst_error"] is not None else "-"
+        t.add_row(r["link_class"], r["direction"], str(r["links"]), format_rate(r["real_bps"]),
+                  format_rate(r["configured_bps"]), ach, err, format_rate(r["iperf3_goodput_bps"]),
+                  "[green]ok[/]" if r["within_tolerance"] else "[red]OFF[/]")
+    return t
+
+
+def _verdict_lines(summary: dict) -> list[str]:
+    f = summary["fidelity"]
+    cpu = f"CPU max {f['cpu_util_max']:.0%}" if f["cpu_util_max"] is not None else "CPU not sampled"
+    err = (f"worst link error {f['link_rate_error_max']:.2%}" if f["link_rate_error_max"] is not None
+           else "no link measured")
+    head = "[bold green]TRUSTWORTHY[/]" if f["ok"] else "[bold red]NOT TRUSTWORTHY[/]"
+    return [f"fidelity: {head} ({cpu}, {err}; limits {fidelity.CPU_UTIL_MAX:.0%} CPU, "
+            f"{fidelity.RATE_TOLERANCE:.0%} rate)"] + [f"  - {r}" for r in f["reasons"]]
+
+
+def cmd_run(args) -> int:
+    plan = make_plan(schema.load(args.scenario, args.set))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("calibrating", total=len(plan.rounds))
+
+        def progress(i, rnd):
+            bar.update(task, completed=i - 1, description=f"calibration round {i}: {len(rnd)} test(s)")
+
+        outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
+        bar.update(task, completed=len(plan.rounds))
+    s = outcome.summary
+    console.print(_calibration_table(s))
+    inv = s["invariants"]
+    console.print("invariants (configured -> achieved): " + ", ".join(
+        f"{k} {v:.3g} -> {inv['achieved'][k]:.3g}" if inv["achieved"][k] is not None else f"{k} {v:.3g}"
+        for k, v in inv["configured"].items()))
+    console.print(f"build {s['build_s']:.2f}s, teardown {s['teardown_s']:.2f}s, calibration "
+                  f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
+    for line in _verdict_lines(s):
+        console.print(line)
+    console.print(f"results: {outcome.run_dir}")
+    return EXIT_OK if s["fidelity"]["ok"] else EXIT_UNTRUSTED
+
+
+def cmd_plan(args) -> int:
+    plan = make_plan(schema.load(args.scenario, args.set))
+    sys.stdout.write(plan_text(plan))
+    return EXIT_ERROR if plan.problems else EXIT_OK
+
+
+def cmd_check(_args) -> int:
+    items = platform.check()
+    for it in items:
+        mark = {True: "[green]ok[/]", False: "[red]MISSING[/]", None: "[yellow]?[/]"}[it.ok]
+        console.print(f"{mark:>18s}  {it.name:14s} {it.detail}")
+    return EXIT_OK if all(it.ok for it in items) else EXIT_ERROR
+
+
+def cmd_clean(_args) -> int:
+    platform.require_root()
+    with Registry() as reg:
+        report = cleanup.clean(reg)
+    if report.empty:
+        console.print("nothing to clean")
+    else:
+        console.print(f"removed {len(report.netns)} namespace(s), {len(report.links)} interface(s)/bridge(s), "
+                      f"{len(report.procs)} process(es)")
+    if report.left:
+        err_console.print(f"could not remove: {', '.join(report.left)}")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_list(_args) -> int:
+    for path in schema.list_shipped():
+        try:
+            sc = schema.load(str(path))
+            console.print(f"{path.stem:24s} {sc.description.strip().splitlines()[0] if sc.description else ''}")
+        except DpemuError as exc:
+            console.print(f"{path.stem:24s} [red]invalid: {exc}[/]")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpemu", description="DualPath network emulator on Linux namespaces.",
+                                epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 finished but not trustworthy, "
+                                       "130 interrupted.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="build the cluster of SCENARIO, run it, write results, tear down")
+    r.add_argument("scenario", help="a shipped scenario name (dpemu list) or a YAML file")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario field, e.g. --set cluster.prefill_nodes=3 (repeatable)")
+    r.add_argument("--out", default="results", help="results root (default: ./results)")
+    r.set_defaults(func=cmd_run)
+    pl = sub.add_parser("plan", help="print what a run would build and start (no root needed)")
+    pl.add_argument("scenario")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(func=cmd_plan)
+    sub.add_parser("check", help="tell what this machine lacks").set_defaults(func=cmd_check)
+    sub.add_parser("clean", help="remove what a killed run left (only dpemu's own objects)").set_defaults(
+        func=cmd_clean)
+    sub.add_parser("list", help="list the scenarios that ship").set_defaults(func=cmd_list)
+    bench.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except runner.Interrupted as exc:
+        err_console.print(f"dpemu: {exc}; everything the run built was removed")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        err_console.print("dpemu: interrupted; everything the run built was removed")
+        return EXIT_INTERRUPTED
+    except DpemuError as exc:
+        err_console.print(f"dpemu: {exc}", markup=False)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""From a validated scenario to everything a run would do, as printable values.
+
+:func:`make_plan` is pure (no root, no kernel): the NetSpec, the tc operations,
+the calibration tests and the processes they start, and the fidelity checks
+that refuse a scenario this machine cannot emulate faithfully. ``dpemu plan``
+prints it; ``dpemu run`` executes exactly it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from emulator import calibrate, fidelity
+from emulator.errors import FidelityError
+from emulator.procs import netns_argv
+from emulator.spec import NetSpec
+from emulator.tcplan import TcOp, render
+from emulator.units import format_rate
+from topologies.cluster import cluster_net, invariants, link_rates
+
+from .schema import Scenario
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: Scenario
+    net: NetSpec
+    tc_ops: tuple[TcOp, ...]
+    tests: tuple[calibrate.Test, ...]
+    rounds: tuple[tuple[calibrate.Test, ...], ...]
+    rates_bps: dict[str, float]
+    invariants: dict[str, float]
+    predicted_bps: float
+    problems: tuple[str, ...]
+
+    def check(self) -> None:
+        if self.problems:
+            raise FidelityError("this scenario cannot be emulated faithfully here:\n  - "
+                                + "\n  - ".join(self.problems))
+
+
+def predicted_serving_bps(net: NetSpec) -> float:
+    """Peak traffic of the serving plane: every compute-node SNIC saturated by KV
+    reads, and every byte read crossing the compute fabric once more (PE->DE copy
+    on the PE path, DE->PE forward on the DE path)."""
+    return 2 * sum(lk.rate_bps for lk in net.links if lk.link_class == "snic")
+
+
+def make_plan(sc: Scenario) -> Plan:
+    cluster, scale = sc.cluster_spec(), sc.scale_spec()
+    net = cluster_net(cluster, scale, sc.emulation.queue)
+    net = NetSpec(net.hosts, net.switches, net.links, tcp_cc=sc.emulation.tcp_cc)
+    rates = link_rates(cluster, scale)
+    tests = calibrate.plan_tests(net, sc.calibration.mode)
+    rounds = calibrate.schedule(tests, fidelity.KERNEL_BUDGET_BPS)
+    predicted = max(predicted_serving_bps(net), max(sum(t.offered_bps for t in r) for r in rounds))
+    problems = fidelity.check_rates(rates) + fidelity.check_load(predicted, "the cluster's peak traffic")
+    return Plan(sc, net, tuple(net.tc_ops()), tuple(tests), tuple(tuple(r) for r in rounds), rates,
+                invariants(cluster), predicted, tuple(problems))
+
+
+def process_argvs(plan: Plan, python: str = sys.executable) -> list[tuple[str, list[str]]]:
+    """Every process a run starts, with its argv (Mininet's shells included)."""
+    out = [(f"mininet shell of {h.name}", ["mnexec", "-cdn", "bash", "--norc", "-is", f"mininet:{h.name}"])
+           for h in plan.net.hosts]
+    for i, rnd in enumerate(plan.rounds, start=1):
+        flows = [f for t in rnd for f in t.flows]
+        for port, (src, dst) in enumerate(flows, start=calibrate.BASE_PORT):
+            out.append((f"round {i} iperf3 server", netns_argv(plan.net.host(dst.host).netns, [
+                python, "-m", "traffic.iperf", "server", "--bind", dst.addr, "--port", str(port)])))
+            out.append((f"round {i} iperf3 client", netns_argv(plan.net.host(src.host).netns, [
+                python, "-m", "traffic.iperf", "client", "--server", dst.addr, "--port", str(port),
+                "--bind", src.addr, "--duration", str(int(plan.scenario.calibration.duration))])))
+    return out
+
+
+def plan_text(plan: Plan) -> str:
+    """The whole plan as text: what `dpemu plan` prints and a run stores."""
+    net, sc = plan.net, plan.scenario
+    factor = sc.scale_spec().rate_factor
+    lines = [f"# scenario {sc.name}: {len(net.hosts)} hosts, {len(net.switches)} bridges, "
+             f"{len(net.links)} links, {len(plan.tc_ops)} tc operations",
+             f"# scale: bytes x{sc.scale.bytes:g}, time x{sc.scale.time:g} -> every rate x{factor:g}", "",
+             "## nodes (namespace)"]
+    lines += [f"{h.name:6s} {h.role:3s} netns {h.netns}" for h in net.hosts]
+    lines += ["", "## bridges"] + [f"{s.bridge:10s} {s.fabric} fabric" for s in net.switches]
+    lines += ["", "## links (host interface <-> switch port, each direction shaped)"]
+    lines += [f"{lk.host_intf:12s} {lk.ip:17s} <-> {lk.switch_intf:15s} on {net.switch(lk.switch).bridge:9s} "
+              f"{lk.link_class:5s} {format_rate(lk.rate_bps):>9s} (real {format_rate(lk.rate_bps / factor)})"
+              for lk in net.links]
+    lines += ["", "## invariants (preserved by scaling)"]
+    lines += [f"{k} = {v:.4g}" for k, v in plan.invariants.items()]
+    lines += ["", "## tc operations"] + [render(op) for op in plan.tc_ops]
+    lines += ["", f"## processes ({len(plan.rounds)} calibration round(s))"]
+    lines += [f"{what}: {' '.join(argv)}" for what, argv in process_argvs(plan)]
+    lines += ["", "## checks", f"peak aggregate traffic predicted: {format_rate(plan.predicted_bps)}"]
+    lines += [f"REFUSED: {p}" for p in plan.problems] or ["ok: every link within the faithful range"]
+    return "\n".join(lines) + "\n"

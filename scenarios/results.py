@@ -1,0 +1,145 @@
+"""The run directory: provenance first, then results; reports read only this.
+
+``results/<scenario>/<run-id>/`` holds (columns documented in docs/results.md):
+- ``scenario.yaml``  the resolved scenario (every default filled in)
+- ``plan.txt``       the plan `dpemu plan` prints: nodes, links, tc ops, processes
+- ``provenance.json`` versions, kernel, git revision, command line
+- ``calibration.csv`` one row per measured (link, direction)
+- ``summary.json``   scale, invariants, per-class calibration, timings, fidelity
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform as pyplatform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from emulator import fidelity
+from emulator.calibrate import Calibration
+
+from .plan import Plan, plan_text
+
+CAL_COLUMNS = ["link", "link_class", "direction", "interface", "netns", "configured_bps",
+               "achieved_bps", "error", "iperf3_goodput_bps", "cpu_util_max"]
+
+
+def make_run_dir(root: Path, scenario: str, run_id: str) -> Path:
+    d = root / scenario / run_id
+    d.mkdir(parents=True, exist_ok=False)
+    return d
+
+
+def _git_rev() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def write_provenance(run_dir: Path, plan: Plan) -> None:
+    (run_dir / "scenario.yaml").write_text(yaml.safe_dump(plan.scenario.resolved(), sort_keys=False))
+    (run_dir / "plan.txt").write_text(plan_text(plan))
+    try:
+        from mininet.net import VERSION as mn_version
+    except ImportError:
+        mn_version = None
+    prov = {"argv": sys.argv, "python": sys.version.split()[0], "kernel": pyplatform.release(),
+            "git_rev": _git_rev(), "mininet": mn_version,
+            "packages": {p: _version(p) for p in ("dpemu", "pyroute2", "iperf3", "grpcio", "pydantic", "PyYAML")}}
+    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def class_table(plan: Plan, calib: Calibration) -> list[dict]:
+    """Per link class and direction: configured, achieved (worst and mean), goodput."""
+    rows = []
+    for cls in dict.fromkeys(lk.link_class for lk in plan.net.links):
+        for direction in ("up", "down"):
+            ms = [m for m in calib.measurements
+                  if m.target.link.link_class == cls and m.target.direction == direction]
+            if not ms:
+                continue
+            ok = [m for m in ms if m.achieved_bps is not None]
+            worst = max(ok, key=lambda m: abs(m.error)) if ok else None
+            rows.append({
+                "link_class": cls, "direction": direction, "links": len(ms),
+                "configured_bps": ms[0].configured_bps,
+                "real_bps": plan.scenario.scale_spec().real_rate(ms[0].configured_bps),
+                "achieved_bps": sum(m.achieved_bps for m in ok) / len(ok) if ok else None,
+                "worst_error": worst.error if worst else None,
+                "worst_link": worst.target.label if worst else None,
+                "iperf3_goodput_bps": sum(m.goodput_bps for m in ms) / len(ms),
+                "within_tolerance": bool(ok) and all(abs(m.error) <= fidelity.RATE_TOLERANCE for m in ok),
+            })
+    return rows
+
+
+def achieved_invariants(rows: list[dict], plan: Plan) -> dict[str, float | None]:
+    mean = {}
+    for r in rows:
+        mean.setdefault(r["link_class"], []).append(r["achieved_bps"])
+    rate = {k: sum(v) / len(v) for k, v in mean.items() if None not in v}
+    c = plan.scenario.cluster
+    out: dict[str, float | None] = {"snic_per_node_to_cnic_per_node": None, "snic_to_cnic_per_gpu": None,
+                                    "p_to_d": c.prefill_nodes / c.decode_nodes, "storage_to_snic_total": None}
+    if "snic" in rate and "cnic" in rate:
+        out["snic_to_cnic_per_gpu"] = rate["snic"] / rate["cnic"]
+        out["snic_per_node_to_cnic_per_node"] = rate["snic"] / (rate["cnic"] * c.gpus_per_node)
+    if "snic" in rate and "stnic" in rate:
+        out["storage_to_snic_total"] = (rate["stnic"] * c.storage.servers) / (
+            rate["snic"] * (c.prefill_nodes + c.decode_nodes))
+    return out
+
+
+def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float) -> dict:
+    net = plan.net
+    with open(run_dir / "calibration.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CAL_COLUMNS)
+        w.writeheader()
+        for m in calib.measurements:
+            key = m.target.key(net)
+            w.writerow({"link": f"{m.target.link.host}-{m.target.link.nic}", "link_class": m.target.link.link_class,
+                        "direction": m.target.direction, "interface": key.dev, "netns": key.netns or "",
+                        "configured_bps": round(m.configured_bps), "achieved_bps": _round(m.achieved_bps),
+                        "error": _round(m.error, 5), "iperf3_goodput_bps": _round(m.goodput_bps),
+                        "cpu_util_max": _round(m.cpu_util_max, 3)})
+    rows = class_table(plan, calib)
+    verdict = fidelity.judge(calib.cpu_util_max, calib.cpu_util_mean,
+                             {m.target.label: m.error for m in calib.measurements})
+    sc = plan.scenario
+    summary = {
+        "scenario": sc.name,
+        "run_id": run_dir.name,
+        "scale": {"bytes": sc.scale.bytes, "time": sc.scale.time, "rate_factor": sc.scale_spec().rate_factor},
+        "cluster": {"hosts": len(net.hosts), "bridges": len(net.switches), "links": len(net.links),
+                    "tc_ops": len(plan.tc_ops)},
+        "invariants": {"configured": plan.invariants, "achieved": achieved_invariants(rows, plan)},
+        "build_s": round(build_s, 3), "teardown_s": round(teardown_s, 3),
+        "calibration": {"mode": sc.calibration.mode, "rounds": calib.rounds,
+                        "duration_s": round(calib.duration_s, 2), "classes": rows},
+        "fidelity": {"ok": verdict.ok, "cpu_util_max": verdict.cpu_util_max,
+                     "cpu_util_mean": verdict.cpu_util_mean,
+                     "link_rate_error_max": verdict.link_rate_error_max, "reasons": verdict.reasons},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _round(x: float | None, nd: int = 0):
+    if x is None:
+        return ""
+    return round(x, nd) if nd else round(x)

@@ -1,0 +1,87 @@
+"""Run a scenario: preflight, build, calibrate, report, and always tear down.
+
+The run owns the machine through :class:`emulator.registry.Registry` (lock +
+manifest) and tears the emulation down in a ``finally``: on success, on an
+exception anywhere inside, on Ctrl-C (SIGINT) and on SIGTERM/SIGHUP (turned
+into an exception here). A SIGKILLed run leaves its manifest; the next run, or
+``dpemu clean``, removes what it lists.
+
+Results go to ``results/<scenario>/<run-id>/`` (see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from emulator import calibrate, cleanup, fidelity
+from emulator.errors import DpemuError, PlatformError
+from emulator.net import Emulation
+from emulator.registry import Registry
+
+from . import platform, results
+from .plan import Plan
+
+
+class Interrupted(DpemuError):
+    """The run was stopped by a signal; everything it built was removed."""
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    summary: dict
+    calibration: calibrate.Calibration
+
+
+def _raise_on_signal(signum, _frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress=None) -> RunOutcome:
+    """Execute `plan`. Raises DpemuError subclasses; never leaves objects behind."""
+    plan.check()
+    platform.require_root()
+    platform.require_tools()
+    sc = plan.scenario
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    run_dir = results.make_run_dir(out_root, sc.name, run_id)
+    results.write_provenance(run_dir, plan)
+    old = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with Registry() as reg:
+            if reg.leftover():
+                report = cleanup.clean(reg)
+                say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
+                    f"{len(report.links)} interfaces, {len(report.procs)} processes")
+            emu = Emulation(plan.net, reg, run_id)
+            calib = None
+            try:
+                say(f"building {len(plan.net.hosts)} hosts, {len(plan.net.switches)} bridges, "
+                    f"{len(plan.net.links)} links ({len(plan.tc_ops)} tc operations)")
+                emu.build()
+                _fault("after_build")
+                say(f"built in {emu.build_s:.1f}s; calibrating {len(plan.tests)} test(s) in "
+                    f"{len(plan.rounds)} round(s) of {sc.calibration.duration:g}s")
+                calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration,
+                                      fidelity.KERNEL_BUDGET_BPS, progress=progress)
+                _fault("after_calibration")
+            finally:
+                left = emu.teardown()
+                if left:
+                    raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    summary = results.write_calibration(run_dir, plan, calib, emu.build_s, emu.teardown_s)
+    return RunOutcome(run_dir, summary, calib)
+
+
+def _fault(stage: str) -> None:
+    """Test hook: DPEMU_FAULT=<stage> makes the run crash there (tests prove cleanup)."""
+    if os.environ.get("DPEMU_FAULT") == stage:
+        raise RuntimeError(f"injected fault at {stage} (DPEMU_FAULT)")

@@ -1,0 +1,174 @@
+"""Scenario files: their schema, loading, ``--set`` overrides and validation.
+
+A scenario is a YAML file describing the REAL cluster (rates in real units),
+the scale that maps it onto this machine, and how to run it. Everything is
+checked here, before anything is built: unknown keys, missing units, zero or
+negative rates, P or D of 0 and bad names are refused with the file, the field
+path and the reason (``default.yaml: cluster.snic_rate: '40' has no unit``).
+
+The models are pydantic (frozen, ``extra='forbid'``); unit strings are parsed
+by :mod:`emulator.units` and serialized back to unit strings, so the resolved
+scenario a run stores reads like the file a user wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+
+from emulator.errors import ConfigError, UnitError
+from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
+from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
+
+
+def _fmt_duration(t_s: float) -> str:
+    return f"{t_s * 1000:g}ms" if t_s < 1 else f"{t_s:g}s"
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
+Size = Annotated[float, BeforeValidator(parse_size), PlainSerializer(format_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_fmt_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Storage(_Model):
+    servers: int = Field(2, ge=1, le=MAX_NODES_PER_ROLE, description="storage servers")
+    nic_rate: Rate = Field(1600e9, description="NIC rate of one storage server")
+
+
+class Cluster(_Model):
+    model: Literal[MODELS] = "ds660b"  # type: ignore[valid-type]
+    prefill_nodes: int = Field(ge=1, le=MAX_NODES_PER_ROLE)
+    decode_nodes: int = Field(ge=1, le=MAX_NODES_PER_ROLE)
+    gpus_per_node: int = Field(8, ge=1, le=MAX_GPUS_PER_NODE)
+    cnic_rate: Rate = Field(400e9, description="compute NIC, one per GPU")
+    snic_rate: Rate = Field(400e9, description="storage NIC, one per node")
+    dram_buffer: Size = Field(64e9, description="DRAM KV buffer per compute node")
+    storage: Storage = Storage()
+
+
+class ScaleModel(_Model):
+    bytes: float = Field(gt=0, le=1, description="fraction of real bytes moved")
+    time: float = Field(1.0, gt=0, description="wall seconds per real second")
+
+
+class Emulation(_Model):
+    queue: Duration = Field(0.010, description="queue of every shaped port, as time at its rate")
+    tcp_cc: Literal["reno", "bbr"] = "reno"
+
+
+class Calibration(_Model):
+    mode: Literal["class", "all"] = "class"
+    duration: Duration = 5.0
+
+    @field_validator("duration")
+    @classmethod
+    def _long_enough(cls, v: float) -> float:
+        if v < 3:
+            raise ValueError("must be at least 3s (1s warm-up, steady window, cool-down)")
+        return v
+
+
+class Scenario(_Model):
+    name: str
+    description: str = ""
+    cluster: Cluster
+    scale: ScaleModel
+    emulation: Emulation = Emulation()
+    calibration: Calibration = Calibration()
+
+    @field_validator("name")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not v.isidentifier():
+            raise ValueError(f"{v!r} is not a valid identifier (letters, digits, underscores)")
+        return v
+
+    def cluster_spec(self) -> ClusterSpec:
+        c = self.cluster
+        return ClusterSpec(c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.cnic_rate, c.snic_rate,
+                           c.storage.servers, c.storage.nic_rate, c.dram_buffer, c.model)
+
+    def scale_spec(self) -> Scale:
+        return Scale(self.scale.bytes, self.scale.time)
+
+    def resolved(self) -> dict[str, Any]:
+        """The scenario with every default filled in, units as strings."""
+        return self.model_dump(mode="json")
+
+
+def _reason(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if isinstance(err.get("ctx", {}).get("error"), UnitError):
+        return str(err["ctx"]["error"])
+    return msg.removeprefix("Value error, ") + (f" (got {err['input']!r})" if "input" in err and
+                                                  not isinstance(err["input"], dict) else "")
+
+
+def apply_overrides(data: dict, sets: list[str], where: str) -> dict:
+    """``--set cluster.prefill_nodes=3``: dotted path, value parsed as a YAML scalar."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}", "expected KEY=VALUE, e.g. cluster.prefill_nodes=3")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}", f"{k} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def from_dict(data: Any, where: str) -> Scenario:
+    if not isinstance(data, dict):
+        raise ConfigError(where, "a scenario must be a YAML mapping")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(str(p) for p in err["loc"])
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{where}: {path}", _reason(err) + more) from None
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a scenario that ships (``default``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(str(p), "no such scenario file")
+        return p
+    shipped = SCENARIO_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(name_or_path, f"no such scenario; `dpemu list` shows the {len(list_shipped())} that ship")
+    return shipped
+
+
+def load(name_or_path: str, sets: list[str] | None = None) -> Scenario:
+    path = resolve_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(path.name, f"not valid YAML: {exc}") from None
+    if sets:
+        data = apply_overrides(data or {}, sets, path.name)
+    return from_dict(data, path.name)
+
+
+def list_shipped() -> list[Path]:
+    return sorted(SCENARIO_DIR.glob("*.yaml"))
