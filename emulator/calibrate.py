@@ -19,6 +19,7 @@ offered load stays under the CPU budget.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -192,8 +193,10 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     net = emu.spec
     flows = [flow for test in rnd for flow in test.flows]
     targets = [t for test in rnd for t in test.targets]
+    # Two snapshots of the counters (window start and end) instead of periodic
+    # sampling: polling dozens of classes through pyroute2 costs real CPU.
     sampler = TcSampler([t.key(net) for t in targets])
-    sampler.start()
+    sampler.setup()
     servers, clients = [], []
     try:
         for port, (src, dst) in enumerate(flows, start=BASE_PORT):
@@ -202,12 +205,22 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
             servers.append(srv)
         for srv in servers:
             srv.stdout.readline()  # "listening": the process is up; the client retries until bound
-        launched = time.monotonic()
         for port, (src, dst) in enumerate(flows, start=BASE_PORT):
             clients.append(emu.procs.start(
                 f"iperf3-client {src.host}->{dst.host}:{port}", net.host(src.host).netns,
                 [python, "-m", "traffic.iperf", "client", "--server", dst.addr, "--port", str(port),
-                 "--bind", src.addr, "--duration", str(int(duration_s))]))
+                 "--bind", src.addr, "--duration", str(int(duration_s)), "--wait-go"], stdin=subprocess.PIPE))
+        for cli in clients:  # barrier: every client loaded, then all start together
+            if cli.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"iperf3 client did not start: {cli.stderr.read()[-500:]}")
+        launched = time.monotonic()
+        for cli in clients:
+            cli.stdin.write("go\n")
+            cli.stdin.flush()
+        t0, t1 = launched + WARMUP_S, launched + int(duration_s) - COOLDOWN_S
+        for t_snap in (t0, t1):
+            time.sleep(max(0.0, t_snap - time.monotonic()))  # schedules a counter read, moves no data
+            sampler.sample(time.monotonic())
         results = []
         for (src, dst), cli in zip(flows, clients):
             out, err = cli.communicate(timeout=duration_s + 30)
@@ -216,10 +229,9 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
                 raise RuntimeError(f"iperf3 {src.host}->{dst.host} failed: {data['error']}")
             results.append(data["end"]["sum_received"]["bits_per_second"])
     finally:
-        sampler.stop()
+        sampler.teardown()
         for p in servers + clients:
             emu.procs.stop(p)
-    t0, t1 = launched + WARMUP_S, launched + int(duration_s) - COOLDOWN_S
     cpu_max = cpu.summary([(t0, t1)])["cpu_util_max"]
     out = []
     for t in targets:

@@ -111,7 +111,8 @@ class CpuSampler(_Periodic):
 
 
 class TcSampler(_Periodic):
-    """Counters of a fixed set of HTB classes, every period."""
+    """Counters of a fixed set of HTB classes, every period (``start``/``stop``),
+    or at chosen instants (``setup``, ``sample(now)`` ..., ``teardown``)."""
 
     def __init__(self, keys: list[ClassKey], period_s: float = 0.1):
         super().__init__(period_s)

@@ -30,9 +30,10 @@ class ProcessGroup:
         self._on_start = on_start
 
     def start(self, name: str, netns: str | None, argv: list[str], *,
+              stdin: IO | int | None = subprocess.DEVNULL,
               stdout: IO | int | None = subprocess.PIPE, stderr: IO | int | None = subprocess.PIPE,
               cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(netns_argv(netns, argv), stdout=stdout, stderr=stderr, text=True,
+        proc = subprocess.Popen(netns_argv(netns, argv), stdin=stdin, stdout=stdout, stderr=stderr, text=True,
                                 cwd=cwd, env=env, start_new_session=True)
         self._procs.append((name, proc))
         if self._on_start:
@@ -53,8 +54,8 @@ class ProcessGroup:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=grace_s)
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream and not stream.closed:
                 stream.close()
         return proc.returncode
 

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -36,12 +37,12 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 
 def _calibration_table(summary: dict) -> Table:
-    t = Table(title=f"link calibration: {summary['scenario']} ({summary['calibration']['mode']} mode, "
-                    f"wire bytes from HTB counters)")
+    t = Table(title=f"link calibration: {summary['scenario']} ({summary['calibration']['mode']} mode; "
+                    f"achieved = wire bytes in HTB counters)", box=box.SIMPLE_HEAD)
     for col, just in (("class", "left"), ("dir", "left"), ("links", "right"), ("real", "right"),
-                      ("configured", "right"), ("achieved", "right"), ("worst error", "right"),
-                      ("iperf3 goodput", "right"), ("", "left")):
-        t.add_column(col, justify=just)
+                      ("configured", "right"), ("achieved", "right"), ("worst err", "right"),
+                      ("goodput", "right"), ("", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
     for r in summary["calibration"]["classes"]:
         ach = format_rate(r["achieved_bps"]) if r["achieved_bps"] is not None else "-"
         err = f"{r['worst_error']:+.2%}" if r["worst_error"] is not None else "-"

@@ -5,6 +5,10 @@ one test and exits; the client retries the connection for a bounded time (the
 server may still be binding its socket) and prints iperf3's JSON result on
 stdout, so the caller (``emulator.calibrate``) reads it from the pipe.
 
+With ``--wait-go`` the client loads everything, prints ``ready`` and blocks
+until a line arrives on stdin: the caller starts all flows of a round at the
+same instant (a barrier), however long dozens of Python start-ups take.
+
     python -m traffic.iperf server --bind 10.10.3.1 --port 5201
     python -m traffic.iperf client --server 10.10.3.1 --port 5201 --bind 10.10.1.1 --duration 4
 """
@@ -33,6 +37,10 @@ def _server(args) -> int:
 def _client(args) -> int:
     import iperf3
 
+    if args.wait_go:
+        print("ready", flush=True)
+        if not sys.stdin.readline():
+            return 1  # the caller went away: no test
     deadline = time.monotonic() + args.connect_timeout
     while True:
         cli = iperf3.Client()
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--bind", required=True)
     c.add_argument("--duration", type=int, required=True)
     c.add_argument("--connect-timeout", type=float, default=5.0)
+    c.add_argument("--wait-go", action="store_true", help="print 'ready', start when a line arrives on stdin")
     args = parser.parse_args(argv)
     return _server(args) if args.role == "server" else _client(args)
 

@@ -1,0 +1,66 @@
+"""`dpemu run default`: every link class delivers its configured rate, measured
+on the wire (HTB counters) under iperf3 load, and the run leaves nothing behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from netns_tools import assert_nothing_left, describe, run_dpemu
+
+TOL = 0.03
+CONFIGURED = {"snic": 40e6, "cnic": 40e6, "stnic": 160e6}  # default.yaml at bytes x 1e-4
+
+
+def _fmt(bps):
+    return "-" if bps is None else f"{bps / 1e6:9.3f} Mbit/s"
+
+
+@pytest.mark.netns
+def test_default_calibration_within_tolerance(tmp_path):
+    res = run_dpemu("run", "default", "--out", str(tmp_path), timeout=300)
+    print(res.stdout)
+    assert res.returncode == 0, describe(res)
+
+    run_dirs = list((tmp_path / "default").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    rows = summary["calibration"]["classes"]
+
+    print(f"\ncalibration of `default` (run {summary['run_id']}, build {summary['build_s']}s, "
+          f"teardown {summary['teardown_s']}s, {summary['calibration']['rounds']} round(s), "
+          f"CPU max {summary['fidelity']['cpu_util_max']:.0%})")
+    print(f"{'class':6s} {'dir':5s} {'links':>5s} {'configured':>16s} {'achieved':>16s} {'worst err':>9s} "
+          f"{'goodput':>16s}  ok")
+    for r in rows:
+        print(f"{r['link_class']:6s} {r['direction']:5s} {r['links']:5d} {_fmt(r['configured_bps'])} "
+              f"{_fmt(r['achieved_bps'])} {r['worst_error']:+9.3%} {_fmt(r['iperf3_goodput_bps'])}  "
+              f"{r['within_tolerance']}")
+
+    by_key = {(r["link_class"], r["direction"]): r for r in rows}
+    assert set(by_key) == {(c, d) for c in CONFIGURED for d in ("up", "down")}, sorted(by_key)
+    assert len(by_key) == len(rows)
+    for (cls, direction), r in by_key.items():
+        where = f"{cls} {direction}"
+        assert r["configured_bps"] == pytest.approx(CONFIGURED[cls]), where
+        assert r["within_tolerance"] is True, (where, r)
+        assert r["worst_error"] is not None and abs(r["worst_error"]) <= TOL, (where, r)
+        assert r["achieved_bps"] is not None
+        assert abs(r["achieved_bps"] / r["configured_bps"] - 1) <= TOL, (where, r)
+
+    with open(run_dirs[0] / "calibration.csv", newline="") as f:
+        measured = list(csv.DictReader(f))
+    assert {(m["link_class"], m["direction"]) for m in measured} == set(by_key)
+    for m in measured:
+        where = f"{m['link']} {m['direction']}"
+        goodput, achieved = float(m["iperf3_goodput_bps"]), float(m["achieved_bps"])
+        assert goodput > 0, where
+        assert goodput < achieved, f"{where}: goodput {goodput} >= wire rate {achieved} (headers are missing)"
+        assert abs(achieved / float(m["configured_bps"]) - 1) <= TOL, where
+
+    assert summary["fidelity"]["ok"] is True, summary["fidelity"]
+    assert summary["fidelity"]["reasons"] == []
+    # cleanup on success: nothing of the run is left (the leak check repeats this as a diff)
+    assert_nothing_left("after a successful run")

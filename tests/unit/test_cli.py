@@ -1,0 +1,114 @@
+"""scenarios.cli without root: plan, list, and `run` refusing before it builds anything."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from emulator import net as emulator_net
+from emulator import registry as emulator_registry
+from scenarios import cli, results
+
+
+def words(text: str) -> str:
+    """Whitespace-normalized text (rich may wrap long lines for a narrow console)."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def not_root(monkeypatch, tmp_path):
+    """Pretend to be an ordinary user, and make anything that would touch the
+    machine (build, the /run/dpemu lock and manifest, the results directory)
+    fail the test loudly if it is ever reached."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("reached a step that touches the machine")
+
+    monkeypatch.setattr(emulator_net.Emulation, "build", forbidden)
+    monkeypatch.setattr(emulator_net.Emulation, "__init__", forbidden)
+    monkeypatch.setattr(emulator_registry.Registry, "__enter__", forbidden)
+    monkeypatch.setattr(results, "make_run_dir", forbidden)
+    return tmp_path / "results"
+
+
+# -- plan --------------------------------------------------------------------
+def test_plan_tiny(capsys):
+    assert cli.main(["plan", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "tc -n dp-pe1 qdisc add dev pe1-snic root handle 1: htb" in out.splitlines()[
+        out.splitlines().index("## tc operations") + 1]
+    assert "# scenario tiny: 3 hosts, 3 bridges, 7 links, 56 tc operations" in out
+    assert "ok: every link within the faithful range" in out
+
+
+def test_plan_with_set(capsys):
+    assert cli.main(["plan", "tiny", "--set", "cluster.prefill_nodes=2"]) == 0
+    assert "# scenario tiny: 4 hosts, 3 bridges, 10 links," in capsys.readouterr().out
+
+
+def test_plan_bad_file_returns_1_with_error_on_stderr(tiny_data, write_scenario, capsys):
+    tiny_data["cluster"]["snic_rate"] = 40
+    path = write_scenario(tiny_data, "bad.yaml")
+    assert cli.main(["plan", path]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    err = words(cap.err)
+    assert err.startswith("dpemu: bad.yaml: cluster.snic_rate: ")
+    assert "has no unit" in err
+
+
+def test_plan_refused_scenario_returns_1(capsys):
+    assert cli.main(["plan", "tiny", "--set", "scale.bytes=0.000001"]) == 1
+    assert "REFUSED: snic links would be shaped to" in capsys.readouterr().out
+
+
+def test_plan_unknown_scenario(capsys):
+    assert cli.main(["plan", "no_such_scenario"]) == 1
+    assert "no such scenario" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: scenarios/cli.py:33 err_console lacks soft_wrap=True, so rich "
+                   "hard-wraps error messages at the console width (80 columns when stderr is not a terminal) "
+                   "although every DpemuError is reported as a one-line message (emulator/errors.py:9)")
+def test_error_message_stays_on_one_line(tiny_data, write_scenario, capsys):
+    tiny_data["name"] = "not valid " * 60  # a message longer than any terminal
+    assert cli.main(["plan", write_scenario(tiny_data)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# -- list --------------------------------------------------------------------
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert {"default", "tiny", "calibrate_all"} <= set(names)
+    assert "invalid" not in out
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+# -- run refuses without root ----------------------------------------------
+def test_run_without_root_fails_before_building(not_root, capsys):
+    assert cli.main(["run", "tiny", "--out", str(not_root)]) == 1
+    err = words(capsys.readouterr().err)
+    assert "use sudo" in err
+    assert not not_root.exists()
+
+
+def test_run_with_bad_override_fails_before_building(not_root, capsys):
+    assert cli.main(["run", "tiny", "--set", "cluster.prefill_nodes=0", "--out", str(not_root)]) == 1
+    err = words(capsys.readouterr().err)
+    assert "cluster.prefill_nodes" in err
+    assert "greater than or equal to 1" in err
+    assert not not_root.exists()
+
+
+def test_run_of_refused_plan_fails_before_building(not_root, capsys):
+    assert cli.main(["run", "tiny", "--set", "scale.bytes=0.000001", "--out", str(not_root)]) == 1
+    assert "cannot be emulated faithfully" in words(capsys.readouterr().err)

@@ -1,0 +1,215 @@
+"""emulator.tcplan: the HTB plan of every shaped interface, as data and as tc text.
+
+The golden file golden/tiny_tc.txt is the rendered tc plan of the shipped `tiny`
+scenario. Its values were checked by hand (and test_golden_values re-checks them
+from the file itself, so a regenerated golden cannot silently drift):
+
+    rates   400Gbit x 0.00025 = 100Mbit (snic, cnic); 600Gbit x 0.00025 = 150Mbit (storage NIC)
+    burst   max(rate/8 x 1ms, 2 x 64KiB): 12500 / 18750 -> 131072 bytes
+    quantum clamp(rate/8/10, 1600, 200000): 1.25e6 / 1.875e6 -> 200000
+    limit   max(rate/8 x 10ms, 4 x 64KiB): 125000 / 187500 -> 262144 bytes
+
+To regenerate after an intended change, write "\\n".join(map(render, plan.tc_ops)) + "\\n"
+and check the numbers by hand again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from emulator.tcplan import (DEFAULT_CLASS, LINK_CLASS, ROOT_HANDLE, TcOp, apply, describe, handle_str,
+                             htb_burst_bytes, htb_quantum_bytes, queue_limit_bytes, render, shape_ops)
+from emulator.units import parse_rate
+from scenarios import schema
+from scenarios.plan import make_plan
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_tc.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return make_plan(schema.load("tiny"))
+
+
+# -- golden ------------------------------------------------------------------
+def test_tiny_tc_plan_matches_golden(tiny_plan):
+    rendered = "\n".join(render(op) for op in tiny_plan.tc_ops) + "\n"
+    assert rendered == GOLDEN.read_text()
+
+
+def test_golden_values():
+    """The golden file itself holds the hand-checked numbers."""
+    lines = GOLDEN.read_text().splitlines()
+    assert len(lines) == 56  # 7 links x 2 ends x 4 ops
+    for line in lines:
+        if " class " in line:
+            rate = "150Mbit" if "st1-nic" in line else "100Mbit"
+            assert f"htb rate {rate} ceil {rate} burst 131072b cburst 131072b quantum 200000 prio 0" in line
+        elif " bfifo " in line:
+            assert line.endswith("handle 10: bfifo limit 262144b")
+        else:
+            assert line.endswith("root handle 1: htb default 10 r2q 10")
+
+
+def test_render_first_op_of_tiny(tiny_plan):
+    assert render(tiny_plan.tc_ops[0]) == "tc -n dp-pe1 qdisc add dev pe1-snic root handle 1: htb default 10 r2q 10"
+
+
+# -- structure ---------------------------------------------------------------
+def test_op_count_is_four_per_end(tiny_plan):
+    assert len(tiny_plan.tc_ops) == 2 * 4 * len(tiny_plan.net.links)
+
+
+def test_both_ends_of_every_link_shaped(tiny_plan):
+    by_end = defaultdict(list)
+    for op in tiny_plan.tc_ops:
+        by_end[(op.netns, op.dev)].append(op)
+    expected = set()
+    for lk in tiny_plan.net.links:
+        expected.add((tiny_plan.net.host(lk.host).netns, lk.host_intf))  # host egress ("up")
+        expected.add((None, lk.switch_intf))                            # switch-port egress ("down")
+    assert set(by_end) == expected
+    assert all(len(ops) == 4 for ops in by_end.values())
+
+
+def test_host_end_in_host_namespace_switch_end_in_root(tiny_plan):
+    for op in tiny_plan.tc_ops:
+        if op.netns is None:
+            assert op.dev.startswith("dp-")
+        else:
+            assert op.netns == "dp-" + op.dev.split("-")[0]
+            assert not op.dev.startswith("dp-")
+
+
+def test_tree_shape_of_each_end(tiny_plan):
+    ops = tiny_plan.tc_ops
+    for i in range(0, len(ops), 4):
+        root, link_cls, default_cls, fifo = ops[i:i + 4]
+        assert len({(o.netns, o.dev) for o in (root, link_cls, default_cls, fifo)}) == 1
+        assert (root.op, root.kind, root.handle, root.parent) == ("qdisc", "htb", ROOT_HANDLE, None)
+        assert (link_cls.op, link_cls.kind, link_cls.handle, link_cls.parent) == ("class", "htb", LINK_CLASS,
+                                                                                  ROOT_HANDLE)
+        assert (default_cls.op, default_cls.kind, default_cls.handle, default_cls.parent) == (
+            "class", "htb", DEFAULT_CLASS, LINK_CLASS)
+        assert (fifo.op, fifo.kind, fifo.parent) == ("qdisc", "bfifo", DEFAULT_CLASS)
+        # unclassified traffic goes to 1:10
+        assert root.param("default") == DEFAULT_CLASS & 0xFFFF
+
+
+def test_class_rates_are_the_link_rate(tiny_plan):
+    rate_of = {}
+    for lk in tiny_plan.net.links:
+        rate_of[lk.host_intf] = rate_of[lk.switch_intf] = lk.rate_bps
+    for op in tiny_plan.tc_ops:
+        if op.op == "class":
+            assert op.param("rate_bps") == round(rate_of[op.dev])
+            assert op.param("ceil_bps") == op.param("rate_bps")
+
+
+def test_handles():
+    assert handle_str(ROOT_HANDLE) == "1:"
+    assert handle_str(LINK_CLASS) == "1:1"
+    assert handle_str(DEFAULT_CLASS) == "1:10"
+    assert handle_str(0x100000) == "10:"
+
+
+# -- sizing formulas (hand-computed values) ----------------------------------
+@pytest.mark.parametrize("rate_bps, burst", [
+    (100e6, 131072),        # 12500 B per ms -> floor of two GSO skbs
+    (1e9, 131072),          # 125000 < 131072
+    (2e9, 250000),          # 2e9 / 8 * 1e-3
+    (8e9, 1000000),
+])
+def test_htb_burst(rate_bps, burst):
+    assert htb_burst_bytes(rate_bps) == burst
+
+
+@pytest.mark.parametrize("rate_bps, quantum", [
+    (100e3, 1600),          # 1250 -> clamped up to MTU + 100
+    (1e6, 12500),           # 1e6 / 8 / 10
+    (8e6, 100000),
+    (16e6, 200000),         # exactly the cap
+    (100e6, 200000),        # 1.25e6 -> clamped down
+])
+def test_htb_quantum(rate_bps, quantum):
+    assert htb_quantum_bytes(rate_bps) == quantum
+
+
+@pytest.mark.parametrize("rate_bps, queue_s, limit", [
+    (100e6, 0.010, 262144),     # 125000 -> floor of four GSO skbs
+    (1e9, 0.010, 1250000),      # 1e9 / 8 * 10ms
+    (2e9, 0.050, 12500000),
+    (1e9, 0.001, 262144),
+])
+def test_queue_limit(rate_bps, queue_s, limit):
+    assert queue_limit_bytes(rate_bps, queue_s) == limit
+
+
+def test_shape_ops_params_at_2gbit():
+    ops = shape_ops("dp-pe1", "pe1-snic", 2e9, 0.010)
+    for cls in ops[1:3]:
+        assert dict(cls.params) == {"rate_bps": 2_000_000_000, "ceil_bps": 2_000_000_000, "burst_bytes": 250000,
+                                    "cburst_bytes": 250000, "quantum_bytes": 200000, "prio": 0}
+    assert ops[3].param("limit_bytes") == 2_500_000
+
+
+def test_render_root_namespace_has_no_netns_flag():
+    ops = shape_ops(None, "dp-pe1-snic", 40e6, 0.010)
+    assert render(ops[0]) == "tc qdisc add dev dp-pe1-snic root handle 1: htb default 10 r2q 10"
+    assert render(ops[1]) == ("tc class add dev dp-pe1-snic parent 1: classid 1:1 htb rate 40Mbit ceil 40Mbit "
+                              "burst 131072b cburst 131072b quantum 200000 prio 0")
+    assert render(ops[3]) == "tc qdisc add dev dp-pe1-snic parent 1:10 handle 10: bfifo limit 262144b"
+
+
+def test_render_refuses_unknown_op():
+    with pytest.raises(ValueError):
+        render(TcOp(None, "x", "filter", "u32", 1, None))
+
+
+def test_describe_bfifo():
+    ops = shape_ops(None, "dp-x", 1e9, 0.010)
+    assert describe(ops[3]) == "dp-x: bfifo 1.25MB"
+    assert describe(ops[1]) == "dp-x: htb class 1:1"
+
+
+def test_render_is_parseable_back_to_the_rate(tiny_plan):
+    for op in tiny_plan.tc_ops:
+        if op.op == "class":
+            m = re.search(r" rate (\S+) ", render(op))
+            assert parse_rate(m.group(1)) == pytest.approx(op.param("rate_bps"), rel=5e-4)
+
+
+# -- apply (against a fake netlink socket: no kernel) -------------------------
+class FakeIPRoute:
+    def __init__(self, links):
+        self.links = links
+        self.calls = []
+
+    def link_lookup(self, ifname):
+        return [self.links[ifname]] if ifname in self.links else []
+
+    def tc(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+def test_apply_issues_the_plan_in_order_with_byte_rates():
+    ipr = FakeIPRoute({"pe1-snic": 7})
+    apply(ipr, shape_ops("dp-pe1", "pe1-snic", 40e6, 0.010))
+    cls = dict(rate=5_000_000, ceil=5_000_000, burst=131072, cburst=131072, quantum=200000, prio=0)
+    assert ipr.calls == [
+        (("add", "htb", 7, ROOT_HANDLE), dict(default=0x10, r2q=10)),
+        (("add-class", "htb", 7, LINK_CLASS), dict(parent=ROOT_HANDLE, **cls)),
+        (("add-class", "htb", 7, DEFAULT_CLASS), dict(parent=LINK_CLASS, **cls)),
+        (("add", "bfifo", 7, 0x100000), dict(parent=DEFAULT_CLASS, limit=262144)),
+    ]
+
+
+def test_apply_missing_interface_raises_before_any_op():
+    ipr = FakeIPRoute({})
+    with pytest.raises(LookupError, match="pe1-snic"):
+        apply(ipr, shape_ops("dp-pe1", "pe1-snic", 40e6, 0.010))
+    assert ipr.calls == []
