@@ -186,7 +186,7 @@ def test_tiny_storage_fan():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG: emulator/calibrate.py:73-84 (_fan) + scenarios/plan.py:58 (make_plan): a fan test whose peers "
+    "BUG: emulator/calibrate.py:74-85 (_fan) + scenarios/plan.py:58 (make_plan): a fan test whose peers "
     "add up to less than the link's rate cannot saturate it (1P1D with the default 1600Gbit storage NIC: "
     "2 x 400 < 1600), so calibration is bound to measure about -50% and the run is judged untrustworthy, "
     "yet make_plan reports no problem"))

@@ -69,7 +69,7 @@ def test_plan_unknown_scenario(capsys):
     assert "no such scenario" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: scenarios/cli.py:33 err_console lacks soft_wrap=True, so rich "
+@pytest.mark.xfail(strict=True, reason="BUG: scenarios/cli.py:34 err_console lacks soft_wrap=True, so rich "
                    "hard-wraps error messages at the console width (80 columns when stderr is not a terminal) "
                    "although every DpemuError is reported as a one-line message (emulator/errors.py:9)")
 def test_error_message_stays_on_one_line(tiny_data, write_scenario, capsys):
