@@ -37,6 +37,14 @@ BASE_PORT = 5201
 class Target:
     link: LinkSpec
     direction: str  # "up" (host egress) or "down" (switch-port egress)
+    # What the test can push through it: the link rate, or less when all its
+    # peers together are slower (a storage NIC faster than every SNIC it serves).
+    # Traffic through the link can never exceed that, so it is the rate to verify.
+    expected_bps: float | None = None
+
+    @property
+    def target_bps(self) -> float:
+        return self.link.rate_bps if self.expected_bps is None else min(self.expected_bps, self.link.rate_bps)
 
     def key(self, net: NetSpec) -> ClassKey:
         if self.direction == "up":
@@ -82,7 +90,8 @@ def _fan(link: LinkSpec, peers: list[LinkSpec]) -> Test:
         if total >= FAN_HEADROOM * link.rate_bps:
             break
     flows = tuple((link, p) for p in chosen) + tuple((p, link) for p in chosen)
-    return Test("fan", flows, (Target(link, "up"), Target(link, "down")))
+    cap = total if total < link.rate_bps else None
+    return Test("fan", flows, (Target(link, "up", cap), Target(link, "down", cap)))
 
 
 def _peers(net: NetSpec, link: LinkSpec) -> list[LinkSpec]:
@@ -120,6 +129,15 @@ def plan_tests(net: NetSpec, mode: str) -> list[Test]:
     return tests
 
 
+def flow_argvs(src: LinkSpec, dst: LinkSpec, port: int, duration_s: float,
+               python: str = sys.executable) -> tuple[list[str], list[str]]:
+    """(server argv, client argv) of one iperf3 flow src -> dst (run in dst's, src's namespace)."""
+    server = [python, "-m", "traffic.iperf", "server", "--bind", dst.addr, "--port", str(port)]
+    client = [python, "-m", "traffic.iperf", "client", "--server", dst.addr, "--port", str(port),
+              "--bind", src.addr, "--duration", str(int(duration_s)), "--wait-go"]
+    return server, client
+
+
 def schedule(tests: list[Test], budget_bps: float) -> list[list[Test]]:
     """Group tests into rounds: no shared link, offered load within the budget."""
     rounds: list[list[Test]] = []
@@ -144,10 +162,14 @@ class Measurement:
     cpu_util_max: float | None
 
     @property
+    def expected_bps(self) -> float:
+        return self.target.target_bps
+
+    @property
     def error(self) -> float | None:
         if self.achieved_bps is None:
             return None
-        return self.achieved_bps / self.configured_bps - 1.0
+        return self.achieved_bps / self.expected_bps - 1.0
 
 
 @dataclass
@@ -199,17 +221,15 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     sampler.setup()
     servers, clients = [], []
     try:
-        for port, (src, dst) in enumerate(flows, start=BASE_PORT):
-            srv = emu.procs.start(f"iperf3-server {dst.host}:{port}", net.host(dst.host).netns,
-                                  [python, "-m", "traffic.iperf", "server", "--bind", dst.addr, "--port", str(port)])
-            servers.append(srv)
+        argvs = [flow_argvs(src, dst, port, duration_s, python)
+                 for port, (src, dst) in enumerate(flows, start=BASE_PORT)]
+        for (src, dst), (server, _) in zip(flows, argvs):
+            servers.append(emu.procs.start(f"iperf3 server in {dst.host}", net.host(dst.host).netns, server))
         for srv in servers:
             srv.stdout.readline()  # "listening": the process is up; the client retries until bound
-        for port, (src, dst) in enumerate(flows, start=BASE_PORT):
-            clients.append(emu.procs.start(
-                f"iperf3-client {src.host}->{dst.host}:{port}", net.host(src.host).netns,
-                [python, "-m", "traffic.iperf", "client", "--server", dst.addr, "--port", str(port),
-                 "--bind", src.addr, "--duration", str(int(duration_s)), "--wait-go"], stdin=subprocess.PIPE))
+        for (src, dst), (_, client) in zip(flows, argvs):
+            clients.append(emu.procs.start(f"iperf3 client {src.host}->{dst.host}", net.host(src.host).netns,
+                                           client, stdin=subprocess.PIPE))
         for cli in clients:  # barrier: every client loaded, then all start together
             if cli.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"iperf3 client did not start: {cli.stderr.read()[-500:]}")

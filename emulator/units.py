@@ -29,8 +29,11 @@ _TIME_RE = re.compile(_NUM + r"\s*(?P<unit>ns|us|ms|s|min|h)$")
 _TIME_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
 
 
+_BARE_NUMBER = re.compile(r"^[-+]?" + _NUM + r"$")
+
+
 def _check_text(text: object, kind: str, example: str) -> str:
-    if isinstance(text, bool) or not isinstance(text, str):
+    if isinstance(text, bool) or not isinstance(text, str) or _BARE_NUMBER.match(text.strip()):
         raise UnitError(f"{text!r} has no unit; write a {kind} like {example!r}")
     return text.strip()
 
@@ -74,21 +77,27 @@ def parse_duration(text: object, *, allow_zero: bool = False) -> float:
     return _positive(float(m["num"]) * _TIME_UNIT[m["unit"]], s, allow_zero)
 
 
-def _fmt(value: float, unit: str, steps: tuple[str, ...]) -> str:
-    for i in range(len(steps) - 1, -1, -1):
-        div = 1000.0**i
-        if abs(value) >= div or i == 0:
-            v = value / div
-            text = f"{v:.4g}"
-            return f"{text}{steps[i]}{unit}"
-    raise AssertionError("unreachable")
+def _fmt(value: float, unit: str, steps: tuple[str, ...], digits: int) -> str:
+    i = 0
+    while i < len(steps) - 1 and abs(value) >= 1000.0 ** (i + 1):
+        i += 1
+    return f"{value / 1000.0 ** i:.{digits}g}{steps[i]}{unit}"
+
+
+def _shortest(value: float, unit: str, steps: tuple[str, ...], parse) -> str:
+    """The shortest text (4 significant digits or more) that parses back to `value` exactly."""
+    for digits in range(4, 18):
+        text = _fmt(value, unit, steps, digits)
+        if parse(text, allow_zero=True) == value:
+            return text
+    return _fmt(value, unit, steps, 17)
 
 
 def format_rate(rate_bps: float) -> str:
-    """4e11 -> ``'400Gbit'``; the inverse of :func:`parse_rate` (4 significant digits)."""
-    return _fmt(rate_bps, "bit", ("", "K", "M", "G", "T"))
+    """4e11 -> ``'400Gbit'``; the exact inverse of :func:`parse_rate`."""
+    return _shortest(rate_bps, "bit", ("", "K", "M", "G", "T"), parse_rate)
 
 
 def format_size(size_bytes: float) -> str:
-    """1.3e9 -> ``'1.3GB'``."""
-    return _fmt(size_bytes, "B", ("", "K", "M", "G", "T"))
+    """1.3e9 -> ``'1.3GB'``; the exact inverse of :func:`parse_size`."""
+    return _shortest(size_bytes, "B", ("", "K", "M", "G", "T"), parse_size)

@@ -31,7 +31,7 @@ from . import bench, platform, runner, schema
 from .plan import make_plan, plan_text
 
 console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -46,9 +46,11 @@ def _calibration_table(summary: dict) -> Table:
     for r in summary["calibration"]["classes"]:
         ach = format_rate(r["achieved_bps"]) if r["achieved_bps"] is not None else "-"
         err = f"{r['worst_error']:+.2%}" if r["worst_error"] is not None else "-"
+        note = "" if r["expected_bps"] == r["configured_bps"] else \
+            f" (peers fill {format_rate(r['expected_bps'])})"
         t.add_row(r["link_class"], r["direction"], str(r["links"]), format_rate(r["real_bps"]),
                   format_rate(r["configured_bps"]), ach, err, format_rate(r["iperf3_goodput_bps"]),
-                  "[green]ok[/]" if r["within_tolerance"] else "[red]OFF[/]")
+                  ("[green]ok[/]" if r["within_tolerance"] else "[red]OFF[/]") + note)
     return t
 
 

@@ -61,17 +61,20 @@ def make_plan(sc: Scenario) -> Plan:
 
 
 def process_argvs(plan: Plan, python: str = sys.executable) -> list[tuple[str, list[str]]]:
-    """Every process a run starts, with its argv (Mininet's shells included)."""
-    out = [(f"mininet shell of {h.name}", ["mnexec", "-cdn", "bash", "--norc", "-is", f"mininet:{h.name}"])
-           for h in plan.net.hosts]
+    """Every process a run starts, with its argv: Mininet's shells (one per host,
+    in its namespace, and one per bridge, in the root namespace), then the
+    iperf3 ends of every calibration round."""
+    shell = ["env", "PS1=\\x7f", "bash", "--norc", "--noediting", "-is"]
+    out = [(f"mininet shell of {h.name}", ["mnexec", "-cdn", *shell, f"mininet:{h.name}"]) for h in plan.net.hosts]
+    out += [(f"mininet shell of {s.bridge}", ["mnexec", "-cd", *shell, f"mininet:{s.bridge}"])
+            for s in plan.net.switches]
+    duration = plan.scenario.calibration.duration
     for i, rnd in enumerate(plan.rounds, start=1):
         flows = [f for t in rnd for f in t.flows]
         for port, (src, dst) in enumerate(flows, start=calibrate.BASE_PORT):
-            out.append((f"round {i} iperf3 server", netns_argv(plan.net.host(dst.host).netns, [
-                python, "-m", "traffic.iperf", "server", "--bind", dst.addr, "--port", str(port)])))
-            out.append((f"round {i} iperf3 client", netns_argv(plan.net.host(src.host).netns, [
-                python, "-m", "traffic.iperf", "client", "--server", dst.addr, "--port", str(port),
-                "--bind", src.addr, "--duration", str(int(plan.scenario.calibration.duration))])))
+            server, client = calibrate.flow_argvs(src, dst, port, duration, python)
+            out.append((f"round {i} iperf3 server", netns_argv(plan.net.host(dst.host).netns, server)))
+            out.append((f"round {i} iperf3 client", netns_argv(plan.net.host(src.host).netns, client)))
     return out
 
 

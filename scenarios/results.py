@@ -25,7 +25,7 @@ from emulator.calibrate import Calibration
 
 from .plan import Plan, plan_text
 
-CAL_COLUMNS = ["link", "link_class", "direction", "interface", "netns", "configured_bps",
+CAL_COLUMNS = ["link", "link_class", "direction", "interface", "netns", "configured_bps", "expected_bps",
                "achieved_bps", "error", "iperf3_goodput_bps", "cpu_util_max"]
 
 
@@ -78,6 +78,7 @@ def class_table(plan: Plan, calib: Calibration) -> list[dict]:
             rows.append({
                 "link_class": cls, "direction": direction, "links": len(ms),
                 "configured_bps": ms[0].configured_bps,
+                "expected_bps": min(m.expected_bps for m in ms),
                 "real_bps": plan.scenario.scale_spec().real_rate(ms[0].configured_bps),
                 "achieved_bps": sum(m.achieved_bps for m in ok) / len(ok) if ok else None,
                 "worst_error": worst.error if worst else None,
@@ -90,8 +91,9 @@ def class_table(plan: Plan, calib: Calibration) -> list[dict]:
 
 def achieved_invariants(rows: list[dict], plan: Plan) -> dict[str, float | None]:
     mean = {}
-    for r in rows:
-        mean.setdefault(r["link_class"], []).append(r["achieved_bps"])
+    for r in rows:  # a class its peers could not fill says nothing about its rate
+        ok = r["expected_bps"] == r["configured_bps"]
+        mean.setdefault(r["link_class"], []).append(r["achieved_bps"] if ok else None)
     rate = {k: sum(v) / len(v) for k, v in mean.items() if None not in v}
     c = plan.scenario.cluster
     out: dict[str, float | None] = {"snic_per_node_to_cnic_per_node": None, "snic_to_cnic_per_gpu": None,
@@ -114,7 +116,8 @@ def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: fl
             key = m.target.key(net)
             w.writerow({"link": f"{m.target.link.host}-{m.target.link.nic}", "link_class": m.target.link.link_class,
                         "direction": m.target.direction, "interface": key.dev, "netns": key.netns or "",
-                        "configured_bps": round(m.configured_bps), "achieved_bps": _round(m.achieved_bps),
+                        "configured_bps": round(m.configured_bps), "expected_bps": round(m.expected_bps),
+                        "achieved_bps": _round(m.achieved_bps),
                         "error": _round(m.error, 5), "iperf3_goodput_bps": _round(m.goodput_bps),
                         "cpu_util_max": _round(m.cpu_util_max, 3)})
     rows = class_table(plan, calib)

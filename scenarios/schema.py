@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictInt, ValidationError,
+                      field_validator)
 
 from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
@@ -40,24 +41,34 @@ class _Model(BaseModel):
 
 
 class Storage(_Model):
-    servers: int = Field(2, ge=1, le=MAX_NODES_PER_ROLE, description="storage servers")
+    servers: StrictInt = Field(2, ge=1, le=MAX_NODES_PER_ROLE, description="storage servers")
     nic_rate: Rate = Field(1600e9, description="NIC rate of one storage server")
 
 
 class Cluster(_Model):
     model: Literal[MODELS] = "ds660b"  # type: ignore[valid-type]
-    prefill_nodes: int = Field(ge=1, le=MAX_NODES_PER_ROLE)
-    decode_nodes: int = Field(ge=1, le=MAX_NODES_PER_ROLE)
-    gpus_per_node: int = Field(8, ge=1, le=MAX_GPUS_PER_NODE)
+    prefill_nodes: StrictInt = Field(ge=1, le=MAX_NODES_PER_ROLE)
+    decode_nodes: StrictInt = Field(ge=1, le=MAX_NODES_PER_ROLE)
+    gpus_per_node: StrictInt = Field(8, ge=1, le=MAX_GPUS_PER_NODE)
     cnic_rate: Rate = Field(400e9, description="compute NIC, one per GPU")
     snic_rate: Rate = Field(400e9, description="storage NIC, one per node")
     dram_buffer: Size = Field(64e9, description="DRAM KV buffer per compute node")
     storage: Storage = Storage()
 
 
+def _number(v: Any) -> Any:
+    """A plain number: YAML booleans are refused (pydantic would read `yes` as 1)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a number")
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+
+
 class ScaleModel(_Model):
-    bytes: float = Field(gt=0, le=1, description="fraction of real bytes moved")
-    time: float = Field(1.0, gt=0, description="wall seconds per real second")
+    bytes: Number = Field(gt=0, le=1, description="fraction of real bytes moved")
+    time: Number = Field(1.0, gt=0, description="wall seconds per real second")
 
 
 class Emulation(_Model):
@@ -117,20 +128,25 @@ def _reason(err: dict) -> str:
                                                   not isinstance(err["input"], dict) else "")
 
 
-def apply_overrides(data: dict, sets: list[str], where: str) -> dict:
+def apply_overrides(data: Any, sets: list[str], where: str) -> dict:
     """``--set cluster.prefill_nodes=3``: dotted path, value parsed as a YAML scalar."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, "a scenario must be a YAML mapping")
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for item in sets:
         if "=" not in item:
-            raise ConfigError(f"--set {item}", "expected KEY=VALUE, e.g. cluster.prefill_nodes=3")
+            raise ConfigError(f"{where}: --set {item}", "expected KEY=VALUE, e.g. cluster.prefill_nodes=3")
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}", f"{k} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"{where}: --set {item}", f"{k} is not a section")
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: --set {item}", f"value is not valid YAML: {exc}") from None
     return data
 
 
@@ -166,7 +182,7 @@ def load(name_or_path: str, sets: list[str] | None = None) -> Scenario:
     except yaml.YAMLError as exc:
         raise ConfigError(path.name, f"not valid YAML: {exc}") from None
     if sets:
-        data = apply_overrides(data or {}, sets, path.name)
+        data = apply_overrides(data, sets, path.name)
     return from_dict(data, path.name)
 
 

@@ -185,14 +185,17 @@ def test_tiny_storage_fan():
     assert fan.offered_bps == pytest.approx(4 * 100e6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: emulator/calibrate.py:74-85 (_fan) + scenarios/plan.py:58 (make_plan): a fan test whose peers "
-    "add up to less than the link's rate cannot saturate it (1P1D with the default 1600Gbit storage NIC: "
-    "2 x 400 < 1600), so calibration is bound to measure about -50% and the run is judged untrustworthy, "
-    "yet make_plan reports no problem"))
-def test_plan_flags_a_link_that_calibration_cannot_saturate():
+def test_fan_that_peers_cannot_fill_is_verified_at_what_they_can_push():
+    """A storage NIC faster than all its peers together can never carry more than
+    they send: calibration verifies it at that rate, and the plan is not refused."""
     plan = make_plan(schema.load("tiny", ["cluster.storage.nic_rate=1600Gbit"]))
-    assert plan.problems  # refused before build, like every other plan that cannot be trusted
+    assert plan.problems == ()
+    fan = fan_of(plan.net, "st1")
+    st1 = next(lk for lk in plan.net.links if lk.host == "st1")
+    assert st1.rate_bps == pytest.approx(400e6)
+    assert [t.target_bps for t in fan.targets] == pytest.approx([200e6, 200e6])  # pe1 + de1 SNICs
+    full = fan_of(make_plan(schema.load("tiny")).net, "st1")
+    assert all(t.expected_bps is None and t.target_bps == pytest.approx(150e6) for t in full.targets)
 
 
 # -- schedule ----------------------------------------------------------------

@@ -69,9 +69,6 @@ def test_plan_unknown_scenario(capsys):
     assert "no such scenario" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: scenarios/cli.py:34 err_console lacks soft_wrap=True, so rich "
-                   "hard-wraps error messages at the console width (80 columns when stderr is not a terminal) "
-                   "although every DpemuError is reported as a one-line message (emulator/errors.py:9)")
 def test_error_message_stays_on_one_line(tiny_data, write_scenario, capsys):
     tiny_data["name"] = "not valid " * 60  # a message longer than any terminal
     assert cli.main(["plan", write_scenario(tiny_data)]) == 1

@@ -194,7 +194,7 @@ def test_format_rate_round_trips_exactly_for_short_values(bps):
     assert parse_rate(format_rate(bps)) == pytest.approx(bps, rel=1e-12)
 
 
-@pytest.mark.parametrize("size, text", [(1.3e9, "1.3GB"), (64e9, "64GB"), (512.0, "512B"), (262144.0, "262.1KB")])
+@pytest.mark.parametrize("size, text", [(1.3e9, "1.3GB"), (64e9, "64GB"), (512.0, "512B"), (262144.0, "262.144KB")])
 def test_format_size(size, text):
     assert format_size(size) == text
 
