@@ -52,6 +52,14 @@ def link_names(*extra: str, netns: str | None = None) -> set[str]:
     return names
 
 
+def class_bytes(dev: str, classid: str = "1:1", netns: str | None = None) -> int | None:
+    """Bytes an HTB class has sent (`tc -s class show`), None if the class or device is not there."""
+    argv = ["tc"] + (["-n", netns] if netns else []) + ["-s", "class", "show", "dev", dev]
+    res = sh(argv, check=False)
+    m = re.search(rf"^class htb {re.escape(classid)} .*?\n\s*Sent (\d+) bytes", res.stdout, re.M)
+    return int(m.group(1)) if m else None
+
+
 def proc_start_time(pid: int) -> int | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -126,7 +134,8 @@ def assert_nothing_left(what: str = "") -> None:
 
 # -- running dpemu --------------------------------------------------------------
 def dpemu_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DPEMU_FAULT"}
+    # no inherited fault injection, and rich's default 80 columns whatever terminal runs pytest
+    env = {k: v for k, v in os.environ.items() if k not in ("DPEMU_FAULT", "COLUMNS", "LINES")}
     env.update(extra)
     return env
 

@@ -1,30 +1,47 @@
 """`dpemu run default`: every link class delivers its configured rate, measured
-on the wire (HTB counters) under iperf3 load, and the run leaves nothing behind."""
+on the wire (HTB counters) under iperf3 load, and the run leaves nothing behind.
+
+The run (about 10 s) is made once per module; the tests read what it wrote and printed.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
-from netns_tools import assert_nothing_left, describe, run_dpemu
+from netns_tools import assert_nothing_left, describe, run_dpemu, snapshot
 
 TOL = 0.03
 CONFIGURED = {"snic": 40e6, "cnic": 40e6, "stnic": 160e6}  # default.yaml at bytes x 1e-4
+DIRECTIONS = ("up", "down")
 
 
 def _fmt(bps):
     return "-" if bps is None else f"{bps / 1e6:9.3f} Mbit/s"
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, machine_free):
+    """One `dpemu run default`, with its own before/after leak snapshot (the
+    per-test leak check runs after module fixtures are set up)."""
+    out = tmp_path_factory.mktemp("default-run")
+    before = snapshot()
+    res = run_dpemu("run", "default", "--out", str(out), timeout=300)
+    after = snapshot()
+    leaked = {k: sorted(map(str, after[k] - before[k])) for k in after if after[k] - before[k]}
+    return res, out, leaked
+
+
 @pytest.mark.netns
-def test_default_calibration_within_tolerance(tmp_path):
-    res = run_dpemu("run", "default", "--out", str(tmp_path), timeout=300)
+def test_default_calibration_within_tolerance(default_run):
+    res, out, leaked = default_run
     print(res.stdout)
     assert res.returncode == 0, describe(res)
 
-    run_dirs = list((tmp_path / "default").iterdir())
+    run_dirs = list((out / "default").iterdir())
     assert len(run_dirs) == 1, run_dirs
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     rows = summary["calibration"]["classes"]
@@ -40,11 +57,13 @@ def test_default_calibration_within_tolerance(tmp_path):
               f"{r['within_tolerance']}")
 
     by_key = {(r["link_class"], r["direction"]): r for r in rows}
-    assert set(by_key) == {(c, d) for c in CONFIGURED for d in ("up", "down")}, sorted(by_key)
+    assert set(by_key) == {(c, d) for c in CONFIGURED for d in DIRECTIONS}, sorted(by_key)
     assert len(by_key) == len(rows)
     for (cls, direction), r in by_key.items():
         where = f"{cls} {direction}"
         assert r["configured_bps"] == pytest.approx(CONFIGURED[cls]), where
+        # every class of `default` can be saturated: nothing is verified against a lower "expected" rate
+        assert r["expected_bps"] == r["configured_bps"], (where, r)
         assert r["within_tolerance"] is True, (where, r)
         assert r["worst_error"] is not None and abs(r["worst_error"]) <= TOL, (where, r)
         assert r["achieved_bps"] is not None
@@ -56,11 +75,31 @@ def test_default_calibration_within_tolerance(tmp_path):
     for m in measured:
         where = f"{m['link']} {m['direction']}"
         goodput, achieved = float(m["iperf3_goodput_bps"]), float(m["achieved_bps"])
+        assert float(m["expected_bps"]) == float(m["configured_bps"]), where
         assert goodput > 0, where
         assert goodput < achieved, f"{where}: goodput {goodput} >= wire rate {achieved} (headers are missing)"
         assert abs(achieved / float(m["configured_bps"]) - 1) <= TOL, where
 
     assert summary["fidelity"]["ok"] is True, summary["fidelity"]
     assert summary["fidelity"]["reasons"] == []
-    # cleanup on success: nothing of the run is left (the leak check repeats this as a diff)
+
+    # cleanup on success: nothing of the run is left, as a diff and in absolute terms
+    assert leaked == {}, f"the run left objects behind: {leaked}"
     assert_nothing_left("after a successful run")
+
+
+@pytest.mark.netns
+@pytest.mark.xfail(strict=True, reason="BUG: the calibration table of `dpemu run` is unreadable at 80 columns "
+                                       "(any non-terminal stdout, e.g. CI logs): achieved/goodput are printed with "
+                                       "format_rate's exact ~17-digit text (scenarios/cli.py:47,53 with "
+                                       "emulator/units.py:96 since 720dd32), the no_wrap table overflows and rich "
+                                       "truncates the class, dir and real columns to '…'")
+def test_default_run_prints_readable_class_table(default_run):
+    res, _, _ = default_run
+    assert res.returncode == 0, describe(res)
+    table = res.stdout.split("link calibration:", 1)[1].split("invariants", 1)[0]
+    print(table)
+    for cls in CONFIGURED:
+        for direction in DIRECTIONS:
+            assert re.search(rf"^\s*{cls}\s+{direction}\s", table, re.M), f"no readable row for {cls} {direction}"
+    assert "…" not in table
