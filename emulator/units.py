@@ -93,11 +93,17 @@ def _shortest(value: float, unit: str, steps: tuple[str, ...], parse) -> str:
     return _fmt(value, unit, steps, 17)
 
 
-def format_rate(rate_bps: float) -> str:
-    """4e11 -> ``'400Gbit'``; the exact inverse of :func:`parse_rate`."""
-    return _shortest(rate_bps, "bit", ("", "K", "M", "G", "T"), parse_rate)
+_RATE_STEPS = ("", "K", "M", "G", "T")
+
+
+def format_rate(rate_bps: float, digits: int | None = None) -> str:
+    """4e11 -> ``'400Gbit'``. Without `digits`: the exact inverse of
+    :func:`parse_rate` (for files and tc plans); with it, rounded for people."""
+    if digits is not None:
+        return _fmt(rate_bps, "bit", _RATE_STEPS, digits)
+    return _shortest(rate_bps, "bit", _RATE_STEPS, parse_rate)
 
 
 def format_size(size_bytes: float) -> str:
     """1.3e9 -> ``'1.3GB'``; the exact inverse of :func:`parse_size`."""
-    return _shortest(size_bytes, "B", ("", "K", "M", "G", "T"), parse_size)
+    return _shortest(size_bytes, "B", _RATE_STEPS, parse_size)

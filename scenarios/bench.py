@@ -50,7 +50,7 @@ def _measure(cluster: ClusterSpec, rate_bps: float, mode: str, duration_s: float
            "cpu_util_mean": cal.cpu_util_mean, "build_s": emu.build_s, "teardown_s": emu.teardown_s,
            "left": left}
     say(f"{format_rate(rate_bps):>9s} {row['hosts']:4d} hosts {row['links']:4d} links  offered (peak round) "
-        f"{format_rate(row['offered_bps']):>9s}  worst error {row['worst_error']:+.2%}  CPU max "
+        f"{format_rate(row['offered_bps'], 4):>9s}  worst error {row['worst_error']:+.2%}  CPU max "
         f"{row['cpu_util_max']:.0%} mean {row['cpu_util_mean']:.0%}  build {emu.build_s:.1f}s "
         f"teardown {emu.teardown_s:.1f}s")
     return row

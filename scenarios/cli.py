@@ -30,7 +30,8 @@ from emulator.units import format_rate
 from . import bench, platform, runner, schema
 from .plan import make_plan, plan_text
 
-console = Console(highlight=False, soft_wrap=True)
+# Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -44,12 +45,12 @@ def _calibration_table(summary: dict) -> Table:
                       ("goodput", "right"), ("", "left")):
         t.add_column(col, justify=just, no_wrap=True)
     for r in summary["calibration"]["classes"]:
-        ach = format_rate(r["achieved_bps"]) if r["achieved_bps"] is not None else "-"
+        ach = format_rate(r["achieved_bps"], 4) if r["achieved_bps"] is not None else "-"
         err = f"{r['worst_error']:+.2%}" if r["worst_error"] is not None else "-"
         note = "" if r["expected_bps"] == r["configured_bps"] else \
-            f" (peers fill {format_rate(r['expected_bps'])})"
+            f" (peers fill {format_rate(r['expected_bps'], 4)})"
         t.add_row(r["link_class"], r["direction"], str(r["links"]), format_rate(r["real_bps"]),
-                  format_rate(r["configured_bps"]), ach, err, format_rate(r["iperf3_goodput_bps"]),
+                  format_rate(r["configured_bps"]), ach, err, format_rate(r["iperf3_goodput_bps"], 4),
                   ("[green]ok[/]" if r["within_tolerance"] else "[red]OFF[/]") + note)
     return t
 
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except runner.Interrupted as exc:
         err_console.print(f"dpemu: {exc}; everything the run built was removed")
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        err_console.print("dpemu: interrupted; everything the run built was removed")
+    except KeyboardInterrupt:  # outside a run (a run turns SIGINT into runner.Interrupted)
+        err_console.print("dpemu: interrupted")
         return EXIT_INTERRUPTED
     except DpemuError as exc:
         err_console.print(f"dpemu: {exc}", markup=False)

@@ -38,8 +38,25 @@ class RunOutcome:
     calibration: calibrate.Calibration
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_on_signal(signum, _frame):
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def _teardown_shielded(emu: Emulation, say) -> list[str]:
+    """Tear down with stop signals deferred: a second Ctrl-C must not abort the
+    removal of what the run built (every wait inside teardown is bounded)."""
+    def _notice(signum, _frame):
+        say(f"{signal.Signals(signum).name} received: still removing what the run built, please wait")
+
+    old = {s: signal.signal(s, _notice) for s in STOP_SIGNALS}
+    try:
+        return emu.teardown()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress=None) -> RunOutcome:
@@ -49,11 +66,11 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
     platform.require_tools()
     sc = plan.scenario
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-    run_dir = results.make_run_dir(out_root, sc.name, run_id)
-    results.write_provenance(run_dir, plan)
-    old = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, _raise_on_signal) for s in STOP_SIGNALS}
     try:
         with Registry() as reg:
+            run_dir = results.make_run_dir(out_root, sc.name, run_id)
+            results.write_provenance(run_dir, plan)
             if reg.leftover():
                 report = cleanup.clean(reg)
                 say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
@@ -71,7 +88,7 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
                                       fidelity.KERNEL_BUDGET_BPS, progress=progress)
                 _fault("after_calibration")
             finally:
-                left = emu.teardown()
+                left = _teardown_shielded(emu, say)
                 if left:
                     raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
     finally:

@@ -89,11 +89,6 @@ def test_default_calibration_within_tolerance(default_run):
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="BUG: the calibration table of `dpemu run` is unreadable at 80 columns "
-                                       "(any non-terminal stdout, e.g. CI logs): achieved/goodput are printed with "
-                                       "format_rate's exact ~17-digit text (scenarios/cli.py:47,52 with "
-                                       "emulator/units.py:96 since 720dd32), the no_wrap table overflows and rich "
-                                       "truncates the class, dir and real columns to '…'")
 def test_default_run_prints_readable_class_table(default_run):
     res, _, _ = default_run
     assert res.returncode == 0, describe(res)

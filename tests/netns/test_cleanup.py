@@ -99,11 +99,6 @@ def test_sigkill_leaves_manifest_then_clean_removes_everything(tmp_path):
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="BUG: a second SIGINT/SIGTERM while the run tears down aborts the teardown: "
-                                       "namespaces, links and manifest stay, yet dpemu exits 130 saying "
-                                       "'everything the run built was removed' (scenarios/runner.py:54 keeps "
-                                       "raising handlers installed through the teardown at :74, SIGINT keeps "
-                                       "KeyboardInterrupt; scenarios/cli.py:159,162 print the claim unconditionally)")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_second_signal_during_teardown(tmp_path, sig):
     """An impatient user presses Ctrl-C twice: the second one lands while the run is

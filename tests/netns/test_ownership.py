@@ -70,9 +70,6 @@ def test_second_run_is_refused(tmp_path):
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="BUG: a run refused because the machine is busy still creates "
-                                       "results/<scenario>/<run-id>/ (scenario.yaml, plan.txt, provenance.json, "
-                                       "no summary): scenarios/runner.py:52-53 make the run dir before the lock is taken at :56")
 def test_refused_run_writes_no_results_directory(tmp_path):
     from emulator.registry import Registry
 
