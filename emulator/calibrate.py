@@ -28,8 +28,12 @@ from .monitor import ClassKey, CpuSampler, TcSampler
 from .spec import LinkSpec, NetSpec
 from .tcplan import LINK_CLASS
 
-WARMUP_S = 1.0
+WARMUP_S = 1.0  # at least this long after the flows are released
+RAMP_S = 0.5  # and this long after the last target reached half its rate
+ACTIVE_FRACTION = 0.5
+POLL_S = 0.1
 COOLDOWN_S = 0.25
+MIN_WINDOW_S = 1.0
 BASE_PORT = 5201
 
 
@@ -188,8 +192,8 @@ class Calibration:
 def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: str = sys.executable,
         progress=None) -> Calibration:
     """Run all `tests` on the built emulation `emu` (an :class:`emulator.net.Emulation`)."""
-    if duration_s < WARMUP_S + COOLDOWN_S + 1:
-        raise ValueError(f"calibration duration must be >= {WARMUP_S + COOLDOWN_S + 1:.2f}s")
+    if duration_s < WARMUP_S + COOLDOWN_S + MIN_WINDOW_S:
+        raise ValueError(f"calibration duration must be >= {WARMUP_S + COOLDOWN_S + MIN_WINDOW_S:.2f}s")
     result = Calibration()
     t_start = time.monotonic()
     cpu = CpuSampler()
@@ -209,6 +213,29 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
     summary = cpu.summary(windows)
     result.cpu_util_max, result.cpu_util_mean = summary["cpu_util_max"], summary["cpu_util_mean"]
     return result
+
+
+def _all_active(sampler: TcSampler, targets: list[Target], net: NetSpec, deadline: float) -> float:
+    """Poll the counters until every target carries at least ACTIVE_FRACTION of
+    its rate; return when that happened (or `deadline`). With dozens of flows
+    released at once, some need a second or more to connect and ramp up: a
+    window that starts before them would under-report the link."""
+    keys = {t: t.key(net) for t in targets}
+    last: dict[ClassKey, tuple[float, int]] = {}
+    waiting = set(targets)
+    while True:
+        now = time.monotonic()
+        sampler.sample(now)
+        current = {s.key: (s.t_s, s.bytes) for s in sampler.samples if s.t_s == now}
+        for t in list(waiting):
+            prev, cur = last.get(keys[t]), current.get(keys[t])
+            if prev and cur and cur[0] > prev[0] and \
+                    (cur[1] - prev[1]) * 8 / (cur[0] - prev[0]) >= ACTIVE_FRACTION * t.target_bps:
+                waiting.discard(t)
+        last.update(current)
+        if not waiting or now >= deadline:
+            return now
+        time.sleep(POLL_S)
 
 
 def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSampler):
@@ -237,7 +264,8 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
         for cli in clients:
             cli.stdin.write("go\n")
             cli.stdin.flush()
-        t0, t1 = launched + WARMUP_S, launched + int(duration_s) - COOLDOWN_S
+        t1 = launched + int(duration_s) - COOLDOWN_S  # no flow can end before this
+        t0 = max(launched + WARMUP_S, _all_active(sampler, targets, net, t1 - MIN_WINDOW_S - RAMP_S) + RAMP_S)
         for t_snap in (t0, t1):
             time.sleep(max(0.0, t_snap - time.monotonic()))  # schedules a counter read, moves no data
             sampler.sample(time.monotonic())
