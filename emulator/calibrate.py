@@ -225,8 +225,7 @@ def _all_active(sampler: TcSampler, targets: list[Target], net: NetSpec, deadlin
     waiting = set(targets)
     while True:
         now = time.monotonic()
-        sampler.sample(now)
-        current = {s.key: (s.t_s, s.bytes) for s in sampler.samples if s.t_s == now}
+        current = {s.key: (s.t_s, s.bytes) for s in sampler.sample(now)}
         for t in list(waiting):
             prev, cur = last.get(keys[t]), current.get(keys[t])
             if prev and cur and cur[0] > prev[0] and \

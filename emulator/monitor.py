@@ -134,20 +134,29 @@ class TcSampler(_Periodic):
         for ipr in self._iprs.values():
             ipr.close()
 
-    def sample(self, now: float) -> None:
+    def sample(self, now: float) -> list[ClassSample]:
+        """Read every watched class once; each device's classes are stamped with
+        the time of their own read (a pass over hundreds of classes takes tens
+        of ms, which would otherwise skew short windows)."""
+        del now  # stamps are per read, see above
         wanted: dict[tuple[str | None, str], dict[int, ClassKey]] = {}
         for key in self.keys:
             wanted.setdefault((key.netns, key.dev), {})[key.classid] = key
+        new: list[ClassSample] = []
         for (netns, dev), by_id in wanted.items():
-            for msg in self._iprs[netns].get_classes(index=self._index[(netns, dev)]):
+            msgs = list(self._iprs[netns].get_classes(index=self._index[(netns, dev)]))
+            t_read = time.monotonic()
+            for msg in msgs:
                 key = by_id.get(msg["handle"])
                 if key is None:
                     continue
                 stats = msg.get_attr("TCA_STATS2")
                 basic = stats.get_attr("TCA_STATS_BASIC")
                 queue = stats.get_attr("TCA_STATS_QUEUE")
-                self.samples.append(ClassSample(now, key, basic["bytes"], basic["packets"],
-                                                queue["drops"], queue["backlog"]))
+                new.append(ClassSample(t_read, key, basic["bytes"], basic["packets"],
+                                       queue["drops"], queue["backlog"]))
+        self.samples += new
+        return new
 
     def rate_bps(self, key: ClassKey, t0: float, t1: float) -> float | None:
         """Average wire rate of `key` between the samples nearest to t0 and t1."""
