@@ -241,19 +241,20 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     net = emu.spec
     flows = [flow for test in rnd for flow in test.flows]
     targets = [t for test in rnd for t in test.targets]
-    # Two snapshots of the counters (window start and end) instead of periodic
-    # sampling: polling dozens of classes through pyroute2 costs real CPU.
+    # Counters are read only while the flows ramp up and at the window's two
+    # edges, not periodically: polling hundreds of classes through pyroute2
+    # costs real CPU, which would distort the measurement.
     sampler = TcSampler([t.key(net) for t in targets])
     sampler.setup()
     servers, clients = [], []
     try:
         argvs = [flow_argvs(src, dst, port, duration_s, python)
                  for port, (src, dst) in enumerate(flows, start=BASE_PORT)]
-        for (src, dst), (server, _) in zip(flows, argvs):
+        for (_, dst), (server, _) in zip(flows, argvs, strict=True):
             servers.append(emu.procs.start(f"iperf3 server in {dst.host}", net.host(dst.host).netns, server))
         for srv in servers:
             srv.stdout.readline()  # "listening": the process is up; the client retries until bound
-        for (src, dst), (_, client) in zip(flows, argvs):
+        for (src, dst), (_, client) in zip(flows, argvs, strict=True):
             clients.append(emu.procs.start(f"iperf3 client {src.host}->{dst.host}", net.host(src.host).netns,
                                            client, stdin=subprocess.PIPE))
         for cli in clients:  # barrier: every client loaded, then all start together
@@ -269,7 +270,7 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
             time.sleep(max(0.0, t_snap - time.monotonic()))  # schedules a counter read, moves no data
             sampler.sample(time.monotonic())
         results = []
-        for (src, dst), cli in zip(flows, clients):
+        for (src, dst), cli in zip(flows, clients, strict=True):
             out, err = cli.communicate(timeout=duration_s + 30)
             data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": err.strip()}
             if "error" in data:
@@ -282,7 +283,7 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     cpu_max = cpu.summary([(t0, t1)])["cpu_util_max"]
     out = []
     for t in targets:
-        gp = [g for (src, dst), g in zip(flows, results)
+        gp = [g for (src, dst), g in zip(flows, results, strict=True)
               if (src == t.link if t.direction == "up" else dst == t.link)]
         out.append(Measurement(t, t.link.rate_bps, sampler.rate_bps(t.key(net), t0, t1), sum(gp), cpu_max))
     return out, (t0, t1)

@@ -29,7 +29,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 @contextmanager
 def _thread_in_netns(name: str):
     """Move the CALLING THREAD (setns is per thread) into namespace `name`, then back."""
-    with open(f"/proc/thread-self/ns/net") as home, open(NETNS_DIR / name) as target:
+    with open("/proc/thread-self/ns/net") as home, open(NETNS_DIR / name) as target:
         if _libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns into {name}: {os.strerror(err)}")

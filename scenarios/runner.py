@@ -76,7 +76,6 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
                 say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
                     f"{len(report.links)} interfaces, {len(report.procs)} processes")
             emu = Emulation(plan.net, reg, run_id)
-            calib = None
             try:
                 say(f"building {len(plan.net.hosts)} hosts, {len(plan.net.switches)} bridges, "
                     f"{len(plan.net.links)} links ({len(plan.tc_ops)} tc operations)")
