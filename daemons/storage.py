@@ -1,0 +1,207 @@
+"""Storage server daemon (3FS in the paper): holds Full Blocks as real bytes in files.
+
+    python -m daemons.storage --listen 10.10.3.1:7000 --dir RUN/storage/st1 \
+        --layers 61 --block-tokens 64 --block-bytes 256 [--preload FILE] [--dscp N]
+
+Blocks of a trajectory are striped over the storage servers
+(the rule is :func:`server_for`); this server
+keeps the blocks it holds in one sparse file per trajectory, block b at offset
+b x block_bytes. It serves Full Block reads and writes only (storage I/O is
+always Full Blocks, as in the paper) and does not verify what it stores: the
+reader verifies every byte against the derived contents.
+
+``--preload`` names a JSON file ``[{"trajectory": "a7", "blocks": 412}, ...]``
+whose blocks are written locally at start-up, before ``ready`` is printed:
+the context an agent already had before the emulated turns began (the paper's
+trajectories start with their history in storage). Runnable without root on
+127.0.0.1; everything arrives as arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from daemons import dualpath_pb2 as pb
+from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.kvbytes import KvGeometry, block_content
+
+DEFAULT_MESSAGE_BYTES = 256 * 1024
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def server_for(trajectory: str, block: int, servers: int) -> int:
+    """Index of the storage server holding `block` of `trajectory` (consecutive blocks alternate)."""
+    return (zlib.crc32(trajectory.encode()) + block) % servers
+
+
+@dataclass
+class Counters:
+    blocks_read: int = 0
+    bytes_read: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    blocks_missing: int = 0
+
+
+@dataclass
+class BlockStore:
+    """Blocks in sparse files; `held` says which blocks were ever written."""
+
+    root: Path
+    geom: KvGeometry
+    held: dict[str, set[int]] = field(default_factory=dict)
+
+    def _path(self, trajectory: str) -> Path:
+        if not _SAFE.match(trajectory):
+            raise ValueError(f"trajectory id {trajectory!r} is not a safe file name")
+        return self.root / f"{trajectory}.kv"
+
+    def write(self, trajectory: str, first_block: int, data: bytes) -> int:
+        size = self.geom.block_bytes
+        if len(data) % size:
+            raise ValueError(f"{len(data)} bytes is not a whole number of {size}-byte blocks")
+        fd = os.open(self._path(trajectory), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, first_block * size)
+        finally:
+            os.close(fd)
+        n = len(data) // size
+        self.held.setdefault(trajectory, set()).update(range(first_block, first_block + n))
+        return n
+
+    def read(self, trajectory: str, first_block: int, blocks: int) -> bytes:
+        held = self.held.get(trajectory, set())
+        missing = [b for b in range(first_block, first_block + blocks) if b not in held]
+        if missing:
+            raise KeyError(f"{trajectory}: blocks {missing[:5]}{'...' if len(missing) > 5 else ''} not held here")
+        size = self.geom.block_bytes
+        fd = os.open(self._path(trajectory), os.O_RDONLY)
+        try:
+            return os.pread(fd, blocks * size, first_block * size)
+        finally:
+            os.close(fd)
+
+
+class StorageService(pb_grpc.StorageServicer):
+    def __init__(self, store: BlockStore, message_bytes: int = DEFAULT_MESSAGE_BYTES):
+        self.store = store
+        self.message_bytes = message_bytes
+        self.counters = Counters()
+
+    async def Read(self, request: pb.ReadRequest, context):  # noqa: N802 - gRPC's name
+        size = self.store.geom.block_bytes
+        per_msg = max(1, (request.max_message_bytes or self.message_bytes) // size)
+        for span in request.spans:
+            if span.layers != 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "storage serves Full Blocks only (layers=0)")
+            for first in range(span.first_block, span.first_block + span.blocks, per_msg):
+                n = min(per_msg, span.first_block + span.blocks - first)
+                try:
+                    data = self.store.read(span.trajectory, first, n)
+                except KeyError as exc:
+                    self.counters.blocks_missing += n
+                    await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                self.counters.blocks_read += n
+                self.counters.bytes_read += len(data)
+                yield pb.KvData(request_id=request.request_id, data=data,
+                                span=pb.BlockSpan(trajectory=span.trajectory, first_block=first, blocks=n))
+
+    async def Write(self, request_iterator, context):  # noqa: N802
+        blocks = nbytes = 0
+        async for msg in request_iterator:
+            if msg.span.layers != 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "storage stores Full Blocks only (layers=0)")
+            try:
+                n = self.store.write(msg.span.trajectory, msg.span.first_block, msg.data)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if n != msg.span.blocks:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"span says {msg.span.blocks} blocks, data holds {n}")
+            blocks += n
+            nbytes += len(msg.data)
+        self.counters.blocks_written += blocks
+        self.counters.bytes_written += nbytes
+        return pb.WriteAck(blocks=blocks, bytes=nbytes)
+
+    async def Stats(self, request, context):  # noqa: N802
+        c = self.counters
+        return pb.StorageStats(blocks_read=c.blocks_read, bytes_read=c.bytes_read, blocks_written=c.blocks_written,
+                               bytes_written=c.bytes_written, blocks_missing=c.blocks_missing)
+
+
+def preload(store: BlockStore, items: list[dict], server_index: int, servers: int) -> int:
+    """Write locally the blocks this server holds of each trajectory's existing context."""
+    written = 0
+    for item in items:
+        traj, blocks = item["trajectory"], int(item["blocks"])
+        for b in range(blocks):
+            if server_for(traj, b, servers) == server_index:
+                written += store.write(traj, b, block_content(store.geom, traj, b))
+    return written
+
+
+def grpc_options(dscp: int | None) -> list[tuple[str, int]]:
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    return opts + ([("grpc.dscp", dscp)] if dscp is not None else [])
+
+
+async def serve(args) -> None:
+    geom = KvGeometry(args.layers, args.block_tokens, args.block_bytes)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    store = BlockStore(root, geom)
+    if args.preload:
+        preload(store, json.loads(Path(args.preload).read_text()), args.server_index, args.servers)
+    server = grpc.aio.server(options=grpc_options(args.dscp))
+    service = StorageService(store, args.max_message_bytes)
+    pb_grpc.add_StorageServicer_to_server(service, server)
+    port = server.add_insecure_port(args.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {args.listen}")
+    await server.start()
+    print(f"ready {port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="python -m daemons.storage", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True, help="ADDR:PORT (port 0: any free port, printed in 'ready PORT')")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--block-tokens", type=int, required=True)
+    p.add_argument("--block-bytes", type=int, required=True)
+    p.add_argument("--server-index", type=int, default=0)
+    p.add_argument("--servers", type=int, default=1)
+    p.add_argument("--preload")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MESSAGE_BYTES)
+    p.add_argument("--dscp", type=int, default=None)
+    args = p.parse_args(argv)
+    if not 0 <= args.server_index < args.servers:
+        p.error("--server-index must be in 0..servers-1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    asyncio.run(serve(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
