@@ -87,7 +87,7 @@ class Emulation:
     def build(self) -> None:
         t0 = time.monotonic()
         self.registry.begin(self.run_id, [h.netns for h in self.spec.hosts],
-                            [s.bridge for s in self.spec.switches] + [lk.switch_intf for lk in self.spec.links])
+                            [s.bridge for s in self.spec.switches] + [c.switch_intf for c in self.spec.cables()])
         Mininet, Host, Switch, Topo, setLogLevel = _mininet()
         setLogLevel("error")
         spec = self.spec
@@ -98,7 +98,7 @@ class Emulation:
                     self.addHost(h.name, ip=None)  # addresses are per link, below
                 for i, s in enumerate(spec.switches, start=1):
                     self.addSwitch(s.bridge, dpid=f"{i:016x}")
-                for lk in spec.links:
+                for lk in spec.cables():
                     self.addLink(lk.host, spec.switch(lk.switch).bridge, intfName1=lk.host_intf,
                                  intfName2=lk.switch_intf, params1={"ip": lk.ip})
 
@@ -130,7 +130,7 @@ class Emulation:
             kernel.run_argv(["ip", "netns", "exec", h.netns, "sysctl", "-q", "-w",
                              "net.ipv6.conf.all.disable_ipv6=1",
                              f"net.ipv4.tcp_congestion_control={self.spec.tcp_cc}"])
-        for name in [s.bridge for s in self.spec.switches] + [lk.switch_intf for lk in self.spec.links]:
+        for name in [s.bridge for s in self.spec.switches] + [c.switch_intf for c in self.spec.cables()]:
             path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
             if path.exists():
                 path.write_text("1")
@@ -158,7 +158,7 @@ class Emulation:
                 node.terminate()
         bridges = [s.bridge for s in self.spec.switches]
         kernel.delete_links(bridges, grace_s=0)
-        left = kernel.delete_links([lk.switch_intf for lk in self.spec.links])
+        left = kernel.delete_links([c.switch_intf for c in self.spec.cables()])
         left += [n for n in kernel.list_netns() if n in {h.netns for h in self.spec.hosts}]
         left += [n for n in kernel.root_link_names() if n in set(bridges)]
         if not left:

@@ -36,17 +36,12 @@ class SwitchSpec:
         return owned(self.name)
 
 
-@dataclass(frozen=True)
-class LinkSpec:
-    """A host NIC cabled to a switch port; `rate_bps` applies in both directions."""
+class _Cable:
+    """Names shared by every host-to-switch cable (needs `host`, `nic`, `ip`)."""
 
     host: str
-    nic: str  # e.g. "snic", "cnic3"
-    switch: str
-    link_class: str  # what calibration groups by: "snic", "cnic", "stnic"
-    rate_bps: float
-    ip: str  # host address with prefix length, "10.10.1.1/16"
-    queue_s: float
+    nic: str
+    ip: str
 
     @property
     def host_intf(self) -> str:
@@ -64,11 +59,36 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class LinkSpec(_Cable):
+    """A host NIC cabled to a switch port; `rate_bps` applies in both directions."""
+
+    host: str
+    nic: str  # e.g. "snic", "cnic3"
+    switch: str
+    link_class: str  # what calibration groups by: "snic", "cnic", "stnic"
+    rate_bps: float
+    ip: str  # host address with prefix length, "10.10.1.1/16"
+    queue_s: float
+
+
+@dataclass(frozen=True)
+class ControlLink(_Cable):
+    """An UNSHAPED cable of the management network: control messages only, so
+    that the shaped fabrics carry exactly the data-plane bytes."""
+
+    host: str
+    nic: str  # "mgmt"
+    switch: str
+    ip: str
+
+
+@dataclass(frozen=True)
 class NetSpec:
     hosts: tuple[HostSpec, ...]
     switches: tuple[SwitchSpec, ...]
-    links: tuple[LinkSpec, ...]
+    links: tuple[LinkSpec, ...]  # shaped
     tcp_cc: str = "reno"  # congestion control inside every host namespace (see emulator.net)
+    control: tuple[ControlLink, ...] = ()  # unshaped management network
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -79,9 +99,12 @@ class NetSpec:
     def links_of(self, host: str) -> list[LinkSpec]:
         return [lk for lk in self.links if lk.host == host]
 
+    def cables(self) -> list[LinkSpec | ControlLink]:
+        return [*self.links, *self.control]
+
     def root_objects(self) -> list[str]:
         """Every name this network creates in the root namespace."""
-        return ([s.bridge for s in self.switches] + [lk.switch_intf for lk in self.links]
+        return ([s.bridge for s in self.switches] + [c.switch_intf for c in self.cables()]
                 + [h.netns for h in self.hosts])
 
     def tc_ops(self) -> list[TcOp]:
@@ -101,7 +124,7 @@ class NetSpec:
         hosts = {h.name for h in self.hosts}
         switches = {s.name for s in self.switches}
         seen: set[str] = set()
-        for lk in self.links:
+        for lk in self.cables():
             if lk.host not in hosts or lk.switch not in switches:
                 raise ValueError(f"link {lk.host}-{lk.nic} -> {lk.switch}: unknown end")
             for n in (lk.host_intf, lk.switch_intf):

@@ -8,6 +8,7 @@ prints it; ``dpemu run`` executes exactly it.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ def predicted_serving_bps(net: NetSpec) -> float:
 def make_plan(sc: Scenario) -> Plan:
     cluster, scale = sc.cluster_spec(), sc.scale_spec()
     net = cluster_net(cluster, scale, sc.emulation.queue)
-    net = NetSpec(net.hosts, net.switches, net.links, tcp_cc=sc.emulation.tcp_cc)
+    net = dataclasses.replace(net, tcp_cc=sc.emulation.tcp_cc)
     rates = link_rates(cluster, scale)
     tests = calibrate.plan_tests(net, sc.calibration.mode)
     rounds = calibrate.schedule(tests, fidelity.KERNEL_BUDGET_BPS)
@@ -83,7 +84,7 @@ def plan_text(plan: Plan) -> str:
     net, sc = plan.net, plan.scenario
     factor = sc.scale_spec().rate_factor
     lines = [f"# scenario {sc.name}: {len(net.hosts)} hosts, {len(net.switches)} bridges, "
-             f"{len(net.links)} links, {len(plan.tc_ops)} tc operations",
+             f"{len(net.links)} shaped links + {len(net.control)} management links, {len(plan.tc_ops)} tc operations",
              f"# scale: bytes x{sc.scale.bytes:g}, time x{sc.scale.time:g} -> every rate x{factor:g}", "",
              "## nodes (namespace)"]
     lines += [f"{h.name:6s} {h.role:3s} netns {h.netns}" for h in net.hosts]
@@ -92,6 +93,9 @@ def plan_text(plan: Plan) -> str:
     lines += [f"{lk.host_intf:12s} {lk.ip:17s} <-> {lk.switch_intf:15s} on {net.switch(lk.switch).bridge:9s} "
               f"{lk.link_class:5s} {format_rate(lk.rate_bps):>9s} (real {format_rate(lk.rate_bps / factor)})"
               for lk in net.links]
+    lines += ["", "## management network (unshaped: control messages only)"]
+    lines += [f"{c.host_intf:12s} {c.ip:17s} <-> {c.switch_intf:15s} on {net.switch(c.switch).bridge}"
+              for c in net.control]
     lines += ["", "## invariants (preserved by scaling)"]
     lines += [f"{k} = {v:.4g}" for k, v in plan.invariants.items()]
     lines += ["", "## tc operations"] + [render(op) for op in plan.tc_ops]

@@ -129,7 +129,7 @@ def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: fl
         "run_id": run_dir.name,
         "scale": {"bytes": sc.scale.bytes, "time": sc.scale.time, "rate_factor": sc.scale_spec().rate_factor},
         "cluster": {"hosts": len(net.hosts), "bridges": len(net.switches), "links": len(net.links),
-                    "tc_ops": len(plan.tc_ops)},
+                    "control_links": len(net.control), "tc_ops": len(plan.tc_ops)},
         "invariants": {"configured": plan.invariants, "achieved": achieved_invariants(rows, plan)},
         "build_s": round(build_s, 3), "teardown_s": round(teardown_s, 3),
         "calibration": {"mode": sc.calibration.mode, "rounds": calib.rounds,

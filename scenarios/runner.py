@@ -78,7 +78,8 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
             emu = Emulation(plan.net, reg, run_id)
             try:
                 say(f"building {len(plan.net.hosts)} hosts, {len(plan.net.switches)} bridges, "
-                    f"{len(plan.net.links)} links ({len(plan.tc_ops)} tc operations)")
+                    f"{len(plan.net.links)} shaped links ({len(plan.tc_ops)} tc operations) "
+                    f"+ {len(plan.net.control)} management links")
                 emu.build()
                 _fault("after_build")
                 say(f"built in {emu.build_s:.1f}s; calibrating {len(plan.tests)} test(s) in "

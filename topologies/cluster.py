@@ -20,19 +20,26 @@ are preserved exactly; :func:`invariants` states them so a run can record them.
   ``dp-rail<r>``, one subnet per rail: 10.(32+r).0.0/16 (prefill
   ``10.(32+r).1.i``, decode ``10.(32+r).2.i``). Rails share nothing, and the
   storage and compute fabrics share nothing.
+- management network, bridge ``dp-mgmt``, subnet 10.9.0.0/16, NOT shaped:
+  every host has ``<host>-mgmt`` (prefill ``10.9.1.i``, decode ``10.9.2.i``,
+  storage ``10.9.3.i``), plus the control host ``ctl1`` (``10.9.4.1``) that
+  runs the scheduler and the workload driver. Control messages use it, so the
+  shaped fabrics carry exactly the bytes they carry in the paper.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.spec import HostSpec, LinkSpec, NetSpec, SwitchSpec
+from emulator.spec import ControlLink, HostSpec, LinkSpec, NetSpec, SwitchSpec
 
 MAX_NODES_PER_ROLE = 254  # one /24-style octet per role
 MAX_GPUS_PER_NODE = 32  # rails 10.32 .. 10.63
 STORAGE_OCTET = 10
+MGMT_OCTET = 9
 RAIL_OCTET0 = 32
-ROLE_OCTET = {"pe": 1, "de": 2, "st": 3}
+ROLE_OCTET = {"pe": 1, "de": 2, "st": 3, "ctl": 4}
+CONTROL_HOST = "ctl1"
 MODELS = ("ds660b", "ds27b", "qwen32b")
 
 
@@ -111,8 +118,9 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float) -> NetSpec:
         raise ValueError(f"gpus_per_node must be 1..{MAX_GPUS_PER_NODE}, got {c.gpus_per_node}")
     rates = link_rates(c, scale)
     names = node_names(c)
-    hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]]
-    switches = [SwitchSpec("stor", "storage")] + [SwitchSpec(f"rail{r}", "compute") for r in range(c.gpus_per_node)]
+    hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]] + [HostSpec(CONTROL_HOST, "ctl")]
+    switches = ([SwitchSpec("stor", "storage")] + [SwitchSpec(f"rail{r}", "compute") for r in range(c.gpus_per_node)]
+                + [SwitchSpec("mgmt", "management")])
     links: list[LinkSpec] = []
     for role in ("pe", "de", "st"):
         for i, host in enumerate(names[role], start=1):
@@ -125,6 +133,9 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float) -> NetSpec:
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
                                       f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s))
-    net = NetSpec(tuple(hosts), tuple(switches), tuple(links))
+    control = [ControlLink(h, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET[role]}.{i}/16")
+               for role in ("pe", "de", "st") for i, h in enumerate(names[role], start=1)]
+    control.append(ControlLink(CONTROL_HOST, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET['ctl']}.1/16"))
+    net = NetSpec(tuple(hosts), tuple(switches), tuple(links), control=tuple(control))
     net.validate()
     return net

@@ -15,12 +15,14 @@ import pytest
 
 from netns_tools import MANIFEST, PYTHON, link_names, netns_names, sh
 
-HOSTS = ["pe1", "pe2", "de1", "de2", "de3", "de4", "st1", "st2"]
+HOSTS = ["pe1", "pe2", "de1", "de2", "de3", "de4", "st1", "st2", "ctl1"]
 COMPUTE = ["pe1", "pe2", "de1", "de2", "de3", "de4"]
 RAILS = [f"dp-rail{r}" for r in range(8)]
-BRIDGES = ["dp-stor"] + RAILS
+BRIDGES = ["dp-stor"] + RAILS + ["dp-mgmt"]
 PORTS = {"dp-stor": {f"dp-{h}-snic" for h in COMPUTE} | {"dp-st1-nic", "dp-st2-nic"},
-         **{f"dp-rail{r}": {f"dp-{h}-cnic{r}" for h in COMPUTE} for r in range(8)}}
+         **{f"dp-rail{r}": {f"dp-{h}-cnic{r}" for h in COMPUTE} for r in range(8)},
+         "dp-mgmt": {f"dp-{h}-mgmt" for h in HOSTS}}
+PORT_COUNT = {"dp-stor": 8, "dp-mgmt": 9, **{r: 6 for r in RAILS}}
 # 400 Gbit/s NICs and 1.6 Tbit/s storage NICs at bytes x 1e-4, as tc prints them
 RATE = {"snic": "40Mbit", "cnic": "40Mbit", "nic": "160Mbit"}
 
@@ -77,7 +79,7 @@ def test_default_cluster_build_and_teardown():
     plan = make_plan(schema.load("default"))
     assert sorted(h.name for h in plan.net.hosts) == sorted(HOSTS)  # the plan is the cluster we check
     netns = {f"dp-{h}" for h in HOSTS}
-    switch_ports = {lk.switch_intf for lk in plan.net.links}
+    switch_ports = {lk.switch_intf for lk in plan.net.cables()}
     assert switch_ports == set().union(*PORTS.values())
 
     with Registry() as reg:
@@ -98,7 +100,7 @@ def test_default_cluster_build_and_teardown():
             assert set(BRIDGES) <= link_names("type", "bridge")
             for bridge, ports in PORTS.items():
                 got = link_names("master", bridge)
-                assert len(got) == len(ports) == (8 if bridge == "dp-stor" else 6), (bridge, sorted(got))
+                assert len(got) == len(ports) == PORT_COUNT[bridge], (bridge, sorted(got))
                 assert got == ports, (bridge, sorted(got))
             # the host side of each link lives in its namespace, not in the root one
             assert "pe1-snic" in link_names(netns="dp-pe1")
@@ -114,9 +116,14 @@ def test_default_cluster_build_and_teardown():
                 want = {"1:1": (rate, rate), "1:10": (rate, rate)}
                 assert tc_classes(lk.host_intf, f"dp-{lk.host}") == want, lk.host_intf
                 assert tc_classes(lk.switch_intf) == want, lk.switch_intf
+            # the management network is not shaped at either end
+            for c in plan.net.control:
+                assert tc_classes(c.host_intf, f"dp-{c.host}") == {}, c.host_intf
+                assert tc_classes(c.switch_intf) == {}, c.switch_intf
 
-            # TCP from pe1 to de1 over rail0, rail7 and the storage fabric
-            probes = [("10.32.1.1", "10.32.2.1"), ("10.39.1.1", "10.39.2.1"), ("10.10.1.1", "10.10.2.1")]
+            # TCP from pe1 to de1 over rail0, rail7, the storage fabric and the management network
+            probes = [("10.32.1.1", "10.32.2.1"), ("10.39.1.1", "10.39.2.1"), ("10.10.1.1", "10.10.2.1"),
+                      ("10.9.1.1", "10.9.2.1")]
             server = emu.procs.start("probe-server", "dp-de1", [PYTHON, "-c", SERVER, str(len(probes))])
             assert server.stdout.readline().strip() == "listening", server.stderr.read()
             for i, (src, dst) in enumerate(probes):

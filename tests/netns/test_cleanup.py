@@ -13,7 +13,7 @@ import pytest
 from netns_tools import (MANIFEST, Background, alive, assert_nothing_left, class_bytes, describe, dpemu_env,
                          iperf_children, leftovers, netns_names, run_dpemu, wait_for)
 
-TINY_NETNS = {"dp-pe1", "dp-de1", "dp-st1"}
+TINY_NETNS = {"dp-pe1", "dp-de1", "dp-st1", "dp-ctl1"}
 PDEATH_S = 2.0  # SIGTERM on parent death is immediate; a calibration flow of `tiny` lasts 4 s
 TRAFFIC_BYTES = 500_000  # 0.1 s at 40 Mbit/s
 
@@ -73,7 +73,7 @@ def test_sigkill_leaves_manifest_then_clean_removes_everything(tmp_path):
     # a SIGKILLed run cannot clean up: its namespaces and its manifest are still there
     left = leftovers()
     assert TINY_NETNS <= set(left["netns"]), left
-    assert {"dp-stor", "dp-rail0", "dp-rail1", "dp-pe1-snic", "dp-st1-nic"} <= set(left["links"]), left
+    assert {"dp-stor", "dp-rail0", "dp-rail1", "dp-mgmt", "dp-pe1-snic", "dp-st1-nic", "dp-ctl1-mgmt"} <= set(left["links"]), left
     assert left["manifest"] is True
     manifest = json.loads(MANIFEST.read_text())
     assert manifest["owner_pid"] == run.pid

@@ -39,13 +39,13 @@ def test_plan_tiny(capsys):
     out = capsys.readouterr().out
     assert "tc -n dp-pe1 qdisc add dev pe1-snic root handle 1: htb" in out.splitlines()[
         out.splitlines().index("## tc operations") + 1]
-    assert "# scenario tiny: 3 hosts, 3 bridges, 7 links, 56 tc operations" in out
+    assert "# scenario tiny: 4 hosts, 4 bridges, 7 shaped links + 4 management links, 56 tc operations" in out
     assert "ok: every link within the faithful range" in out
 
 
 def test_plan_with_set(capsys):
     assert cli.main(["plan", "tiny", "--set", "cluster.prefill_nodes=2"]) == 0
-    assert "# scenario tiny: 4 hosts, 3 bridges, 10 links," in capsys.readouterr().out
+    assert "# scenario tiny: 5 hosts, 4 bridges, 10 shaped links + 5 management links," in capsys.readouterr().out
 
 
 def test_plan_bad_file_returns_1_with_error_on_stderr(tiny_data, write_scenario, capsys):

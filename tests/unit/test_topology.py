@@ -29,32 +29,36 @@ SHAPES = [DEFAULT, (1, 1, 1, 1), (1, 1, 2, 1), (99, 99, 32, 99), (254, 254, 32, 
 # -- counts ------------------------------------------------------------------
 def test_2p4d_counts():
     net = net_for(*DEFAULT)
-    assert len(net.hosts) == 8            # 2 prefill + 4 decode + 2 storage
-    assert len(net.switches) == 9         # storage fabric + 8 rails
+    assert len(net.hosts) == 9            # 2 prefill + 4 decode + 2 storage + the control host
+    assert len(net.switches) == 10        # storage fabric + 8 rails + management
     assert len(net.links) == 6 * (1 + 8) + 2 == 56
+    assert len(net.control) == 9          # one unshaped management cable per host
 
 
 def test_2p4d_roles_and_names():
     net = net_for(*DEFAULT)
-    assert [h.name for h in net.hosts] == ["pe1", "pe2", "de1", "de2", "de3", "de4", "st1", "st2"]
-    assert [h.role for h in net.hosts] == ["pe"] * 2 + ["de"] * 4 + ["st"] * 2
-    assert [s.name for s in net.switches] == ["stor"] + [f"rail{r}" for r in range(8)]
+    assert [h.name for h in net.hosts] == ["pe1", "pe2", "de1", "de2", "de3", "de4", "st1", "st2", "ctl1"]
+    assert [h.role for h in net.hosts] == ["pe"] * 2 + ["de"] * 4 + ["st"] * 2 + ["ctl"]
+    assert [s.name for s in net.switches] == ["stor"] + [f"rail{r}" for r in range(8)] + ["mgmt"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_counts_general(shape):
     p, d, g, s = shape
     net = net_for(*shape)
-    assert len(net.hosts) == p + d + s
-    assert len(net.switches) == 1 + g
+    assert len(net.hosts) == p + d + s + 1
+    assert len(net.switches) == 1 + g + 1
     assert len(net.links) == (p + d) * (1 + g) + s
+    assert len(net.control) == p + d + s + 1
 
 
 def test_every_compute_node_has_snic_and_one_cnic_per_gpu():
     net = net_for(*DEFAULT)
     for h in net.hosts:
         nics = sorted(lk.nic for lk in net.links_of(h.name))
-        if h.role == "st":
+        if h.role == "ctl":
+            assert nics == []  # the control host is on the management network only
+        elif h.role == "st":
             assert nics == ["nic"]
         else:
             assert nics == sorted(["snic"] + [f"cnic{r}" for r in range(8)])
@@ -98,7 +102,7 @@ def test_longest_names_at_the_extremes():
 def test_root_namespace_names_are_ours(shape):
     net = net_for(*shape)
     names = net.root_objects()
-    assert len(names) == len(net.switches) + len(net.links) + len(net.hosts)
+    assert len(names) == len(net.switches) + len(net.links) + len(net.control) + len(net.hosts)
     for name in names:
         assert name.startswith(PREFIX), name
         assert is_owned(name), name  # cleanup recognizes it
@@ -107,7 +111,7 @@ def test_root_namespace_names_are_ours(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_interface_names_unique(shape):
     net = net_for(*shape)
-    intfs = [lk.host_intf for lk in net.links] + [lk.switch_intf for lk in net.links]
+    intfs = [lk.host_intf for lk in net.cables()] + [lk.switch_intf for lk in net.cables()]
     assert len(intfs) == len(set(intfs))
     assert len(net.root_objects()) == len(set(net.root_objects()))
 
@@ -232,3 +236,16 @@ def test_out_of_range_cluster_refused(kwargs):
 
 def test_net_validates():
     net_for(*DEFAULT).validate()  # raises on duplicates or dangling links
+
+
+def test_management_network_is_unshaped_and_reaches_every_host():
+    net = net_for(*DEFAULT)
+    assert {c.host for c in net.control} == {h.name for h in net.hosts}
+    assert all(c.switch == "mgmt" and c.nic == "mgmt" for c in net.control)
+    addrs = {c.host: c.ip for c in net.control}
+    assert addrs["pe2"] == "10.9.1.2/16" and addrs["de4"] == "10.9.2.4/16"
+    assert addrs["st1"] == "10.9.3.1/16" and addrs["ctl1"] == "10.9.4.1/16"
+    shaped_devs = {op.dev for op in net.tc_ops()}
+    for c in net.control:
+        assert c.host_intf not in shaped_devs and c.switch_intf not in shaped_devs
+    assert net.switch("mgmt").bridge == "dp-mgmt"
