@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65mons/dualpath.proto\x12\x0b\x64ualpath.v1\"i\n\tBlockSpan\x12\x12\n\ntrajectory\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x13\n\x0blayer_first\x18\x04 \x01(\r\x12\x0e\n\x06layers\x18\x05 \x01(\r\"P\n\x06KvData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04span\x18\x02 \x01(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0bReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05spans\x18\x02 \x03(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\")\n\x08WriteAck\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x0e\n\x0cStatsRequest\"~\n\x0cStorageStats\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_missing\x18\x05 \x01(\x04\x32\xb8\x01\n\x07Storage\x12\x37\n\x04Read\x12\x18.dualpath.v1.ReadRequest\x1a\x13.dualpath.v1.KvData0\x01\x12\x35\n\x05Write\x12\x13.dualpath.v1.KvData\x1a\x15.dualpath.v1.WriteAck(\x01\x12=\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x19.dualpath.v1.StorageStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65mons/dualpath.proto\x12\x0b\x64ualpath.v1\"i\n\tBlockSpan\x12\x12\n\ntrajectory\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x13\n\x0blayer_first\x18\x04 \x01(\r\x12\x0e\n\x06layers\x18\x05 \x01(\r\"P\n\x06KvData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04span\x18\x02 \x01(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0bReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05spans\x18\x02 \x03(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\")\n\x08WriteAck\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x0e\n\x0cStatsRequest\"~\n\x0cStorageStats\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_missing\x18\x05 \x01(\x04\"\x87\x01\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntrajectory\x18\x02 \x01(\t\x12\x12\n\nhit_blocks\x18\x03 \x01(\r\x12\x12\n\nnew_tokens\x18\x04 \x01(\r\x12\x12\n\ngen_tokens\x18\x05 \x01(\r\x12\x14\n\x0clayer_chunks\x18\x06 \x01(\r\"\xcc\x01\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tpe_engine\x18\x02 \x01(\r\x12#\n\x04path\x18\x03 \x01(\x0e\x32\x15.dualpath.v1.ReadPath\x12\x11\n\tlayerwise\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65_mgmt\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65_cnic\x18\x06 \x01(\t\x12\x11\n\tde_engine\x18\x07 \x01(\r\x12\x0f\n\x07pe_cnic\x18\x08 \x01(\t\"S\n\x0cPrefillReply\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06read_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"]\n\x0c\x46\x65tchRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x0f\n\x07pe_cnic\x18\x02 \x01(\t\x12\x11\n\tde_engine\x18\x03 \x01(\r\"\x1c\n\nFetchReply\x12\x0e\n\x06read_s\x18\x01 \x01(\x01\"0\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x02 \x01(\r\"e\n\rDecodeRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tde_engine\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\"^\n\x0b\x44\x65\x63odeReply\x12\x15\n\rfirst_token_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x62locks_written\x18\x04 \x01(\r\"\x0f\n\rStatusRequest\"V\n\x0c\x45ngineStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\r\x12\x1b\n\x13unfinished_requests\x18\x02 \x01(\r\x12\x19\n\x11unfinished_tokens\x18\x03 \x01(\x04\"\xaa\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x19\n\x11read_queue_tokens\x18\x03 \x01(\x04\x12\x14\n\x0c\x62uffer_bytes\x18\x04 \x01(\x04\x12*\n\x07\x65ngines\x18\x05 \x03(\x0b\x32\x19.dualpath.v1.EngineStatus\x12#\n\x06ledger\x18\x06 \x01(\x0b\x32\x13.dualpath.v1.Ledger\"\x95\x01\n\x06Ledger\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x02 \x01(\x04\x12\x18\n\x10\x62locks_forwarded\x18\x03 \x01(\x04\x12\x17\n\x0f\x62locks_verified\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_corrupt\x18\x05 \x01(\x04\x12\x13\n\x0b\x62locks_lost\x18\x06 \x01(\x04*]\n\x08ReadPath\x12\x19\n\x15READ_PATH_UNSPECIFIED\x10\x00\x12\x10\n\x0cREAD_PATH_PE\x10\x01\x12\x10\n\x0cREAD_PATH_DE\x10\x02\x12\x12\n\x0eREAD_PATH_NONE\x10\x03\x32\xb8\x01\n\x07Storage\x12\x37\n\x04Read\x12\x18.dualpath.v1.ReadRequest\x1a\x13.dualpath.v1.KvData0\x01\x12\x35\n\x05Write\x12\x13.dualpath.v1.KvData\x1a\x15.dualpath.v1.WriteAck(\x01\x12=\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x19.dualpath.v1.StorageStats2\xbc\x02\n\x04Node\x12\x41\n\x07Prefill\x12\x1b.dualpath.v1.PrefillRequest\x1a\x19.dualpath.v1.PrefillReply\x12;\n\x05\x46\x65tch\x12\x19.dualpath.v1.FetchRequest\x1a\x17.dualpath.v1.FetchReply\x12\x35\n\x06PushKv\x12\x13.dualpath.v1.KvData\x1a\x14.dualpath.v1.PushAck(\x01\x12>\n\x06\x44\x65\x63ode\x12\x1a.dualpath.v1.DecodeRequest\x1a\x18.dualpath.v1.DecodeReply\x12=\n\x06Status\x12\x1a.dualpath.v1.StatusRequest\x1a\x17.dualpath.v1.NodeStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daemons.dualpath_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_READPATH']._serialized_start=1750
+  _globals['_READPATH']._serialized_end=1843
   _globals['_BLOCKSPAN']._serialized_start=39
   _globals['_BLOCKSPAN']._serialized_end=144
   _globals['_KVDATA']._serialized_start=146
@@ -43,6 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_end=386
   _globals['_STORAGESTATS']._serialized_start=388
   _globals['_STORAGESTATS']._serialized_end=514
-  _globals['_STORAGE']._serialized_start=517
-  _globals['_STORAGE']._serialized_end=701
+  _globals['_REQUESTSPEC']._serialized_start=517
+  _globals['_REQUESTSPEC']._serialized_end=652
+  _globals['_PREFILLREQUEST']._serialized_start=655
+  _globals['_PREFILLREQUEST']._serialized_end=859
+  _globals['_PREFILLREPLY']._serialized_start=861
+  _globals['_PREFILLREPLY']._serialized_end=944
+  _globals['_FETCHREQUEST']._serialized_start=946
+  _globals['_FETCHREQUEST']._serialized_end=1039
+  _globals['_FETCHREPLY']._serialized_start=1041
+  _globals['_FETCHREPLY']._serialized_end=1069
+  _globals['_PUSHACK']._serialized_start=1071
+  _globals['_PUSHACK']._serialized_end=1119
+  _globals['_DECODEREQUEST']._serialized_start=1121
+  _globals['_DECODEREQUEST']._serialized_end=1222
+  _globals['_DECODEREPLY']._serialized_start=1224
+  _globals['_DECODEREPLY']._serialized_end=1318
+  _globals['_STATUSREQUEST']._serialized_start=1320
+  _globals['_STATUSREQUEST']._serialized_end=1335
+  _globals['_ENGINESTATUS']._serialized_start=1337
+  _globals['_ENGINESTATUS']._serialized_end=1423
+  _globals['_NODESTATUS']._serialized_start=1426
+  _globals['_NODESTATUS']._serialized_end=1596
+  _globals['_LEDGER']._serialized_start=1599
+  _globals['_LEDGER']._serialized_end=1748
+  _globals['_STORAGE']._serialized_start=1846
+  _globals['_STORAGE']._serialized_end=2030
+  _globals['_NODE']._serialized_start=2033
+  _globals['_NODE']._serialized_end=2349
 # @@protoc_insertion_point(module_scope)

@@ -184,3 +184,247 @@ class Storage:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Prefill = channel.unary_unary(
+                '/dualpath.v1.Node/Prefill',
+                request_serializer=daemons_dot_dualpath__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.PrefillReply.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/dualpath.v1.Node/Fetch',
+                request_serializer=daemons_dot_dualpath__pb2.FetchRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.FetchReply.FromString,
+                _registered_method=True)
+        self.PushKv = channel.stream_unary(
+                '/dualpath.v1.Node/PushKv',
+                request_serializer=daemons_dot_dualpath__pb2.KvData.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.PushAck.FromString,
+                _registered_method=True)
+        self.Decode = channel.unary_unary(
+                '/dualpath.v1.Node/Decode',
+                request_serializer=daemons_dot_dualpath__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.DecodeReply.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/dualpath.v1.Node/Status',
+                request_serializer=daemons_dot_dualpath__pb2.StatusRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.NodeStatus.FromString,
+                _registered_method=True)
+
+
+class NodeServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKv(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=daemons_dot_dualpath__pb2.PrefillRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.PrefillReply.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=daemons_dot_dualpath__pb2.FetchRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.FetchReply.SerializeToString,
+            ),
+            'PushKv': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushKv,
+                    request_deserializer=daemons_dot_dualpath__pb2.KvData.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.PushAck.SerializeToString,
+            ),
+            'Decode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=daemons_dot_dualpath__pb2.DecodeRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.DecodeReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=daemons_dot_dualpath__pb2.StatusRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.NodeStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dualpath.v1.Node', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dualpath.v1.Node', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Node:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Prefill',
+            daemons_dot_dualpath__pb2.PrefillRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Fetch',
+            daemons_dot_dualpath__pb2.FetchRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.FetchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKv(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dualpath.v1.Node/PushKv',
+            daemons_dot_dualpath__pb2.KvData.SerializeToString,
+            daemons_dot_dualpath__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Decode',
+            daemons_dot_dualpath__pb2.DecodeRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.DecodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Status',
+            daemons_dot_dualpath__pb2.StatusRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
