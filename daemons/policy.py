@@ -1,0 +1,114 @@
+"""Scheduling policy of the paper (section 5) and round robin, as pure functions.
+
+The scheduler daemon keeps the load reports of every engine and node and asks
+this module where the next request goes; nothing here does I/O, so the rules
+are unit-tested exactly as the paper states them:
+
+- PE choice (on each fetch from the global FIFO queue): engines whose
+  unfinished tokens exceed ``beta`` are skipped; among the rest, engines whose
+  node's storage read queue is at most ``alpha`` are preferred, lowest
+  unfinished tokens first; otherwise the lowest unfinished tokens among the
+  rest. ``alpha`` = tokens the node's SNIC reads in 3 s; ``beta`` = tokens one
+  GPU prefills in 5 s.
+- DE choice: first the DE group (node) with the fewest total tokens; inside
+  it, Z = 1.05 x (sum of queued lengths + sum of unfinished tokens) / engines;
+  engines that stay under Z after taking the request are preferred, fewest
+  requests first; else the engine with the fewest tokens; never an engine
+  whose HBM cannot hold the request.
+- Read path: the side (PE node or DE node) with the shorter read queue.
+
+``round_robin`` cycles through engines and alternates nothing else: the
+comparison point of the paper's load-balance figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALPHA_READ_S = 3.0
+BETA_COMPUTE_S = 5.0
+DE_THRESHOLD = 1.05
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    node: str
+    engine: int
+    unfinished_requests: int
+    unfinished_tokens: int
+    hbm_free_tokens: int | None = None  # DE only: how many more context tokens its HBM holds
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    node: str
+    read_queue_tokens: int
+
+
+def choose_pe(engines: list[EngineLoad], nodes: dict[str, NodeLoad], alpha_tokens: float,
+              beta_tokens: float) -> EngineLoad | None:
+    """The PE engine for the next request, or None if every engine is above beta (wait)."""
+    eligible = [e for e in engines if e.unfinished_tokens <= beta_tokens]
+    if not eligible:
+        return None
+    preferred = [e for e in eligible if nodes[e.node].read_queue_tokens <= alpha_tokens]
+    pool = preferred or eligible
+    return min(pool, key=lambda e: (e.unfinished_tokens, e.node, e.engine))
+
+
+def choose_de(engines: list[EngineLoad], request_tokens: int, queued_tokens: dict[str, int] | None = None
+              ) -> EngineLoad | None:
+    """The DE engine for a request of `request_tokens` context tokens, or None if no HBM can hold it.
+
+    `queued_tokens` is, per DE node, the length of requests already assigned to it
+    but not yet reported in its engines' unfinished tokens.
+    """
+    queued_tokens = queued_tokens or {}
+    fits = [e for e in engines if e.hbm_free_tokens is None or e.hbm_free_tokens >= request_tokens]
+    if not fits:
+        return None
+    groups: dict[str, list[EngineLoad]] = {}
+    for e in fits:
+        groups.setdefault(e.node, []).append(e)
+    all_by_node: dict[str, list[EngineLoad]] = {}
+    for e in engines:
+        all_by_node.setdefault(e.node, []).append(e)
+
+    def group_tokens(node: str) -> int:
+        return queued_tokens.get(node, 0) + sum(e.unfinished_tokens for e in all_by_node[node])
+
+    node = min(groups, key=lambda n: (group_tokens(n), n))
+    members = groups[node]
+    z = DE_THRESHOLD * group_tokens(node) / len(all_by_node[node])
+    under = [e for e in members if e.unfinished_tokens + request_tokens <= z]
+    if under:
+        return min(under, key=lambda e: (e.unfinished_requests, e.unfinished_tokens, e.engine))
+    return min(members, key=lambda e: (e.unfinished_tokens, e.engine))
+
+
+def choose_read_side(pe_node: NodeLoad, de_node: NodeLoad) -> str:
+    """'pe' or 'de': the node with the shorter storage read queue reads (ties: PE, the classic path)."""
+    return "de" if de_node.read_queue_tokens < pe_node.read_queue_tokens else "pe"
+
+
+def alpha_tokens(snic_bps: float, kv_bytes_per_token: float) -> float:
+    """Tokens of KV a node's SNIC reads in ALPHA_READ_S (both in the same, real or emulated, units)."""
+    return snic_bps / 8 * ALPHA_READ_S / kv_bytes_per_token
+
+
+def beta_tokens(prefill_s_per_token: float) -> float:
+    """Tokens one GPU prefills in BETA_COMPUTE_S."""
+    return BETA_COMPUTE_S / prefill_s_per_token
+
+
+class RoundRobin:
+    """Engines in a fixed cycle, regardless of load (the paper's Fig. 13 baseline)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def choose(self, kind: str, engines: list[EngineLoad]) -> EngineLoad:
+        ordered = sorted(engines, key=lambda e: (e.node, e.engine))
+        i = self._next.get(kind, 0) % len(ordered)
+        self._next[kind] = i + 1
+        return ordered[i]
