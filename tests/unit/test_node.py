@@ -6,57 +6,32 @@ three processes must add up to the data paths of the paper.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import grpc
 import pytest
 
+from daemon_procs import BLOCK_BYTES as BB
+from daemon_procs import BLOCK_TOKENS as BT
+from daemon_procs import Procs
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.node import layer_chunks
 
-LAYERS, BT, BB = 61, 64, 256
 HIT, NEW, GEN, CHUNKS = 40, 100, 70, 4
-GEOM_ARGS = ["--layers", str(LAYERS), "--block-tokens", str(BT), "--block-bytes", str(BB)]
-
-
-def _start(argv: list[str]) -> tuple[subprocess.Popen, list[int]]:
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
-    if not line or line[0] != "ready":
-        proc.kill()
-        raise AssertionError(proc.stderr.read())
-    return proc, [int(p) for p in line[1:]]
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    preload = tmp_path / "preload.json"
-    preload.write_text(json.dumps([{"trajectory": "t1", "blocks": HIT}, {"trajectory": "t2", "blocks": HIT}]))
-    procs = []
+    procs = Procs()
     try:
-        st, (st_port,) = _start(["-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "st"),
-                                 *GEOM_ARGS, "--preload", str(preload)])
-        procs.append(st)
+        st = procs.storage(tmp_path, [{"trajectory": "t1", "blocks": HIT}, {"trajectory": "t2", "blocks": HIT}])
         nodes = {}
         for name, role in (("pe1", "pe"), ("de1", "de")):
-            proc, ports = _start(["-m", "daemons.node", "--name", name, "--role", role, "--mgmt", "127.0.0.1:0",
-                                  "--cnic", "127.0.0.1:0,127.0.0.1:0", "--storage", f"127.0.0.1:{st_port}",
-                                  "--model", "ds660b", *GEOM_ARGS, "--dram-buffer-bytes", str(1 << 20),
-                                  "--time-scale", "0.01"])
-            procs.append(proc)
-            nodes[name] = {"mgmt": f"127.0.0.1:{ports[0]}", "cnic": [f"127.0.0.1:{p}" for p in ports[1:]],
-                           "stub": pb_grpc.NodeStub(grpc.insecure_channel(f"127.0.0.1:{ports[0]}"))}
-        nodes["st"] = pb_grpc.StorageStub(grpc.insecure_channel(f"127.0.0.1:{st_port}"))
+            info = procs.node(name, role, st)
+            nodes[name] = {**info, "cnic": info["cnics"], "stub": pb_grpc.NodeStub(grpc.insecure_channel(info["mgmt"]))}
+        nodes["st"] = pb_grpc.StorageStub(grpc.insecure_channel(st))
         yield nodes
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-            proc.stdout.close()
-            proc.stderr.close()
+        procs.stop()
 
 
 def _spec(rid: str, traj: str = "t1") -> pb.RequestSpec:

@@ -1,0 +1,245 @@
+"""Scheduler daemon: a global FIFO of turns, the paper's placement rules, and the request's life.
+
+    python -m daemons.scheduler --listen 10.9.4.1:7000 --config RUN/scheduler.json
+
+Runs on the control host, on the management network only. The workload driver
+calls ``Submit`` for every turn; the turn waits in one global FIFO queue until
+a PE engine may take it (:func:`daemons.policy.choose_pe`; above ``beta`` an
+engine takes nothing), then gets a DE engine (:func:`daemons.policy.choose_de`)
+and a read side, and runs: PE ``Prefill`` (which drives the storage reads and
+the layerwise transfers) and then DE ``Decode``. ``Submit`` returns the turn's
+timings when its last token is out.
+
+Loads are the scheduler's own exact accounts of what it dispatched and what
+has finished (the paper's engine reports carry the same numbers): unfinished
+requests and tokens per engine, and per node the tokens waiting to be read.
+
+The config file (JSON) holds ``mode`` (basic | dualpath | oracle), ``policy``
+(paper | round_robin), ``layer_chunks``, ``alpha_tokens``, ``beta_tokens``,
+``hbm_tokens`` (context tokens one DE engine holds) and ``nodes``: a list of
+``{"name", "role", "mgmt", "cnics": [ADDR:PORT per engine]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from daemons import dualpath_pb2 as pb
+from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
+
+MODES = ("basic", "dualpath", "oracle")
+POLICIES = ("paper", "round_robin")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    role: str
+    mgmt: str
+    cnics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    mode: str
+    policy: str
+    layer_chunks: int
+    alpha_tokens: float
+    beta_tokens: float
+    hbm_tokens: int
+    nodes: tuple[NodeInfo, ...]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SchedulerConfig":
+        if data["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {data['mode']!r}")
+        if data["policy"] not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {data['policy']!r}")
+        nodes = tuple(NodeInfo(n["name"], n["role"], n["mgmt"], tuple(n["cnics"])) for n in data["nodes"])
+        if not any(n.role == "pe" for n in nodes) or not any(n.role == "de" for n in nodes):
+            raise ValueError("the cluster needs at least one prefill and one decode node")
+        return cls(data["mode"], data["policy"], int(data["layer_chunks"]), float(data["alpha_tokens"]),
+                   float(data["beta_tokens"]), int(data["hbm_tokens"]), nodes)
+
+
+@dataclass
+class _Load:
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Pending:
+    turn: pb.TurnRequest
+    done: asyncio.Future
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    def __init__(self, config: SchedulerConfig):
+        self.cfg = config
+        self.nodes = {n.name: n for n in config.nodes}
+        self.pe_load = {(n.name, i): _Load() for n in config.nodes if n.role == "pe" for i in range(len(n.cnics))}
+        self.de_load = {(n.name, i): _Load() for n in config.nodes if n.role == "de" for i in range(len(n.cnics))}
+        self.read_queue = {n.name: 0 for n in config.nodes}
+        self.queue: deque[_Pending] = deque()
+        self._changed = asyncio.Event()
+        self._rr = RoundRobin()
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
+        self._dispatcher: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _stub(self, node: str) -> pb_grpc.NodeStub:
+        if node not in self._channels:
+            ch = grpc.aio.insecure_channel(self.nodes[node].mgmt)
+            self._channels[node] = (ch, pb_grpc.NodeStub(ch))
+        return self._channels[node][1]
+
+    async def close(self) -> None:
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        for ch, _ in self._channels.values():
+            await ch.close()
+
+    async def Submit(self, request: pb.TurnRequest, context):  # noqa: N802 - gRPC's name
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.ensure_future(self._dispatch())
+        item = _Pending(request, asyncio.get_running_loop().create_future())
+        self.queue.append(item)
+        self._changed.set()
+        return await item.done
+
+    # -- placement ---------------------------------------------------------------
+    def _pe_loads(self) -> list[EngineLoad]:
+        return [EngineLoad(n, i, ld.requests, ld.tokens) for (n, i), ld in self.pe_load.items()]
+
+    def _de_loads(self) -> list[EngineLoad]:
+        return [EngineLoad(n, i, ld.requests, ld.tokens, self.cfg.hbm_tokens - ld.tokens)
+                for (n, i), ld in self.de_load.items()]
+
+    def _place(self, turn: pb.TurnRequest) -> tuple[EngineLoad, EngineLoad] | None:
+        if self.cfg.policy == "round_robin":
+            return self._rr.choose("pe", self._pe_loads()), self._rr.choose("de", self._de_loads())
+        nodes = {n: NodeLoad(n, q) for n, q in self.read_queue.items()}
+        pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
+        if pe_eng is None:
+            return None
+        de_eng = choose_de(self._de_loads(), turn.context_tokens + turn.request.gen_tokens)
+        return None if de_eng is None else (pe_eng, de_eng)
+
+    def _path(self, pe_node: str, de_node: str) -> int:
+        if self.cfg.mode == "oracle":
+            return pb.READ_PATH_NONE
+        if self.cfg.mode == "basic":
+            return pb.READ_PATH_PE
+        side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
+                                NodeLoad(de_node, self.read_queue[de_node]))
+        return pb.READ_PATH_PE if side == "pe" else pb.READ_PATH_DE
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            while self.queue:  # FIFO: the head waits until it can be placed
+                placed = self._place(self.queue[0].turn)
+                if placed is None:
+                    break
+                item = self.queue.popleft()
+                task = asyncio.ensure_future(self._run(item, *placed))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    # -- one turn ------------------------------------------------------------------
+    async def _run(self, item: _Pending, pe_eng: EngineLoad, de_eng: EngineLoad) -> None:
+        turn, spec = item.turn, item.turn.request
+        wait_s = time.monotonic() - item.submitted
+        path = self._path(pe_eng.node, de_eng.node)
+        reader = {pb.READ_PATH_PE: pe_eng.node, pb.READ_PATH_DE: de_eng.node}.get(path)
+        hit_tokens = turn.context_tokens - spec.new_tokens
+        pe_ld, de_ld = self.pe_load[(pe_eng.node, pe_eng.engine)], self.de_load[(de_eng.node, de_eng.engine)]
+        de_tokens = turn.context_tokens + spec.gen_tokens
+        held = {"pe": True, "read": reader is not None}
+
+        def release(what: str) -> None:  # idempotent: each account is returned exactly once
+            if not held.pop(what, False):
+                return
+            if what == "pe":
+                pe_ld.requests -= 1
+                pe_ld.tokens -= spec.new_tokens
+            else:
+                self.read_queue[reader] -= hit_tokens
+            self._changed.set()
+
+        pe_ld.requests += 1
+        pe_ld.tokens += spec.new_tokens
+        de_ld.requests += 1
+        de_ld.tokens += de_tokens
+        if reader:
+            self.read_queue[reader] += hit_tokens
+        try:
+            pe_node, de_node = self.nodes[pe_eng.node], self.nodes[de_eng.node]
+            pre = await self._stub(pe_eng.node).Prefill(pb.PrefillRequest(
+                request=spec, pe_engine=pe_eng.engine, path=path, layerwise=self.cfg.mode != "basic",
+                de_mgmt=de_node.mgmt, de_cnic=de_node.cnics[de_eng.engine], de_engine=de_eng.engine,
+                pe_cnic=pe_node.cnics[pe_eng.engine]))
+            release("read")
+            release("pe")
+            dec = await self._stub(de_eng.node).Decode(pb.DecodeRequest(
+                request=spec, de_engine=de_eng.engine, context_tokens=turn.context_tokens))
+            first_token_at = time.monotonic() - dec.decode_s + dec.first_token_s
+            item.done.set_result(pb.TurnResult(
+                pe=f"{pe_eng.node}/{pe_eng.engine}", de=f"{de_eng.node}/{de_eng.engine}",
+                path={pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de"}.get(path, "none"),
+                kv_bytes=pre.kv_bytes, wait_s=wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
+                decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s))
+        except Exception as exc:  # noqa: BLE001 - the driver gets the error; the scheduler goes on
+            if not item.done.done():
+                item.done.set_exception(exc)
+        finally:
+            release("read")
+            release("pe")
+            de_ld.requests -= 1
+            de_ld.tokens -= de_tokens
+            self._changed.set()
+
+
+async def serve(args) -> None:
+    cfg = SchedulerConfig.from_json(json.loads(Path(args.config).read_text()))
+    service = SchedulerService(cfg)
+    server = grpc.aio.server()
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
+    port = server.add_insecure_port(args.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {args.listen}")
+    await server.start()
+    print(f"ready {port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+    await service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m daemons.scheduler", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True)
+    p.add_argument("--config", required=True)
+    asyncio.run(serve(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
