@@ -11,7 +11,8 @@ import pytest
 
 from traffic.traces import TraceRequest, hit_ratio, load_mooncake, prefix_hits
 
-REAL_TRACE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
+# shared/ sits beside the repository (in sessions and in CI)
+REAL_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 
 
 def write_jsonl(tmp_path, rows, name="trace.jsonl") -> Path:
