@@ -1,6 +1,6 @@
 """Storage server daemon (3FS in the paper): holds Full Blocks as real bytes in files.
 
-    python -m daemons.storage --listen 10.10.3.1:7000 --dir RUN/storage/st1 \
+    python -m daemons.storage --listen 10.10.3.1:7000,10.9.3.1:7000 --dir RUN/storage/st1 \
         --layers 61 --block-tokens 64 --block-bytes 256 [--preload FILE] [--dscp N]
 
 Blocks of a trajectory are striped over the storage servers
@@ -167,11 +167,11 @@ async def serve(args) -> None:
     server = grpc.aio.server(options=grpc_options(args.dscp))
     service = StorageService(store, args.max_message_bytes)
     pb_grpc.add_StorageServicer_to_server(service, server)
-    port = server.add_insecure_port(args.listen)
-    if port == 0:
+    ports = [server.add_insecure_port(a) for a in args.listen.split(",")]
+    if 0 in ports:
         raise SystemExit(f"cannot listen on {args.listen}")
     await server.start()
-    print(f"ready {port}", flush=True)
+    print("ready " + " ".join(map(str, ports)), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,7 +182,8 @@ async def serve(args) -> None:
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m daemons.storage", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", required=True, help="ADDR:PORT (port 0: any free port, printed in 'ready PORT')")
+    p.add_argument("--listen", required=True,
+                   help="ADDR:PORT[,ADDR:PORT] (port 0: any free port; the ports are printed as 'ready PORT...')")
     p.add_argument("--dir", required=True)
     p.add_argument("--layers", type=int, required=True)
     p.add_argument("--block-tokens", type=int, required=True)

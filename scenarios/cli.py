@@ -55,6 +55,24 @@ def _calibration_table(summary: dict) -> Table:
     return t
 
 
+def _serving_table(summary: dict) -> Table:
+    t = Table(title="serving (real seconds; utilizations = wire bytes / configured rate, middle 80% of JCT)",
+              box=box.SIMPLE_HEAD)
+    for col in ("mode", "jct_s", "turns", "reads pe/de", "snic_pe", "snic_de", "cnic_pe", "cnic_de",
+                "ttft50", "ttft99", "tpot50", "tpot99"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for mode, m in summary["modes"].items():
+        t.add_row(mode, f(m["jct_s"], "{:.1f}"), str(m["requests"]), f"{m['paths']['pe']}/{m['paths']['de']}",
+                  f(m["snic_util"]["pe"]), f(m["snic_util"]["de"]), f(m["cnic_util"]["pe"]), f(m["cnic_util"]["de"]),
+                  f(m["ttft_s"]["p50"], "{:.3f}"), f(m["ttft_s"]["p99"], "{:.3f}"),
+                  f(m["tpot_s"]["p50"], "{:.4f}"), f(m["tpot_s"]["p99"], "{:.4f}"))
+    return t
+
+
 def _verdict_lines(summary: dict) -> list[str]:
     f = summary["fidelity"]
     cpu = f"CPU max {f['cpu_util_max']:.0%}" if f["cpu_util_max"] is not None else "CPU not sampled"
@@ -82,6 +100,11 @@ def cmd_run(args) -> int:
     console.print("invariants (configured -> achieved): " + ", ".join(
         f"{k} {v:.3g} -> {inv['achieved'][k]:.3g}" if inv["achieved"][k] is not None else f"{k} {v:.3g}"
         for k, v in inv["configured"].items()))
+    if "modes" in s:
+        console.print(_serving_table(s))
+        sp, lg = s["speedup"], s["ledger"]
+        console.print("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None)
+                      + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))
     console.print(f"build {s['build_s']:.2f}s, teardown {s['teardown_s']:.2f}s, calibration "
                   f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
     for line in _verdict_lines(s):

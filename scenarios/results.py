@@ -107,7 +107,24 @@ def achieved_invariants(rows: list[dict], plan: Plan) -> dict[str, float | None]
     return out
 
 
-def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float) -> dict:
+def _serving_summary(serving: dict) -> dict:
+    modes = serving["modes"]
+    ledger: dict[str, int] = {}
+    for m in modes.values():
+        for k, v in m["ledger"].items():
+            ledger[k] = ledger.get(k, 0) + v
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in modes and b in modes and modes[b]["jct_s"]:
+            return round(modes[a]["jct_s"] / modes[b]["jct_s"], 4)
+        return None
+
+    return {"modes": modes, "speedup": {"dualpath_vs_basic": ratio("basic", "dualpath"),
+                                        "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger}
+
+
+def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float,
+                      serving: dict | None = None) -> dict:
     net = plan.net
     with open(run_dir / "calibration.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CAL_COLUMNS)
@@ -121,8 +138,15 @@ def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: fl
                         "error": _round(m.error, 5), "iperf3_goodput_bps": _round(m.goodput_bps),
                         "cpu_util_max": _round(m.cpu_util_max, 3)})
     rows = class_table(plan, calib)
-    verdict = fidelity.judge(calib.cpu_util_max, calib.cpu_util_mean,
-                             {m.target.label: m.error for m in calib.measurements})
+    cpu_max, cpu_mean = calib.cpu_util_max, calib.cpu_util_mean
+    if serving and serving["cpu"]["cpu_util_max"] is not None:
+        cpu_max = max(cpu_max or 0.0, serving["cpu"]["cpu_util_max"])
+        cpu_mean = serving["cpu"]["cpu_util_mean"]
+    verdict = fidelity.judge(cpu_max, cpu_mean, {m.target.label: m.error for m in calib.measurements})
+    serving_part = _serving_summary(serving) if serving else {}
+    if serving_part and (serving_part["ledger"].get("blocks_corrupt") or serving_part["ledger"].get("blocks_lost")):
+        verdict.fail(f"KV ledger not clean: {serving_part['ledger']['blocks_corrupt']} corrupt, "
+                     f"{serving_part['ledger']['blocks_lost']} lost blocks")
     sc = plan.scenario
     summary = {
         "scenario": sc.name,
@@ -134,6 +158,7 @@ def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: fl
         "build_s": round(build_s, 3), "teardown_s": round(teardown_s, 3),
         "calibration": {"mode": sc.calibration.mode, "rounds": calib.rounds,
                         "duration_s": round(calib.duration_s, 2), "classes": rows},
+        **serving_part,
         "fidelity": {"ok": verdict.ok, "cpu_util_max": verdict.cpu_util_max,
                      "cpu_util_mean": verdict.cpu_util_mean,
                      "link_rate_error_max": verdict.link_rate_error_max, "reasons": verdict.reasons},

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 from emulator import calibrate, cleanup, fidelity
+from emulator.monitor import CpuSampler
 from emulator.errors import DpemuError, PlatformError
 from emulator.net import Emulation
 from emulator.registry import Registry
 
-from . import platform, results
+from . import platform, results, serve
 from .plan import Plan
 
 
@@ -87,6 +88,7 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
                 calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration,
                                       fidelity.KERNEL_BUDGET_BPS, progress=progress)
                 _fault("after_calibration")
+                serving = _serve(emu, plan, run_dir, say) if sc.serving else None
             finally:
                 left = _teardown_shielded(emu, say)
                 if left:
@@ -94,8 +96,25 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    summary = results.write_calibration(run_dir, plan, calib, emu.build_s, emu.teardown_s)
+    summary = results.write_calibration(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving)
     return RunOutcome(run_dir, summary, calib)
+
+
+def _serve(emu: Emulation, plan: Plan, run_dir: Path, say) -> dict:
+    """Every serving mode on the built cluster; the CPU is watched all along."""
+    cpu = CpuSampler()
+    cpu.start()
+    modes, windows = {}, []
+    try:
+        for mode in plan.scenario.serving.modes:
+            say(f"serving mode {mode}: {plan.scenario.serving.workload.agents} agents")
+            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, say)
+            windows.append(window)
+            say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
+    finally:
+        cpu.stop()
+    # judged while the workload runs: daemon start-up (Python imports) is not the emulation
+    return {"modes": modes, "cpu": cpu.summary(windows)}
 
 
 def _fault(stage: str) -> None:

@@ -88,6 +88,31 @@ class Calibration(_Model):
         return v
 
 
+class Workload(_Model):
+    set: Literal["32K", "48K", "64K"] = "64K"
+    agents: StrictInt = Field(8, ge=1)
+    turns_per_agent: StrictInt | None = Field(2, ge=1, description="None: whole trajectories")
+    append_scale: Number = Field(1.0, gt=0)
+    gen_scale: Number = Field(1.0, gt=0)
+    seed: StrictInt = 0
+    arrival_rate: Number | None = Field(None, gt=0, description="agents per real second; None: offline")
+
+
+class Serving(_Model):
+    modes: list[Literal["basic", "dualpath", "oracle"]] = Field(["basic", "dualpath", "oracle"], min_length=1)
+    policy: Literal["paper", "round_robin"] = "paper"
+    layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
+    block_tokens: StrictInt = Field(64, ge=1)
+    workload: Workload = Workload()
+
+    @field_validator("modes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"modes repeat: {v}")
+        return v
+
+
 class Scenario(_Model):
     name: str
     description: str = ""
@@ -95,6 +120,7 @@ class Scenario(_Model):
     scale: ScaleModel
     emulation: Emulation = Emulation()
     calibration: Calibration = Calibration()
+    serving: Serving | None = None
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,208 @@
+"""The serving plane inside a built emulation: daemons, the driver, samples and per-mode results.
+
+For each mode of ``serving.modes`` (basic, dualpath, oracle) a fresh set of
+daemons is started in the namespaces (storage servers with the agents'
+existing context preloaded, one node daemon per compute node, the scheduler
+and the workload driver on the control host), the driver plays the workload,
+the HTB counters of every SNIC and CNIC are sampled every 100 ms of real time,
+and the daemons are stopped again. Written per mode under ``<run>/<mode>/``:
+``requests.csv`` (the driver's rows) and ``links.csv``; the caller merges the
+per-mode summaries.
+
+Ports: storage 7000 (storage fabric and management), node management 7100,
+engine CNICs 7200, scheduler 7000 on the control host.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemons import costmodel
+from daemons.kvbytes import KvGeometry
+from daemons.policy import alpha_tokens, beta_tokens
+from emulator.monitor import ClassKey, TcSampler
+from emulator.tcplan import LINK_CLASS
+from topologies.cluster import CONTROL_HOST
+from traffic.driver import preload_list
+from traffic.workload import WorkloadSpec, generate
+
+STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
+READY_TIMEOUT_S = 60.0
+LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "bytes"]
+
+
+@dataclass(frozen=True)
+class ServingLayout:
+    geom: KvGeometry
+    model: costmodel.ModelSpec
+    storage: list[tuple[str, str, str]]  # (host, storage-fabric addr:port, management addr:port)
+    nodes: list[dict]  # scheduler's node entries: name, role, mgmt, cnics
+
+
+def layout(plan) -> ServingLayout:
+    sc, net = plan.scenario, plan.net
+    model = costmodel.MODELS[sc.cluster.model]
+    geom = KvGeometry.scaled(model.layers, sc.serving.block_tokens, costmodel.kv_bytes_per_token(model),
+                             sc.scale.bytes)
+    mgmt = {c.host: c.addr for c in net.control}
+    storage = [(lk.host, f"{lk.addr}:{STORAGE_PORT}", f"{mgmt[lk.host]}:{STORAGE_PORT}")
+               for lk in net.links if lk.link_class == "stnic"]
+    nodes = []
+    for h in net.hosts:
+        if h.role not in ("pe", "de"):
+            continue
+        cnics = sorted((lk for lk in net.links_of(h.name) if lk.link_class == "cnic"), key=lambda lk: lk.nic)
+        cnics.sort(key=lambda lk: int(lk.nic.removeprefix("cnic")))
+        nodes.append({"name": h.name, "role": h.role, "mgmt": f"{mgmt[h.name]}:{NODE_PORT}",
+                      "cnics": [f"{lk.addr}:{ENGINE_PORT}" for lk in cnics]})
+    return ServingLayout(geom, model, storage, nodes)
+
+
+def _wait_ready(proc, what: str) -> None:
+    line = proc.stdout.readline().split()
+    if not line or line[0] != "ready":
+        raise RuntimeError(f"{what} did not start: {proc.stderr.read()[-800:]}")
+
+
+def workload_spec(plan) -> WorkloadSpec:
+    w = plan.scenario.serving.workload
+    return WorkloadSpec(set_name=w.set, seed=w.seed, agents=w.agents, turns_per_agent=w.turns_per_agent,
+                        append_scale=w.append_scale, gen_scale=w.gen_scale, arrival_rate_per_s=w.arrival_rate)
+
+
+def _workload_json(spec: WorkloadSpec) -> dict:
+    return {"set_name": spec.set_name, "seed": spec.seed, "agents": spec.agents,
+            "turns_per_agent": spec.turns_per_agent, "append_scale": spec.append_scale,
+            "gen_scale": spec.gen_scale, "arrival_rate_per_s": spec.arrival_rate_per_s}
+
+
+def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, float]]:
+    """HTB root classes of every SNIC and CNIC: key -> (link, class, side, direction, rate)."""
+    keys = {}
+    for lk in plan.net.links:
+        if lk.link_class not in ("snic", "cnic"):
+            continue
+        side = plan.net.host(lk.host).role
+        keys[ClassKey(plan.net.host(lk.host).netns, lk.host_intf, LINK_CLASS)] = (
+            f"{lk.host}-{lk.nic}", lk.link_class, side, "up", lk.rate_bps)
+        keys[ClassKey(None, lk.switch_intf, LINK_CLASS)] = (f"{lk.host}-{lk.nic}", lk.link_class, side, "down",
+                                                           lk.rate_bps)
+    return keys
+
+
+def run_mode(emu, plan, mode: str, mode_dir: Path, say) -> tuple[dict, tuple[float, float]]:
+    """Run one mode; return its summary and the (start, end) of the driver's run."""
+    sc, net = plan.scenario, plan.net
+    lay = layout(plan)
+    spec = workload_spec(plan)
+    py = sys.executable
+    mode_dir.mkdir(parents=True)
+    wl_path = mode_dir / "workload.json"
+    wl_path.write_text(json.dumps(_workload_json(spec)))
+    preload = mode_dir / "preload.json"
+    preload.write_text(json.dumps(preload_list(generate(spec), lay.geom.block_tokens)))
+    geom_args = ["--layers", str(lay.geom.layers), "--block-tokens", str(lay.geom.block_tokens),
+                 "--block-bytes", str(lay.geom.block_bytes)]
+    procs = []
+    try:
+        for i, (host, data_addr, mgmt_addr) in enumerate(lay.storage):
+            procs.append((f"storage {host}", emu.procs.start(f"storage {host}", net.host(host).netns, [
+                py, "-m", "daemons.storage", "--listen", f"{data_addr},{mgmt_addr}",
+                "--dir", str(mode_dir / "storage" / host), *geom_args, "--server-index", str(i),
+                "--servers", str(len(lay.storage)), "--preload", str(preload)])))
+        storage_addrs = ",".join(a for _, a, _ in lay.storage)
+        buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
+        for n in lay.nodes:
+            procs.append((f"node {n['name']}", emu.procs.start(f"node {n['name']}", net.host(n["name"]).netns, [
+                py, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
+                "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
+                "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time)])))
+        per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
+        sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
+                     "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
+                     "beta_tokens": beta_tokens(per_token_s),
+                     "hbm_tokens": costmodel.kv_capacity_tokens(lay.model), "nodes": lay.nodes}
+        (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
+        ctl = net.host(CONTROL_HOST).netns
+        ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
+        procs.append(("scheduler", emu.procs.start("scheduler", ctl, [
+            py, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",
+            "--config", str(mode_dir / "scheduler.json")])))
+        for what, proc in procs:
+            _wait_ready(proc, what)
+        keys = _link_keys(plan)
+        sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
+        sampler.start()
+        t0 = time.monotonic()
+        driver = emu.procs.start("driver", ctl, [
+            py, "-m", "traffic.driver", "run", "--scheduler", f"{ctl_addr}:{SCHED_PORT}", "--workload", str(wl_path),
+            "--block-tokens", str(lay.geom.block_tokens), "--layer-chunks", str(sc.serving.layer_chunks),
+            "--time-scale", str(sc.scale.time), "--tag", f"{mode}-", "--out", str(mode_dir / "requests.csv")])
+        out, err = driver.communicate()
+        t1 = time.monotonic()
+        sampler.stop()
+        if driver.returncode != 0:
+            raise RuntimeError(f"workload driver failed in mode {mode}: {err[-1500:]}")
+        driver_summary = json.loads(out.strip().splitlines()[-1])
+        status = emu.procs.start("status", ctl, [
+            py, "-m", "daemons.status", "--nodes", ",".join(n["mgmt"] for n in lay.nodes),
+            "--storage", ",".join(m for _, _, m in lay.storage)])
+        s_out, s_err = status.communicate(timeout=60)
+        if status.returncode != 0:
+            raise RuntimeError(f"status collection failed: {s_err[-800:]}")
+        ledger = json.loads(s_out)["ledger"]
+    finally:
+        for _, proc in procs:
+            emu.procs.stop(proc)
+    _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
+    rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
+    return _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time), (t0, t1)
+
+
+def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: float) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(LINK_COLUMNS)
+        for s in sampler.samples:
+            link, cls, side, direction, _ = keys[s.key]
+            w.writerow([round((s.t_s - t0) / time_scale, 4), link, cls, side, direction, s.bytes])
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
+
+
+def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
+    out = {}
+    for side in ("pe", "de"):
+        vals = [sampler.rate_bps(k, a, b) / rate for k, (_, c, sd, d, rate) in keys.items()
+                if c == cls and sd == side and d == direction and sampler.rate_bps(k, a, b) is not None]
+        out[side] = round(sum(vals) / len(vals), 4) if vals else None
+    return out
+
+
+def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale) -> dict:
+    span = t1 - t0
+    a, b = t0 + 0.1 * span, t0 + 0.9 * span  # the middle 80% of the mode's JCT
+    ttft = sorted(float(r["ttft_s"]) for r in rows)
+    tpot = sorted(float(r["tpot_s"]) for r in rows)
+    return {
+        "jct_s": round(driver_summary["jct_s"], 3), "requests": len(rows),
+        "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "none")},
+        "snic_util": _utils(sampler, keys, a, b, "snic", "down"),  # storage -> node: reads
+        "cnic_util": {"pe": _utils(sampler, keys, a, b, "cnic", "down")["pe"],  # KV arriving at PE GPUs
+                      "de": _utils(sampler, keys, a, b, "cnic", "down")["de"]},  # KV arriving at DE buffers
+        "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
+        "tpot_s": {"p50": _pct(tpot, 50), "p99": _pct(tpot, 99)},
+        "ledger": ledger,
+    }
