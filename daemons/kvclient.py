@@ -19,6 +19,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, span_content, verify_span
+from daemons.runtime import grpc_options
 from daemons.storage import server_for
 
 
@@ -57,11 +58,8 @@ class StorageClient:
     """Channels to every storage server, opened once per node (as its SNIC's sessions)."""
 
     def __init__(self, addresses: list[str], geom: KvGeometry, dscp: int | None = None):
-        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        if dscp is not None:
-            opts.append(("grpc.dscp", dscp))
         self.geom = geom
-        self._channels = [grpc.aio.insecure_channel(a, options=opts) for a in addresses]
+        self._channels = [grpc.aio.insecure_channel(a, options=grpc_options(dscp)) for a in addresses]
         self._stubs = [pb_grpc.StorageStub(c) for c in self._channels]
 
     async def close(self) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient
-from daemons.storage import grpc_options
+from daemons.runtime import grpc_options, serve_until_stopped
 
 
 class Compute(Protocol):
@@ -341,18 +340,7 @@ async def serve(args) -> None:
                           CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv)
     server = grpc.aio.server(options=grpc_options(args.dscp_kv))
     pb_grpc.add_NodeServicer_to_server(service, server)
-    ports = [server.add_insecure_port(a) for a in [args.mgmt, *cnics]]
-    if 0 in ports:
-        raise SystemExit(f"cannot listen on one of {[args.mgmt, *cnics]}")
-    await server.start()
-    print("ready " + " ".join(str(p) for p in ports), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1.0)
-    await service.close()
+    await serve_until_stopped(server, [args.mgmt, *cnics], service.close)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections import deque
@@ -37,6 +36,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
+from daemons.runtime import serve_until_stopped
 
 MODES = ("basic", "dualpath", "oracle")
 POLICIES = ("paper", "round_robin")
@@ -219,18 +219,7 @@ async def serve(args) -> None:
     service = SchedulerService(cfg)
     server = grpc.aio.server()
     pb_grpc.add_SchedulerServicer_to_server(service, server)
-    port = server.add_insecure_port(args.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {args.listen}")
-    await server.start()
-    print(f"ready {port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1.0)
-    await service.close()
+    await serve_until_stopped(server, [args.listen], service.close)
 
 
 def main(argv: list[str] | None = None) -> int:

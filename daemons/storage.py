@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, block_content
+from daemons.runtime import grpc_options, serve_until_stopped
 
 DEFAULT_MESSAGE_BYTES = 256 * 1024
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -152,11 +152,6 @@ def preload(store: BlockStore, items: list[dict], server_index: int, servers: in
     return written
 
 
-def grpc_options(dscp: int | None) -> list[tuple[str, int]]:
-    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    return opts + ([("grpc.dscp", dscp)] if dscp is not None else [])
-
-
 async def serve(args) -> None:
     geom = KvGeometry(args.layers, args.block_tokens, args.block_bytes)
     root = Path(args.dir)
@@ -167,17 +162,7 @@ async def serve(args) -> None:
     server = grpc.aio.server(options=grpc_options(args.dscp))
     service = StorageService(store, args.max_message_bytes)
     pb_grpc.add_StorageServicer_to_server(service, server)
-    ports = [server.add_insecure_port(a) for a in args.listen.split(",")]
-    if 0 in ports:
-        raise SystemExit(f"cannot listen on {args.listen}")
-    await server.start()
-    print("ready " + " ".join(map(str, ports)), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1.0)
+    await serve_until_stopped(server, args.listen.split(","))
 
 
 def parse_args(argv: list[str] | None = None):
