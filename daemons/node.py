@@ -116,7 +116,9 @@ class Engine:
         self.gpu = asyncio.Lock()
         self.unfinished_requests = 0
         self.unfinished_tokens = 0
-        self.batch: list[_Decoding] = []
+        self.batch: list[_Decoding] = []  # decoding now
+        self.joining: list[_Decoding] = []  # join the batch at the next step boundary
+        self.wake = asyncio.Event()  # set when a request joins
         self.loop_task: asyncio.Task | None = None
 
 
@@ -292,7 +294,8 @@ class NodeService(pb_grpc.NodeServicer):
         d.blocks_written = max(0, done_blocks - first_new)
         eng.unfinished_requests += 1
         eng.unfinished_tokens += spec.gen_tokens
-        eng.batch.append(d)
+        eng.joining.append(d)
+        eng.wake.set()
         if eng.loop_task is None or eng.loop_task.done():
             eng.loop_task = self._spawn(self._decode_loop(eng))
         await d.done
@@ -302,23 +305,58 @@ class NodeService(pb_grpc.NodeServicer):
                               tpot_s=elapsed / max(1, spec.gen_tokens), blocks_written=d.blocks_written)
 
     async def _decode_loop(self, eng: Engine) -> None:
-        while eng.batch:
-            await asyncio.sleep(self.compute.decode_step_s([d.context + d.generated for d in eng.batch]))
-            now = time.monotonic()
-            for d in list(eng.batch):
-                d.generated += 1
-                eng.unfinished_tokens -= 1
-                if d.first_token is None:
-                    d.first_token = now
-                total = d.context + d.generated
-                if total % self.geom.block_tokens == 0:  # a Full Block completed: persist it
-                    d.blocks_written += 1
-                    d.writes.append(self._spawn(self.storage.write(
-                        d.spec.request_id, d.spec.trajectory, total // self.geom.block_tokens - 1, 1, self.ledger)))
-                if d.generated >= d.spec.gen_tokens:
-                    eng.batch.remove(d)
-                    eng.unfinished_requests -= 1
-                    d.done.set_result(None)
+        """Event-driven decode: one wake-up per event, not per token.
+
+        Every step generates one token for each sequence in the batch and lasts
+        the cost model's step time for the batch's current contexts. Between
+        events (a sequence finishes, a Full Block completes, a request joins),
+        nothing changes but the token counts, so the loop sleeps until the next
+        event and advances by the whole number of steps that fit in the time
+        slept. A virtual clock carries the fraction of a step left when a join
+        interrupts, so no GPU time is lost or invented.
+        """
+        bt = self.geom.block_tokens
+        clock = time.monotonic()  # when the next step starts
+        while eng.batch or eng.joining:
+            eng.batch += eng.joining
+            eng.joining.clear()
+            eng.wake.clear()
+            step_s = self.compute.decode_step_s([d.context + d.generated for d in eng.batch])
+            until_event = min(min(d.spec.gen_tokens - d.generated, bt - (d.context + d.generated) % bt)
+                              for d in eng.batch)
+            if step_s > 0:
+                timeout = clock + until_event * step_s - time.monotonic()
+                if timeout > 0:
+                    try:
+                        await asyncio.wait_for(eng.wake.wait(), timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                steps = min(until_event, int((time.monotonic() - clock) / step_s + 1e-9))
+            else:
+                steps = until_event
+            self._advance(eng, steps, clock, step_s)
+            clock += steps * step_s
+
+    def _advance(self, eng: Engine, steps: int, start: float, step_s: float) -> None:
+        """Every sequence of the batch generated `steps` more tokens since `start`."""
+        if steps <= 0:
+            return
+        bt = self.geom.block_tokens
+        for d in list(eng.batch):
+            before = d.context + d.generated
+            if d.generated == 0:
+                d.first_token = start + step_s
+            d.generated += steps
+            eng.unfinished_tokens -= steps
+            after = d.context + d.generated
+            for boundary in range((before // bt + 1) * bt, after + 1, bt):  # Full Blocks completed: persist
+                d.blocks_written += 1
+                d.writes.append(self._spawn(self.storage.write(
+                    d.spec.request_id, d.spec.trajectory, boundary // bt - 1, 1, self.ledger)))
+            if d.generated >= d.spec.gen_tokens:
+                eng.batch.remove(d)
+                eng.unfinished_requests -= 1
+                d.done.set_result(None)
 
     async def Status(self, request, context):  # noqa: N802
         lg = self.ledger
