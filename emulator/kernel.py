@@ -27,7 +27,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextmanager
-def _thread_in_netns(name: str):
+def thread_in_netns(name: str):
     """Move the CALLING THREAD (setns is per thread) into namespace `name`, then back."""
     with open("/proc/thread-self/ns/net") as home, open(NETNS_DIR / name) as target:
         if _libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
@@ -51,7 +51,7 @@ def netlink(netns: str | None) -> IPRoute:
     """
     if netns is None:
         return IPRoute()
-    with _thread_in_netns(netns):
+    with thread_in_netns(netns):
         return IPRoute()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 
 from .kernel import netlink
+from .tcstats import ClassCounters
 
 
 @dataclass(frozen=True)
@@ -118,21 +119,25 @@ class TcSampler(_Periodic):
         super().__init__(period_s)
         self.keys = list(keys)
         self.samples: list[ClassSample] = []
-        self._iprs: dict[str | None, IPRoute] = {}
+        self._counters: dict[str | None, ClassCounters] = {}
         self._index: dict[tuple[str | None, str], int] = {}
 
     def setup(self) -> None:
-        for key in self.keys:
-            if key.netns not in self._iprs:
-                self._iprs[key.netns] = netlink(key.netns)
-            ipr = self._iprs[key.netns]
-            if (key.netns, key.dev) not in self._index:
-                (idx,) = ipr.link_lookup(ifname=key.dev)
-                self._index[(key.netns, key.dev)] = idx
+        """Resolve interface indexes (pyroute2, once) and open one lean counter socket per namespace."""
+        for netns in {k.netns for k in self.keys}:
+            ipr: IPRoute = netlink(netns)
+            try:
+                for key in self.keys:
+                    if key.netns == netns and (netns, key.dev) not in self._index:
+                        (idx,) = ipr.link_lookup(ifname=key.dev)
+                        self._index[(netns, key.dev)] = idx
+            finally:
+                ipr.close()
+            self._counters[netns] = ClassCounters(netns)
 
     def teardown(self) -> None:
-        for ipr in self._iprs.values():
-            ipr.close()
+        for c in self._counters.values():
+            c.close()
 
     def sample(self, now: float) -> list[ClassSample]:
         """Read every watched class once; each device's classes are stamped with
@@ -144,17 +149,12 @@ class TcSampler(_Periodic):
             wanted.setdefault((key.netns, key.dev), {})[key.classid] = key
         new: list[ClassSample] = []
         for (netns, dev), by_id in wanted.items():
-            msgs = list(self._iprs[netns].get_classes(index=self._index[(netns, dev)]))
+            classes = self._counters[netns].dump(self._index[(netns, dev)])
             t_read = time.monotonic()
-            for msg in msgs:
-                key = by_id.get(msg["handle"])
-                if key is None:
-                    continue
-                stats = msg.get_attr("TCA_STATS2")
-                basic = stats.get_attr("TCA_STATS_BASIC")
-                queue = stats.get_attr("TCA_STATS_QUEUE")
-                new.append(ClassSample(t_read, key, basic["bytes"], basic["packets"],
-                                       queue["drops"], queue["backlog"]))
+            for handle, key in by_id.items():
+                if handle in classes:
+                    nbytes, packets, drops, backlog = classes[handle]
+                    new.append(ClassSample(t_read, key, nbytes, packets, drops, backlog))
         self.samples += new
         return new
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from netns_tools import MANIFEST, PYTHON, link_names, netns_names, sh
+from netns_tools import MANIFEST, PYTHON, class_bytes, link_names, netns_names, sh
 
 HOSTS = ["pe1", "pe2", "de1", "de2", "de3", "de4", "st1", "st2", "ctl1"]
 COMPUTE = ["pe1", "pe2", "de1", "de2", "de3", "de4"]
@@ -133,6 +133,22 @@ def test_default_cluster_build_and_teardown():
                 assert res.returncode == 0, f"{src} -> {dst}: {res.stderr}"
                 assert res.stdout.strip() == msg[::-1]
             out, err = server.communicate(timeout=10)
+            # the lean counter reader agrees with tc on every class of a link that carried the probes
+            from emulator.kernel import netlink
+            from emulator.tcstats import ClassCounters
+
+            for ns, dev in (("dp-pe1", "pe1-cnic0"), (None, "dp-de1-cnic0"), ("dp-pe1", "pe1-mgmt")):
+                ipr = netlink(ns)
+                (idx,) = ipr.link_lookup(ifname=dev)
+                ipr.close()
+                reader = ClassCounters(ns)
+                got = reader.dump(idx)
+                reader.close()
+                for handle, classid in ((0x10001, "1:1"), (0x10010, "1:10")):
+                    if dev.endswith("mgmt"):
+                        assert handle not in got  # unshaped: no classes at all
+                    else:
+                        assert got[handle][0] == class_bytes(dev, classid, ns) > 0, (dev, classid)
             seen = [line.split() for line in out.splitlines()]
             assert seen == [[dst, src, f"probe{i}"] for i, (src, dst) in enumerate(probes)], (out, err)
             assert server.returncode == 0, err
