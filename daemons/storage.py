@@ -3,8 +3,8 @@
     python -m daemons.storage --listen 10.10.3.1:7000,10.9.3.1:7000 --dir RUN/storage/st1 \
         --layers 61 --block-tokens 64 --block-bytes 256 [--preload FILE] [--dscp N]
 
-Blocks of a trajectory are striped over the storage servers
-(the rule is :func:`server_for`); this server
+Blocks of a trajectory are striped over the storage servers in runs of
+STRIPE_BLOCKS (the rule is :func:`server_for`); this server
 keeps the blocks it holds in one sparse file per trajectory, block b at offset
 b x block_bytes. It serves Full Block reads and writes only (storage I/O is
 always Full Blocks, as in the paper) and does not verify what it stores: the
@@ -40,9 +40,17 @@ DEFAULT_MESSAGE_BYTES = 256 * 1024
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+STRIPE_BLOCKS = 128  # consecutive Full Blocks on one server (8192 tokens)
+
+
 def server_for(trajectory: str, block: int, servers: int) -> int:
-    """Index of the storage server holding `block` of `trajectory` (consecutive blocks alternate)."""
-    return (zlib.crc32(trajectory.encode()) + block) % servers
+    """Index of the storage server holding `block` of `trajectory`.
+
+    Blocks are striped in runs of STRIPE_BLOCKS: a long context is read from
+    every server at once, yet each server sends long runs in large messages
+    (one block per message would cost a gRPC message per 256 bytes at 1e-4).
+    """
+    return (zlib.crc32(trajectory.encode()) + block // STRIPE_BLOCKS) % servers
 
 
 @dataclass

@@ -12,16 +12,16 @@ import pytest
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, span_content, verify_span
-from daemons.storage import server_for
+from daemons.storage import STRIPE_BLOCKS, server_for
 
 GEOM = KvGeometry(layers=61, block_tokens=64, block_bytes=256)
 
 
 @pytest.fixture
 def storage(tmp_path):
-    """Two storage servers with a preloaded trajectory 'a1' of 40 blocks striped over them."""
+    """Two storage servers with a preloaded trajectory 'a1' of three stripes."""
     preload = tmp_path / "preload.json"
-    preload.write_text(json.dumps([{"trajectory": "a1", "blocks": 40}]))
+    preload.write_text(json.dumps([{"trajectory": "a1", "blocks": 3 * STRIPE_BLOCKS}]))
     procs, stubs = [], []
     try:
         for i in range(2):
@@ -48,15 +48,17 @@ def _held(i: int, blocks: range) -> list[int]:
     return [b for b in blocks if server_for("a1", b, 2) == i]
 
 
-def test_striping_alternates_servers():
-    owners = [server_for("a1", b, 2) for b in range(10)]
+def test_striping_keeps_runs_together_and_uses_every_server():
+    owners = [server_for("a1", b, 2) for b in range(4 * STRIPE_BLOCKS)]
     assert set(owners) == {0, 1}
-    assert all(owners[i] != owners[i + 1] for i in range(9))
+    runs = [owners[i:i + STRIPE_BLOCKS] for i in range(0, len(owners), STRIPE_BLOCKS)]
+    assert all(len(set(r)) == 1 for r in runs)  # a stripe lives on one server
+    assert all(runs[i][0] != runs[i + 1][0] for i in range(3))  # consecutive stripes alternate
 
 
 def test_read_returns_verified_full_blocks_in_large_messages(storage):
     for i, stub in enumerate(storage):
-        for b in _held(i, range(40))[:3]:
+        for b in _held(i, range(3 * STRIPE_BLOCKS))[:3]:
             msgs = list(stub.Read(pb.ReadRequest(request_id="r1", spans=[
                 pb.BlockSpan(trajectory="a1", first_block=b, blocks=1)])))
             assert len(msgs) == 1 and msgs[0].request_id == "r1"
@@ -65,7 +67,7 @@ def test_read_returns_verified_full_blocks_in_large_messages(storage):
 
 def test_multi_block_read_is_chunked_by_message_size(storage, tmp_path):
     stub = storage[0]
-    mine = _held(0, range(40))
+    mine = _held(0, range(3 * STRIPE_BLOCKS))
     # a write of 20 contiguous blocks to a new trajectory, then a read back in 2048-byte messages (8 blocks)
     data = span_content(GEOM, "w9", 0, 20)
     ack = stub.Write(iter([pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="w9", first_block=0, blocks=20),
@@ -81,7 +83,7 @@ def test_multi_block_read_is_chunked_by_message_size(storage, tmp_path):
 
 
 def test_missing_block_is_not_found_and_counted(storage):
-    not_mine = _held(1, range(40))[0]
+    not_mine = _held(1, range(3 * STRIPE_BLOCKS))[0]
     with pytest.raises(grpc.RpcError) as exc:
         list(storage[0].Read(pb.ReadRequest(request_id="r", spans=[
             pb.BlockSpan(trajectory="a1", first_block=not_mine, blocks=1)])))
