@@ -27,11 +27,14 @@ class Procs:
             raise AssertionError(f"{argv[1]} did not start: {proc.stderr.read()}")
         return [int(p) for p in line[1:]]
 
-    def storage(self, root: Path, preload: list[dict]) -> str:
+    def storage(self, root: Path, preload: list[dict], index: int = 0, servers: int = 1,
+                extra: tuple[str, ...] = ()) -> str:
+        """Storage server `index` of `servers`, with `preload` written at start; returns ADDR:PORT."""
         path = root / "preload.json"
         path.write_text(json.dumps(preload))
-        (port,) = self.start(["-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(root / "st"),
-                              *GEOM_ARGS, "--preload", str(path)])
+        (port,) = self.start(["-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(root / f"st{index}"),
+                              *GEOM_ARGS, "--preload", str(path), "--server-index", str(index),
+                              "--servers", str(servers), *extra])
         return f"127.0.0.1:{port}"
 
     def node(self, name: str, role: str, storage: str, engines: int = 2, time_scale: float = 0.01,

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 
 import pytest
+from daemon_procs import Procs
 
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import Ledger, StorageClient, _runs
@@ -19,28 +17,12 @@ N = 3 * STRIPE_BLOCKS + 16  # preloaded blocks of "a1": every one of the 3 serve
 
 @pytest.fixture
 def servers(tmp_path):
-    preload = tmp_path / "preload.json"
-    preload.write_text(json.dumps([{"trajectory": "a1", "blocks": N}]))
-    procs, addrs = [], []
+    procs = Procs()
     try:
-        for i in range(3):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / f"st{i}"),
-                 "--layers", "61", "--block-tokens", "64", "--block-bytes", "256", "--server-index", str(i),
-                 "--servers", "3", "--preload", str(preload)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            procs.append(proc)
-            line = proc.stdout.readline().split()
-            assert line and line[0] == "ready", proc.stderr.read()
-            addrs.append(f"127.0.0.1:{line[1]}")
-        yield addrs, procs
+        addrs = [procs.storage(tmp_path, [{"trajectory": "a1", "blocks": N}], i, 3) for i in range(3)]
+        yield addrs, procs.procs
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(timeout=10)
-            proc.stdout.close()
-            proc.stderr.close()
+        procs.stop()
 
 
 def test_runs():

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import grpc
 import pytest
+from daemon_procs import Procs
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
@@ -20,28 +17,13 @@ GEOM = KvGeometry(layers=61, block_tokens=64, block_bytes=256)
 @pytest.fixture
 def storage(tmp_path):
     """Two storage servers with a preloaded trajectory 'a1' of three stripes."""
-    preload = tmp_path / "preload.json"
-    preload.write_text(json.dumps([{"trajectory": "a1", "blocks": 3 * STRIPE_BLOCKS}]))
-    procs, stubs = [], []
+    procs = Procs()
     try:
-        for i in range(2):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / f"st{i}"),
-                 "--layers", "61", "--block-tokens", "64", "--block-bytes", "256", "--server-index", str(i),
-                 "--servers", "2", "--preload", str(preload), "--max-message-bytes", "2048"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            procs.append(proc)
-            line = proc.stdout.readline().split()
-            assert line and line[0] == "ready", proc.stderr.read()
-            channel = grpc.insecure_channel(f"127.0.0.1:{line[1]}")
-            stubs.append(pb_grpc.StorageStub(channel))
-        yield stubs
+        addrs = [procs.storage(tmp_path, [{"trajectory": "a1", "blocks": 3 * STRIPE_BLOCKS}], i, 2,
+                               ("--max-message-bytes", "2048")) for i in range(2)]
+        yield [pb_grpc.StorageStub(grpc.insecure_channel(a)) for a in addrs]
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-            proc.stdout.close()
-            proc.stderr.close()
+        procs.stop()
 
 
 def _held(i: int, blocks: range) -> list[int]:
