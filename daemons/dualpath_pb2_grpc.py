@@ -195,6 +195,11 @@ class NodeStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Reserve = channel.unary_unary(
+                '/dualpath.v1.Node/Reserve',
+                request_serializer=daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/dualpath.v1.Node/Prefill',
                 request_serializer=daemons_dot_dualpath__pb2.PrefillRequest.SerializeToString,
@@ -224,6 +229,12 @@ class NodeStub:
 
 class NodeServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -258,6 +269,11 @@ class NodeServicer:
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=daemons_dot_dualpath__pb2.ReserveRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.ReserveReply.SerializeToString,
+            ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=daemons_dot_dualpath__pb2.PrefillRequest.FromString,
@@ -293,6 +309,33 @@ def add_NodeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Node:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Reserve',
+            daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.ReserveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Prefill(request,

@@ -161,12 +161,14 @@ class NodeService(pb_grpc.NodeServicer):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _read(self, spec: pb.RequestSpec) -> float:
-        """Storage -> this node's buffer, through the SNIC; returns seconds spent reading."""
+    async def _read(self, spec: pb.RequestSpec, reserve: bool) -> float:
+        """Storage -> this node's buffer, through the SNIC; returns seconds spent reading.
+        `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
         tokens = spec.hit_blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         try:
-            await self._reserve(spec.request_id, self.geom.span_bytes(spec.hit_blocks))
+            if reserve:
+                await self._reserve(spec.request_id, self.geom.span_bytes(spec.hit_blocks))
             t0 = time.monotonic()
             await self.storage.read(spec.request_id, spec.trajectory, 0, spec.hit_blocks, self.ledger)
             return time.monotonic() - t0
@@ -223,10 +225,18 @@ class NodeService(pb_grpc.NodeServicer):
             self.ledger.blocks_corrupt += len(bad)
             corrupt += len(bad)
             nbytes += len(msg.data)
-            if self.role == "de":  # KV for decode waits in the DRAM buffer (on a PE it goes to the GPU)
-                await self._reserve(msg.request_id, len(msg.data))
             self._inbox(msg.request_id).put_nowait((s.layer_first, s.layers, s.first_block, s.blocks))
         return pb.PushAck(bytes=nbytes, corrupt_blocks=corrupt)
+
+    # -- decode side: buffer admission ---------------------------------------------
+    async def Reserve(self, request: pb.ReserveRequest, context):  # noqa: N802
+        t0 = time.monotonic()
+        await self._reserve(request.request_id, request.bytes)
+        return pb.ReserveReply(waited_s=time.monotonic() - t0)
+
+    def de_buffer_bytes(self, spec: pb.RequestSpec) -> int:
+        """What a request occupies in the DE buffer until its decode starts: hit + new KV."""
+        return self.geom.span_bytes(spec.hit_blocks + self._new_blocks(spec))
 
     # -- prefill side ------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context):  # noqa: N802
@@ -239,8 +249,11 @@ class NodeService(pb_grpc.NodeServicer):
         kv_bytes = 0
         chunks = layer_chunks(self.geom.layers, spec.layer_chunks or 1)
         try:
+            if request.path != pb.READ_PATH_NONE:  # the DE buffer first, all at once (see Reserve)
+                await self._stub(request.de_mgmt, kv=False).Reserve(
+                    pb.ReserveRequest(request_id=spec.request_id, bytes=self.de_buffer_bytes(spec)))
             if request.path == pb.READ_PATH_PE:
-                read_s = await self._read(spec)
+                read_s = await self._read(spec, reserve=True)
                 kv_bytes += self.geom.span_bytes(spec.hit_blocks)
             elif request.path == pb.READ_PATH_DE:
                 fetch = self._spawn(self._stub(request.de_mgmt, kv=False).Fetch(
@@ -273,7 +286,7 @@ class NodeService(pb_grpc.NodeServicer):
     # -- decode side -------------------------------------------------------------
     async def Fetch(self, request: pb.FetchRequest, context):  # noqa: N802
         spec = request.request
-        read_s = await self._read(spec)  # stays in this buffer until decode starts
+        read_s = await self._read(spec, reserve=False)  # reserved by the PE's Reserve; held until decode
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
             await self._push(request.pe_cnic, self._chunk_msgs(spec, chunk, hit=True, new=False))
         return pb.FetchReply(read_s=read_s)

@@ -92,3 +92,26 @@ def test_bad_config_is_refused(bad, message):
     data.update(bad)
     with pytest.raises(ValueError, match=message):
         SchedulerConfig.from_json(data)
+
+
+def test_a_full_decode_buffer_queues_requests_instead_of_deadlocking(tmp_path):
+    """The DE buffer holds one request at a time: every request still completes.
+
+    Before Reserve, a DE holding part of several requests' KV while waiting for
+    room for the rest could wait forever (seen with 256 agents at 2P4D)."""
+    procs = Procs()
+    try:
+        st = procs.storage(tmp_path, [{"trajectory": f"a{i}", "blocks": HIT} for i in range(AGENTS)])
+        one_request = (HIT + -(-NEW // BLOCK_TOKENS)) * 256
+        nodes = [procs.node("pe1", "pe", st), procs.node("de1", "de", st, buffer_bytes=one_request + 100)]
+        cfg = tmp_path / "sched.json"
+        cfg.write_text(json.dumps({"mode": "dualpath", "policy": "paper", "layer_chunks": 4, "alpha_tokens": 1e9,
+                                   "beta_tokens": 1e9, "hbm_tokens": 10**7, "nodes": nodes}))
+        (port,) = procs.start(["-m", "daemons.scheduler", "--listen", "127.0.0.1:0", "--config", str(cfg)])
+        stub = pb_grpc.SchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        results = _submit_all(stub, "small-buffer")
+        assert len(results) == AGENTS and {r.path for r in results} <= {"pe", "de"}
+        pe, de = _ledgers(nodes)
+        assert pe.blocks_lost == de.blocks_lost == 0 and pe.blocks_corrupt == de.blocks_corrupt == 0
+    finally:
+        procs.stop()
