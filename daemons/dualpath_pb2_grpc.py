@@ -200,6 +200,11 @@ class NodeStub:
                 request_serializer=daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.ReserveReply.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/dualpath.v1.Node/Release',
+                request_serializer=daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/dualpath.v1.Node/Prefill',
                 request_serializer=daemons_dot_dualpath__pb2.PrefillRequest.SerializeToString,
@@ -232,6 +237,13 @@ class NodeServicer:
 
     def Reserve(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """a failed prefill returns its reservation
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -271,6 +283,11 @@ def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
+                    request_deserializer=daemons_dot_dualpath__pb2.ReserveRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.ReserveReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
                     request_deserializer=daemons_dot_dualpath__pb2.ReserveRequest.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.ReserveReply.SerializeToString,
             ),
@@ -325,6 +342,33 @@ class Node:
             request,
             target,
             '/dualpath.v1.Node/Reserve',
+            daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.ReserveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/Release',
             daemons_dot_dualpath__pb2.ReserveRequest.SerializeToString,
             daemons_dot_dualpath__pb2.ReserveReply.FromString,
             options,

@@ -234,6 +234,11 @@ class NodeService(pb_grpc.NodeServicer):
         await self._reserve(request.request_id, request.bytes)
         return pb.ReserveReply(waited_s=time.monotonic() - t0)
 
+    async def Release(self, request: pb.ReserveRequest, context):  # noqa: N802
+        self._inboxes.pop(request.request_id, None)
+        await self._release(request.request_id)
+        return pb.ReserveReply()
+
     def de_buffer_bytes(self, spec: pb.RequestSpec) -> int:
         """What a request occupies in the DE buffer until its decode starts: hit + new KV."""
         return self.geom.span_bytes(spec.hit_blocks + self._new_blocks(spec))
@@ -248,10 +253,12 @@ class NodeService(pb_grpc.NodeServicer):
         read_s = 0.0
         kv_bytes = 0
         chunks = layer_chunks(self.geom.layers, spec.layer_chunks or 1)
+        reserved = False
         try:
             if request.path != pb.READ_PATH_NONE:  # the DE buffer first, all at once (see Reserve)
                 await self._stub(request.de_mgmt, kv=False).Reserve(
                     pb.ReserveRequest(request_id=spec.request_id, bytes=self.de_buffer_bytes(spec)))
+                reserved = True
             if request.path == pb.READ_PATH_PE:
                 read_s = await self._read(spec, reserve=True)
                 kv_bytes += self.geom.span_bytes(spec.hit_blocks)
@@ -276,6 +283,11 @@ class NodeService(pb_grpc.NodeServicer):
                     kv_bytes += sum(len(m.data) for m in msgs)
             if fetch is not None:
                 read_s = (await fetch).read_s
+        except BaseException:
+            if reserved:  # no Decode will come for it: give the DE its buffer back
+                await self._stub(request.de_mgmt, kv=False).Release(
+                    pb.ReserveRequest(request_id=spec.request_id))
+            raise
         finally:
             self._inboxes.pop(spec.request_id, None)
             await self._release(spec.request_id)

@@ -121,3 +121,13 @@ def test_missing_context_is_counted_lost(cluster):
                           layer_chunks=2)
     _prefill(cluster, spec, pb.READ_PATH_PE)
     assert _ledger(cluster, "pe1").blocks_lost == 5
+
+
+def test_failed_prefill_returns_its_decode_buffer_reservation(cluster):
+    spec = _spec("r-fail")
+    with pytest.raises(grpc.RpcError):  # the DE engine's CNIC address is dead: the first push fails
+        cluster["pe1"]["stub"].Prefill(pb.PrefillRequest(
+            request=spec, pe_engine=0, path=pb.READ_PATH_PE, layerwise=True, de_mgmt=cluster["de1"]["mgmt"],
+            de_cnic="127.0.0.1:1", de_engine=0, pe_cnic=cluster["pe1"]["cnic"][0]), timeout=60)
+    assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
+    assert cluster["pe1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
