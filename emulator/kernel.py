@@ -19,7 +19,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from .names import is_owned
-from .registry import proc_start_time
+from .registry import proc_start_time, proc_stat
 
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -110,10 +110,8 @@ def kill_pids(pids: list[tuple[int, int | None]], grace_s: float = 2.0) -> None:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def delete_netns(name: str) -> None:

@@ -24,13 +24,19 @@ from .errors import BusyError
 STATE_DIR = Path(os.environ.get("DPEMU_STATE_DIR", "/run/dpemu"))
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks), None if gone."""
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), None if gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+    return text.rsplit(")", 1)[1].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), None if gone."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 @dataclass

@@ -123,7 +123,7 @@ def _serving_summary(serving: dict) -> dict:
                                         "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger}
 
 
-def write_calibration(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float,
+def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float,
                       serving: dict | None = None) -> dict:
     net = plan.net
     with open(run_dir / "calibration.csv", "w", newline="") as f:

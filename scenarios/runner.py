@@ -96,7 +96,7 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    summary = results.write_calibration(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving)
+    summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving)
     return RunOutcome(run_dir, summary, calib)
 
 
@@ -108,7 +108,7 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say) -> dict:
     try:
         for mode in plan.scenario.serving.modes:
             say(f"serving mode {mode}: {plan.scenario.serving.workload.agents} agents")
-            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, say)
+            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode)
             windows.append(window)
             say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
     finally:

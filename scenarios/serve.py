@@ -57,8 +57,8 @@ def layout(plan) -> ServingLayout:
     for h in net.hosts:
         if h.role not in ("pe", "de"):
             continue
-        cnics = sorted((lk for lk in net.links_of(h.name) if lk.link_class == "cnic"), key=lambda lk: lk.nic)
-        cnics.sort(key=lambda lk: int(lk.nic.removeprefix("cnic")))
+        cnics = sorted((lk for lk in net.links_of(h.name) if lk.link_class == "cnic"),
+                       key=lambda lk: int(lk.nic.removeprefix("cnic")))  # engine i = GPU i = cnic i
         nodes.append({"name": h.name, "role": h.role, "mgmt": f"{mgmt[h.name]}:{NODE_PORT}",
                       "cnics": [f"{lk.addr}:{ENGINE_PORT}" for lk in cnics]})
     return ServingLayout(geom, model, storage, nodes)
@@ -96,7 +96,7 @@ def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, float]]:
     return keys
 
 
-def run_mode(emu, plan, mode: str, mode_dir: Path, say) -> tuple[dict, tuple[float, float]]:
+def run_mode(emu, plan, mode: str, mode_dir: Path) -> tuple[dict, tuple[float, float]]:
     """Run one mode; return its summary and the (start, end) of the driver's run."""
     sc, net = plan.scenario, plan.net
     lay = layout(plan)
@@ -162,7 +162,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path, say) -> tuple[dict, tuple[flo
             emu.procs.stop(proc)
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
-    return _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time), (t0, t1)
+    return _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger), (t0, t1)
 
 
 def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: float) -> None:
@@ -191,7 +191,7 @@ def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: st
     return out
 
 
-def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale) -> dict:
+def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger) -> dict:
     span = t1 - t0
     a, b = t0 + 0.1 * span, t0 + 0.9 * span  # the middle 80% of the mode's JCT
     ttft = sorted(float(r["ttft_s"]) for r in rows)
@@ -200,8 +200,7 @@ def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale) 
         "jct_s": round(driver_summary["jct_s"], 3), "requests": len(rows),
         "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "none")},
         "snic_util": _utils(sampler, keys, a, b, "snic", "down"),  # storage -> node: reads
-        "cnic_util": {"pe": _utils(sampler, keys, a, b, "cnic", "down")["pe"],  # KV arriving at PE GPUs
-                      "de": _utils(sampler, keys, a, b, "cnic", "down")["de"]},  # KV arriving at DE buffers
+        "cnic_util": _utils(sampler, keys, a, b, "cnic", "down"),  # KV arriving at PE GPUs / DE buffers
         "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
         "tpot_s": {"p50": _pct(tpot, 50), "p99": _pct(tpot, 99)},
         "ledger": ledger,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from emulator.registry import STATE_DIR
+from emulator.registry import STATE_DIR, proc_start_time, proc_stat
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "dpemu").exists() else REPO / ".venv" / "bin"
@@ -60,20 +60,9 @@ def class_bytes(dev: str, classid: str = "1:1", netns: str | None = None) -> int
     return int(m.group(1)) if m else None
 
 
-def proc_start_time(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
-
-
 def proc_ppid(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[1])
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields else None
 
 
 def marked_procs() -> dict[tuple[int, int], str]:
