@@ -69,16 +69,63 @@ def span_content(geom: KvGeometry, trajectory: str, first_block: int, blocks: in
     return b"".join(block_content(geom, trajectory, b)[lo:hi] for b in range(first_block, first_block + blocks))
 
 
+def layer_slices(geom: KvGeometry, full: bytes, blocks: int, layer_first: int = 0, layers: int = 0) -> bytes:
+    """From the bytes of `blocks` consecutive Full Blocks, the layer slice of each, in block order.
+
+    This is how a node forwards a layer chunk of KV it holds (read from storage,
+    or derived once per request) without deriving the contents again."""
+    if len(full) != blocks * geom.block_bytes:
+        raise ValueError(f"{len(full)} bytes are not {blocks} Full Blocks of {geom.block_bytes}")
+    lo, hi = geom.layer_range(layer_first, layers)
+    bb = geom.block_bytes
+    if (lo, hi) == (0, bb):
+        return bytes(full)
+    mv = memoryview(full)
+    return b"".join(mv[i * bb + lo:i * bb + hi] for i in range(blocks))
+
+
 def verify_span(geom: KvGeometry, trajectory: str, first_block: int, blocks: int, layer_first: int,
-                layers: int, data: bytes) -> list[int]:
-    """Blocks of the span whose bytes in `data` are wrong or missing (empty list = all good)."""
+                layers: int, data: bytes, expected: bytes | None = None) -> list[int]:
+    """Blocks of the span whose bytes in `data` are wrong or missing (empty list = all good).
+
+    `expected` is the span's correct bytes if the caller has them already
+    (:class:`ExpectedSpans`); otherwise they are derived here."""
+    if expected is None:
+        expected = span_content(geom, trajectory, first_block, blocks, layer_first, layers)
+    if data == expected:
+        return []
     lo, hi = geom.layer_range(layer_first, layers)
     width = hi - lo
-    bad = []
-    for i in range(blocks):
-        got = data[i * width:(i + 1) * width]
-        if got != block_content(geom, trajectory, first_block + i)[lo:hi]:
-            bad.append(first_block + i)
-    if len(data) != blocks * width and not bad:
-        bad.append(first_block + blocks - 1)  # trailing garbage
+    bad = [first_block + i for i in range(blocks)
+           if data[i * width:(i + 1) * width] != expected[i * width:(i + 1) * width]]
+    if not bad:  # every block matched, so the length did not: trailing garbage
+        bad.append(first_block + blocks - 1)
     return bad
+
+
+class ExpectedSpans:
+    """The correct bytes of the spans a node receives for its live requests.
+
+    A request's KV arrives in several layer chunks; the expected Full Blocks of a
+    span are derived once per request and sliced per chunk, so verifying costs
+    one derivation per block and request, not one per chunk. ``drop`` when the
+    request leaves the node."""
+
+    def __init__(self, geom: KvGeometry):
+        self.geom = geom
+        self._full: dict[str, dict[tuple[str, int, int], bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._full)
+
+    def layer_slice(self, request_id: str, trajectory: str, first_block: int, blocks: int,
+                    layer_first: int = 0, layers: int = 0) -> bytes:
+        spans = self._full.setdefault(request_id, {})
+        key = (trajectory, first_block, blocks)
+        full = spans.get(key)
+        if full is None:
+            full = spans[key] = span_content(self.geom, trajectory, first_block, blocks)
+        return layer_slices(self.geom, full, blocks, layer_first, layers)
+
+    def drop(self, request_id: str) -> None:
+        self._full.pop(request_id, None)

@@ -23,6 +23,10 @@ from daemons.runtime import grpc_options
 from daemons.storage import server_for
 
 
+class KvIncomplete(RuntimeError):
+    """A read did not deliver every block intact (already counted in the ledger): nothing to forward."""
+
+
 @dataclass
 class Ledger:
     """Block counts of one node (or of the whole run, summed). A clean run has
@@ -74,30 +78,45 @@ class StorageClient:
         return per
 
     async def read(self, request_id: str, trajectory: str, first_block: int, blocks: int,
-                   ledger: Ledger) -> int:
-        """Read and verify Full Blocks [first_block, first_block + blocks); return bytes received."""
+                   ledger: Ledger) -> bytes:
+        """Read and verify Full Blocks [first_block, first_block + blocks); return their bytes in block
+        order (the node's buffer contents: what it forwards). A block that never arrived is counted lost,
+        a damaged one corrupt, and then KvIncomplete is raised: a node never forwards KV it does not hold."""
         per = self._by_server(trajectory, first_block, blocks)
+        bb = self.geom.block_bytes
+        span = bytearray(blocks * bb)
+
+        bad_blocks: list[int] = []
 
         async def one(server: int, wanted: list[int]) -> int:
             req = pb.ReadRequest(request_id=request_id, spans=[
                 pb.BlockSpan(trajectory=trajectory, first_block=f, blocks=c) for f, c in _runs(wanted)])
             got: set[int] = set()
-            nbytes = 0
             try:
                 async for msg in self._stubs[server].Read(req):
                     s = msg.span
+                    if s.trajectory != trajectory or s.first_block < first_block or \
+                            s.first_block + s.blocks > first_block + blocks:
+                        continue  # not what was asked: whatever is missing is counted lost below
                     bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, 0, 0, msg.data)
+                    bad_blocks.extend(bad)
                     ledger.blocks_corrupt += len(bad)
                     ledger.blocks_verified += s.blocks - len(bad)
                     got.update(range(s.first_block, s.first_block + s.blocks))
-                    nbytes += len(msg.data)
+                    at = (s.first_block - first_block) * bb
+                    data = msg.data[:s.blocks * bb]
+                    span[at:at + len(data)] = data
             except grpc.aio.AioRpcError:
                 pass  # whatever did not arrive is counted as lost below
             ledger.blocks_read += len(got & set(wanted))
             ledger.blocks_lost += len(set(wanted) - got)
-            return nbytes
+            return len(set(wanted) - got)
 
-        return sum(await asyncio.gather(*(one(s, w) for s, w in per.items())))
+        lost = sum(await asyncio.gather(*(one(s, w) for s, w in per.items())))
+        if lost or bad_blocks:
+            raise KvIncomplete(f"{request_id}: reading {blocks} blocks of {trajectory} from storage: "
+                               f"{lost} lost, {len(bad_blocks)} corrupt")
+        return bytes(span)
 
     async def write(self, request_id: str, trajectory: str, first_block: int, blocks: int,
                     ledger: Ledger) -> int:

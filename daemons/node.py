@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import functools
 import itertools
 import sys
 import time
@@ -42,15 +44,20 @@ import grpc
 from daemons import costmodel
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from daemons.kvbytes import KvGeometry, span_content, verify_span
+from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient
 from daemons.runtime import grpc_options, serve_until_stopped
+
+
+# Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted compute fits this
+# quota (real GPU seconds); the request that does not fit is chunked (binary search on its tokens).
+PREFILL_QUOTA_S = 0.300
 
 
 class Compute(Protocol):
     """How long GPU work takes, in wall seconds (already multiplied by the time scale)."""
 
-    def prefill_s(self, cached_tokens: int, new_tokens: int, layer_first: int, layers: int) -> float: ...
+    def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]: ...
 
     def decode_step_s(self, contexts: list[int]) -> float: ...
 
@@ -60,12 +67,17 @@ class CostModelCompute:
     model: costmodel.ModelSpec
     time_scale: float
 
-    def prefill_s(self, cached_tokens: int, new_tokens: int, layer_first: int, layers: int) -> float:
-        times = costmodel.prefill_layer_times_s(self.model, [(cached_tokens, new_tokens)])
-        return sum(times[layer_first:layer_first + layers]) * self.time_scale
+    def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]:
+        """Per-layer seconds of prefilling a batch of (cached, new) token counts on one engine."""
+        return tuple(t * self.time_scale for t in _prefill_layers(self.model, tuple(batch)))
 
     def decode_step_s(self, contexts: list[int]) -> float:
         return costmodel.decode_step_time_s(self.model, contexts) * self.time_scale
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefill_layers(model: costmodel.ModelSpec, batch: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    return costmodel.prefill_layer_times_s(model, list(batch))
 
 
 def layer_chunks(layers: int, chunks: int) -> list[tuple[int, int]]:
@@ -108,14 +120,44 @@ class _Decoding:
     writes: list = field(default_factory=list)  # write-back tasks of this request
 
 
+@dataclass(eq=False)
+class _PrefillJob:
+    """One request on its way through a PE engine: ready (its hit KV is in a DRAM buffer) when queued."""
+
+    request: pb.PrefillRequest
+    chunks: list[tuple[int, int]]       # layer groups of its layerwise transfers
+    hit: bytes = b""                    # PE read path: the hit Full Blocks as read from storage
+    arrivals: asyncio.Queue | None = None  # DE read path: hit KV layer chunks pushed by the DE
+    fetch: asyncio.Task | None = None   # DE read path: the DE's Fetch call
+    chunks_in: int = 0                  # DE read path: hit KV layer chunks arrived so far
+    computed: int = 0                   # new tokens prefilled so far (a chunked request spans batches)
+    new_full: bytes = b""               # the new tokens' Full Blocks, derived once
+    pushes: list = field(default_factory=list)
+    kv_bytes: int = 0
+    done: asyncio.Future | None = None
+
+    @property
+    def spec(self) -> pb.RequestSpec:
+        return self.request.request
+
+    @property
+    def layerwise(self) -> bool:
+        return self.request.layerwise
+
+    @property
+    def path(self) -> int:
+        return self.request.path
+
+
 class Engine:
-    """One GPU: a compute lock for prefill, a decode batch for decode, and its load."""
+    """One GPU: a FIFO of ready prefills run in batches, a decode batch, and its load."""
 
     def __init__(self, index: int):
         self.index = index
-        self.gpu = asyncio.Lock()
         self.unfinished_requests = 0
         self.unfinished_tokens = 0
+        self.prefills: collections.deque[_PrefillJob] = collections.deque()  # ready, FIFO
+        self.prefill_task: asyncio.Task | None = None
         self.batch: list[_Decoding] = []  # decoding now
         self.joining: list[_Decoding] = []  # join the batch at the next step boundary
         self.wake = asyncio.Event()  # set when a request joins
@@ -124,7 +166,8 @@ class Engine:
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, role: str, geom: KvGeometry, engines: int, storage: StorageClient,
-                 compute: Compute, buffer_bytes: int, dscp_kv: int | None = None):
+                 compute: Compute, buffer_bytes: int, dscp_kv: int | None = None,
+                 prefill_quota_s: float = PREFILL_QUOTA_S):
         self.name, self.role, self.geom = name, role, geom
         self.engines = [Engine(i) for i in range(engines)]
         self.storage = storage
@@ -133,6 +176,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.read_queue_tokens = 0
         self.ledger = Ledger()
         self.dscp_kv = dscp_kv
+        self.prefill_quota_s = prefill_quota_s
+        self.expected = ExpectedSpans(geom)  # what the KV pushed to this node must be
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._held: dict[str, int] = {}  # DE: buffer bytes a request holds until its decode starts
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
@@ -161,17 +206,17 @@ class NodeService(pb_grpc.NodeServicer):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _read(self, spec: pb.RequestSpec, reserve: bool) -> float:
-        """Storage -> this node's buffer, through the SNIC; returns seconds spent reading.
-        `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
+    async def _read(self, spec: pb.RequestSpec, reserve: bool) -> tuple[bytes, float]:
+        """Storage -> this node's buffer, through the SNIC: the hit blocks' bytes (verified) and the seconds
+        spent reading. `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
         tokens = spec.hit_blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         try:
             if reserve:
                 await self._reserve(spec.request_id, self.geom.span_bytes(spec.hit_blocks))
             t0 = time.monotonic()
-            await self.storage.read(spec.request_id, spec.trajectory, 0, spec.hit_blocks, self.ledger)
-            return time.monotonic() - t0
+            data = await self.storage.read(spec.request_id, spec.trajectory, 0, spec.hit_blocks, self.ledger)
+            return data, time.monotonic() - t0
         finally:
             self.read_queue_tokens -= tokens
 
@@ -184,8 +229,14 @@ class NodeService(pb_grpc.NodeServicer):
         if held:
             await self.buffer.release(held)
 
+    def _forget(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
+        self.expected.drop(request_id)
+
     async def _next_chunk(self, inbox: asyncio.Queue, fetch: asyncio.Task):
         """The next chunk pushed by the DE, or the DE's failure: never wait forever on a dead fetch."""
+        if not inbox.empty():
+            return inbox.get_nowait()
         get = asyncio.ensure_future(inbox.get())
         await asyncio.wait({get, fetch}, return_when=asyncio.FIRST_COMPLETED)
         if get.done():
@@ -199,13 +250,13 @@ class NodeService(pb_grpc.NodeServicer):
     def _new_blocks(self, spec: pb.RequestSpec) -> int:
         return self.geom.blocks_for_tokens(spec.new_tokens)
 
-    def _chunk_msgs(self, spec: pb.RequestSpec, chunk: tuple[int, int], hit: bool, new: bool) -> list[pb.KvData]:
+    def _kv_msg(self, spec: pb.RequestSpec, full: bytes, first_block: int, blocks: int,
+                chunk: tuple[int, int]) -> pb.KvData:
+        """One layer chunk of `blocks` Full Blocks this node holds (`full`), as a KV message."""
         lf, n = chunk
-        spans = ([(0, spec.hit_blocks)] if hit and spec.hit_blocks else []) + \
-                ([(spec.hit_blocks, self._new_blocks(spec))] if new and spec.new_tokens else [])
-        return [pb.KvData(request_id=spec.request_id, data=span_content(self.geom, spec.trajectory, f, c, lf, n),
-                          span=pb.BlockSpan(trajectory=spec.trajectory, first_block=f, blocks=c, layer_first=lf,
-                                            layers=n)) for f, c in spans]
+        return pb.KvData(request_id=spec.request_id, data=layer_slices(self.geom, full, blocks, lf, n),
+                         span=pb.BlockSpan(trajectory=spec.trajectory, first_block=first_block, blocks=blocks,
+                                           layer_first=lf, layers=n))
 
     async def _push(self, address: str, msgs: list[pb.KvData]) -> None:
         if not msgs:
@@ -220,7 +271,10 @@ class NodeService(pb_grpc.NodeServicer):
         nbytes = corrupt = 0
         async for msg in request_iterator:
             s = msg.span
-            bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, s.layer_first, s.layers, msg.data)
+            expected = self.expected.layer_slice(msg.request_id, s.trajectory, s.first_block, s.blocks,
+                                                 s.layer_first, s.layers)
+            bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, s.layer_first, s.layers, msg.data,
+                              expected)
             self.ledger.blocks_verified += s.blocks - len(bad)
             self.ledger.blocks_corrupt += len(bad)
             corrupt += len(bad)
@@ -235,7 +289,7 @@ class NodeService(pb_grpc.NodeServicer):
         return pb.ReserveReply(waited_s=time.monotonic() - t0)
 
     async def Release(self, request: pb.ReserveRequest, context):  # noqa: N802
-        self._inboxes.pop(request.request_id, None)
+        self._forget(request.request_id)
         await self._release(request.request_id)
         return pb.ReserveReply()
 
@@ -245,14 +299,16 @@ class NodeService(pb_grpc.NodeServicer):
 
     # -- prefill side ------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context):  # noqa: N802
+        """Reserve the DE buffer, load the hit KV into a DRAM buffer (PE or DE side), then queue on the PE
+        engine; the engine's batch loop computes it and sends its KV to the DE."""
         spec, eng = request.request, self.engines[request.pe_engine]
-        cached = spec.hit_blocks * self.geom.block_tokens
+        if spec.new_tokens < 1:
+            raise ValueError(f"request {spec.request_id}: a prefill computes at least one new token")
         eng.unfinished_requests += 1
         eng.unfinished_tokens += spec.new_tokens
-        fetch = None
+        job = _PrefillJob(request, layer_chunks(self.geom.layers, spec.layer_chunks or 1),
+                          done=asyncio.get_running_loop().create_future())
         read_s = 0.0
-        kv_bytes = 0
-        chunks = layer_chunks(self.geom.layers, spec.layer_chunks or 1)
         reserved = False
         try:
             if request.path != pb.READ_PATH_NONE:  # the DE buffer first, all at once (see Reserve)
@@ -260,54 +316,176 @@ class NodeService(pb_grpc.NodeServicer):
                     pb.ReserveRequest(request_id=spec.request_id, bytes=self.de_buffer_bytes(spec)))
                 reserved = True
             if request.path == pb.READ_PATH_PE:
-                read_s = await self._read(spec, reserve=True)
-                kv_bytes += self.geom.span_bytes(spec.hit_blocks)
-            elif request.path == pb.READ_PATH_DE:
-                fetch = self._spawn(self._stub(request.de_mgmt, kv=False).Fetch(
+                job.hit, read_s = await self._read(spec, reserve=True)
+                job.kv_bytes += len(job.hit)
+            elif request.path == pb.READ_PATH_DE and spec.hit_blocks:
+                job.arrivals = self._inbox(spec.request_id)
+                job.fetch = self._spawn(self._stub(request.de_mgmt, kv=False).Fetch(
                     pb.FetchRequest(request=spec, pe_cnic=request.pe_cnic, de_engine=request.de_engine)))
-            t_compute = time.monotonic()
-            if not request.layerwise:  # basic: the whole prefill, then the whole copy
-                async with eng.gpu:
-                    await asyncio.sleep(self.compute.prefill_s(cached, spec.new_tokens, 0, self.geom.layers))
-            inbox = self._inbox(spec.request_id)
-            for chunk in chunks:
-                if request.path == pb.READ_PATH_DE:
-                    await self._next_chunk(inbox, fetch)  # this chunk's hit KV arrived from the DE buffer
-                    kv_bytes += self.geom.span_bytes(spec.hit_blocks, *chunk)
-                if request.layerwise:
-                    async with eng.gpu:
-                        await asyncio.sleep(self.compute.prefill_s(cached, spec.new_tokens, *chunk))
-                if request.path != pb.READ_PATH_NONE:
-                    msgs = self._chunk_msgs(spec, chunk, hit=request.path == pb.READ_PATH_PE, new=True)
-                    await self._push(request.de_cnic, msgs)
-                    kv_bytes += sum(len(m.data) for m in msgs)
-            if fetch is not None:
-                read_s = (await fetch).read_s
+                # ready once the DE holds the hit KV in its buffer: its first layer chunk has arrived
+                await self._arrived(job, 1)
+            t_ready = time.monotonic()
+            eng.prefills.append(job)
+            if eng.prefill_task is None or eng.prefill_task.done():
+                eng.prefill_task = self._spawn(self._prefill_loop(eng))
+            await job.done
+            if job.fetch is not None:
+                read_s = (await job.fetch).read_s
         except BaseException:
+            if job.fetch is not None:
+                job.fetch.cancel()
             if reserved:  # no Decode will come for it: give the DE its buffer back
                 await self._stub(request.de_mgmt, kv=False).Release(
                     pb.ReserveRequest(request_id=spec.request_id))
             raise
         finally:
-            self._inboxes.pop(spec.request_id, None)
+            if job in eng.prefills:
+                eng.prefills.remove(job)
+            self._forget(spec.request_id)
             await self._release(spec.request_id)
             eng.unfinished_requests -= 1
             eng.unfinished_tokens -= spec.new_tokens
-        return pb.PrefillReply(wait_s=0.0, read_s=read_s, prefill_s=time.monotonic() - t_compute, kv_bytes=kv_bytes)
+        return pb.PrefillReply(wait_s=0.0, read_s=read_s, prefill_s=time.monotonic() - t_ready,
+                               kv_bytes=job.kv_bytes)
+
+    def _predict_s(self, job: _PrefillJob, tokens: int) -> float:
+        cached = job.spec.hit_blocks * self.geom.block_tokens + job.computed
+        return sum(self.compute.prefill_layers_s([(cached, tokens)]))
+
+    def _form_batch(self, eng: Engine) -> list[tuple[_PrefillJob, int]]:
+        """The next batch, FIFO: whole requests while their predicted compute fits the quota, then as many
+        tokens of the next one as fit (binary search); a batch always makes progress."""
+        batch: list[tuple[_PrefillJob, int]] = []
+        left = self.prefill_quota_s
+        head = eng.prefills[0]
+        for job in eng.prefills:
+            if job.done.done():
+                continue
+            if (job.layerwise, job.chunks) != (head.layerwise, head.chunks):
+                break  # one batch, one way of moving KV
+            remaining = job.spec.new_tokens - job.computed
+            t = self._predict_s(job, remaining)
+            if t <= left:
+                batch.append((job, remaining))
+                left -= t
+                continue
+            lo, hi = 0, remaining  # the most tokens of this request that fit what is left of the quota
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._predict_s(job, mid) <= left:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == 0 and not batch:
+                lo = 1  # not even one token fits an empty quota: run one anyway
+            if lo:
+                batch.append((job, lo))
+            break
+        return batch
+
+    async def _prefill_loop(self, eng: Engine) -> None:
+        """The PE engine's GPU: batches of ready requests, one after the other."""
+        while eng.prefills:
+            if eng.prefills[0].done.done():  # failed while queued (a chunked request's first part)
+                eng.prefills.popleft()
+                continue
+            batch = self._form_batch(eng)
+            for job, tokens in batch:
+                if job.computed + tokens == job.spec.new_tokens:
+                    eng.prefills.remove(job)  # leaves the queue with this batch (a chunked one stays first)
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - the requests fail, the engine goes on
+                for job, _ in batch:
+                    if not job.done.done():
+                        job.done.set_exception(exc)
+                    if job in eng.prefills:
+                        eng.prefills.remove(job)
+
+    async def _run_batch(self, batch: list[tuple[_PrefillJob, int]]) -> None:
+        """Compute one batch; layerwise, each layer chunk's KV leaves as soon as the chunk is computed."""
+        head = batch[0][0]
+        per_layer = self.compute.prefill_layers_s(
+            [(j.spec.hit_blocks * self.geom.block_tokens + j.computed, n) for j, n in batch])
+        live = list(batch)
+        if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
+            for job, _ in live:
+                await self._arrived(job, len(job.chunks))
+            await asyncio.sleep(sum(per_layer))
+            for chunk in head.chunks:
+                live = self._send(live, chunk)
+        else:
+            for ci, chunk in enumerate(head.chunks):
+                ok = []
+                for job, n in live:  # this chunk's hit KV must be on the PE GPU
+                    try:
+                        await self._arrived(job, ci + 1)
+                        ok.append((job, n))
+                    except Exception as exc:  # noqa: BLE001 - that request fails, the batch goes on
+                        job.done.set_exception(exc)
+                live = ok
+                lf, nl = chunk
+                await asyncio.sleep(sum(per_layer[lf:lf + nl]))
+                live = self._send(live, chunk)
+        for job, n in live:
+            job.computed += n
+            if job.computed == job.spec.new_tokens:
+                self._spawn(self._finish(job))
+
+    async def _arrived(self, job: _PrefillJob, chunks: int) -> None:
+        """Wait until the first `chunks` layer chunks of a DE-read request's hit KV are here."""
+        if job.arrivals is None or job.computed:
+            return
+        while job.chunks_in < chunks:
+            await self._next_chunk(job.arrivals, job.fetch)
+            job.chunks_in += 1
+
+    def _send(self, live: list[tuple[_PrefillJob, int]], chunk: tuple[int, int]) -> list[tuple[_PrefillJob, int]]:
+        """Start sending one layer chunk of each request's KV PE -> DE: its hit KV with its first part (PE
+        read path), its new tokens' KV with its last part (any read path but none)."""
+        for job, n in live:
+            spec, msgs = job.spec, []
+            if job.path == pb.READ_PATH_PE and job.computed == 0 and spec.hit_blocks:
+                msgs.append(self._kv_msg(spec, job.hit, 0, spec.hit_blocks, chunk))
+            if job.path != pb.READ_PATH_NONE and job.computed + n == spec.new_tokens and spec.new_tokens:
+                nb = self._new_blocks(spec)
+                if not job.new_full:
+                    job.new_full = span_content(self.geom, spec.trajectory, spec.hit_blocks, nb)
+                msgs.append(self._kv_msg(spec, job.new_full, spec.hit_blocks, nb, chunk))
+            if msgs:
+                job.kv_bytes += sum(len(m.data) for m in msgs)
+                job.pushes.append(self._spawn(self._push(job.request.de_cnic, msgs)))
+        return live
+
+    async def _finish(self, job: _PrefillJob) -> None:
+        """The request is prefilled: done once every KV message of it reached the DE."""
+        try:
+            await asyncio.gather(*job.pushes)
+            if job.path == pb.READ_PATH_DE:
+                job.kv_bytes += self.geom.span_bytes(job.spec.hit_blocks)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting Prefill call
+            if not job.done.done():
+                job.done.set_exception(exc)
+            return
+        if not job.done.done():
+            job.done.set_result(None)
 
     # -- decode side -------------------------------------------------------------
     async def Fetch(self, request: pb.FetchRequest, context):  # noqa: N802
+        """DE read path: storage -> this node's buffer, then the hit KV to the PE engine chunk by chunk,
+        forwarding the very bytes read."""
         spec = request.request
-        read_s = await self._read(spec, reserve=False)  # reserved by the PE's Reserve; held until decode
+        data, read_s = await self._read(spec, reserve=False)  # reserved by the PE's Reserve; held until decode
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
-            await self._push(request.pe_cnic, self._chunk_msgs(spec, chunk, hit=True, new=False))
+            await self._push(request.pe_cnic, [self._kv_msg(spec, data, 0, spec.hit_blocks, chunk)]
+                             if spec.hit_blocks else [])
         return pb.FetchReply(read_s=read_s)
 
     async def Decode(self, request: pb.DecodeRequest, context):  # noqa: N802
         spec, eng = request.request, self.engines[request.de_engine]
         ctx = request.context_tokens
         # the KV is copied from the DRAM buffer into HBM: the buffer is free again
-        self._inboxes.pop(spec.request_id, None)
+        self._forget(spec.request_id)
         await self._release(spec.request_id)
         # blocks completed by the prefilled tokens go to storage first
         first_new = spec.hit_blocks
@@ -400,7 +578,8 @@ async def serve(args) -> None:
     storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv)
     cnics = args.cnic.split(",")
     service = NodeService(args.name, args.role, geom, len(cnics), storage,
-                          CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv)
+                          CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv,
+                          prefill_quota_s=args.prefill_quota_s * args.time_scale)
     server = grpc.aio.server(options=grpc_options(args.dscp_kv))
     pb_grpc.add_NodeServicer_to_server(service, server)
     await serve_until_stopped(server, [args.mgmt, *cnics], service.close)
@@ -419,6 +598,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--block-bytes", type=int, required=True)
     p.add_argument("--dram-buffer-bytes", type=int, required=True)
     p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--prefill-quota-s", type=float, default=PREFILL_QUOTA_S,
+                   help="compute quota of one PE batch, real GPU seconds (default: %(default)s, the paper's)")
     p.add_argument("--dscp-kv", type=int, default=None)
     return p.parse_args(argv)
 

@@ -29,8 +29,8 @@ class FakeGpu:
     def __init__(self):
         self.batches: list[int] = []
 
-    def prefill_s(self, cached, new, layer_first, layers):
-        return 0.0
+    def prefill_layers_s(self, batch):
+        return (0.0,) * GEOM.layers
 
     def decode_step_s(self, contexts):
         self.batches.append(len(contexts))

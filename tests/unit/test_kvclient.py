@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from daemon_procs import Procs
 
-from daemons.kvbytes import KvGeometry
-from daemons.kvclient import Ledger, StorageClient, _runs
+from daemons.kvbytes import KvGeometry, span_content
+from daemons.kvclient import KvIncomplete, Ledger, StorageClient, _runs
 from daemons.storage import STRIPE_BLOCKS, server_for
 
 GEOM = KvGeometry(layers=61, block_tokens=64, block_bytes=256)
@@ -35,12 +35,12 @@ def test_read_whole_context_from_all_servers(servers):
 
     async def go():
         client, ledger = StorageClient(addrs, GEOM), Ledger()
-        nbytes = await client.read("r1", "a1", 0, N, ledger)
+        data = await client.read("r1", "a1", 0, N, ledger)
         await client.close()
-        return nbytes, ledger
+        return data, ledger
 
-    nbytes, ledger = asyncio.run(go())
-    assert nbytes == N * 256
+    data, ledger = asyncio.run(go())
+    assert data == span_content(GEOM, "a1", 0, N)  # the buffer holds the context, in block order
     assert (ledger.blocks_read, ledger.blocks_verified, ledger.blocks_corrupt, ledger.blocks_lost) == (N, N, 0, 0)
     assert ledger.clean
 
@@ -64,7 +64,8 @@ def test_blocks_that_do_not_exist_are_lost_not_ignored(servers):
 
     async def go():
         client, ledger = StorageClient(addrs, GEOM), Ledger()
-        await client.read("r3", "a1", N - 2, 5, ledger)  # N, N+1, N+2 were never written
+        with pytest.raises(KvIncomplete):
+            await client.read("r3", "a1", N - 2, 5, ledger)  # N, N+1, N+2 were never written
         await client.close()
         return ledger
 
@@ -81,7 +82,8 @@ def test_a_dead_server_loses_its_share(servers):
 
     async def go():
         client, ledger = StorageClient(addrs, GEOM), Ledger()
-        await client.read("r4", "a1", 0, N, ledger)
+        with pytest.raises(KvIncomplete):
+            await client.read("r4", "a1", 0, N, ledger)
         await client.close()
         return ledger
 
@@ -102,7 +104,8 @@ def test_corruption_is_detected(servers, tmp_path):
 
     async def go():
         client, ledger = StorageClient(addrs, GEOM), Ledger()
-        await client.read("r5", "a1", 0, 6, ledger)
+        with pytest.raises(KvIncomplete):
+            await client.read("r5", "a1", 0, 6, ledger)
         await client.close()
         return ledger
 

@@ -119,8 +119,11 @@ def test_basic_reads_everything_then_copies(cluster):
 def test_missing_context_is_counted_lost(cluster):
     spec = pb.RequestSpec(request_id="r-miss", trajectory="nope", hit_blocks=5, new_tokens=10, gen_tokens=1,
                           layer_chunks=2)
-    _prefill(cluster, spec, pb.READ_PATH_PE)
+    with pytest.raises(grpc.RpcError, match="5 lost"):  # nothing to forward: the request fails
+        _prefill(cluster, spec, pb.READ_PATH_PE)
     assert _ledger(cluster, "pe1").blocks_lost == 5
+    assert _ledger(cluster, "de1").blocks_verified == 0  # no made-up KV reached the DE
+    assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
 
 
 def test_failed_prefill_returns_its_decode_buffer_reservation(cluster):
