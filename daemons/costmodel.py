@@ -15,6 +15,7 @@ Called by: the prefill and decode daemons (how long each layer or decode step co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ def _attention_params(m: ModelSpec) -> int:
     return q + kv + m.q_heads * m.v_head_dim * m.hidden + indexer
 
 
+@functools.lru_cache(maxsize=1024)
 def _layer_params(m: ModelSpec, layer: int) -> tuple[int, int, int]:
     """(always-active params, params of one routed expert, routed experts) of one layer."""
     if layer < m.dense_layers:
@@ -279,16 +281,38 @@ class LayerCost:
         return self.overhead_s + max(self.compute_s, self.memory_s)
 
 
+def _batch_sums(m: ModelSpec, requests: list[tuple[int, int]], cap: int | None) -> tuple[int, int, int, int]:
+    """What a layer's attention work depends on, summed over the batch's (cached, new) requests: keys the
+    queries attend, latent keys streamed from HBM (the union they attend, plus the new KV), keys the DSA
+    indexer scores, and context tokens. The same for every layer with the same key cap, so computed once
+    per batch and cap, not once per layer."""
+    keys = streamed = scored = context = 0
+    for cached, new in requests:
+        _check_tokens(cached, "cached tokens")
+        _check_tokens(new, "new tokens", least=1)
+        keys += _keys_attended(cached, new, cap)
+        # keys streamed from HBM: the union of what the queries attend (bounded by the context), plus new KV
+        streamed += (cached + new if cap is None else min(cached + new, new * cap if m.dsa_top_k else cap + new)) + new
+        if m.dsa_top_k:  # the indexer scores every earlier key for every query
+            scored += _keys_attended(cached, new, None)
+        context += cached + new
+    return keys, streamed, scored, context
+
+
+def _layer_cap(m: ModelSpec, layer: int) -> int | None:
+    window = m.sliding_window if _sliding(m, layer) else None
+    return m.dsa_top_k or window
+
+
 def _layer_cost(m: ModelSpec, layer: int, requests: list[tuple[int, int]], ep_gpus: int,
-                gpu: GpuSpec) -> LayerCost:
-    """Work of `layer` for requests of (cached, new) tokens; decode is (context, 1) per sequence."""
+                gpu: GpuSpec, sums: tuple[int, int, int, int] | None = None) -> LayerCost:
+    """Work of `layer` for requests of (cached, new) tokens; decode is (context, 1) per sequence.
+    `sums`: the batch's _batch_sums for this layer's cap, if the caller has them."""
     _check_tokens(layer, "layer")
     if layer >= m.layers:
         raise CostModelError(f"{m.name} has layers 0..{m.layers - 1}, not {layer}")
     _check_ep(m, ep_gpus)
-    for cached, new in requests:
-        _check_tokens(cached, "cached tokens")
-        _check_tokens(new, "new tokens", least=1)
+    keys, streamed, scored, context = sums or _batch_sums(m, requests, _layer_cap(m, layer))
     tokens = sum(new for _, new in requests)
     fixed, expert, n = _layer_params(m, layer)
     gemm = 2.0 * tokens * (fixed + m.experts_per_token * expert * (n > 0))
@@ -299,22 +323,16 @@ def _layer_cost(m: ModelSpec, layer: int, requests: list[tuple[int, int]], ep_gp
     if layer == m.layers - 1:  # LM head: logits of each request's last position
         gemm += 2.0 * len(requests) * m.vocab * m.hidden
         weights += m.vocab * m.hidden
-    kv_layer = kv_bytes_per_layer_token(m)
-    window = m.sliding_window if _sliding(m, layer) else None
-    cap = m.dsa_top_k or window
     if m.kv_lora_rank:  # MQA mode: QK over latent + RoPE, PV over the latent
         pair = 2 * m.q_heads * (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * m.q_heads * m.kv_lora_rank
     else:
         pair = 2 * m.q_heads * m.head_dim + 2 * m.q_heads * m.v_head_dim
-    attention = indexer = kv_read = 0.0
-    for cached, new in requests:
-        attention += pair * _keys_attended(cached, new, cap)
-        # keys streamed from HBM: the union of what the queries attend (bounded by the context), plus new KV
-        union = cached + new if cap is None else min(cached + new, new * cap if m.dsa_top_k else cap + new)
-        kv_read += kv_layer * (union + new)
-        if m.dsa_top_k:  # the indexer scores every earlier key for every query
-            indexer += 2 * m.indexer_heads * m.indexer_head_dim * _keys_attended(cached, new, None)
-            kv_read += _indexer_key_bytes_per_layer_token(m) * (cached + new)
+    attention = float(pair * keys)
+    kv_read = float(kv_bytes_per_layer_token(m) * streamed)
+    indexer = 0.0
+    if m.dsa_top_k:
+        indexer = float(2 * m.indexer_heads * m.indexer_head_dim * scored)
+        kv_read += _indexer_key_bytes_per_layer_token(m) * context
     gemm_peak = gpu.fp8_flops_per_s if m.gemm_fp8 else gpu.bf16_flops_per_s
     attention_s = attention / (gpu.bf16_flops_per_s * gpu.attention_mfu)
     compute_s = (gemm / (gemm_peak * gpu.gemm_mfu) + attention_s
@@ -324,6 +342,18 @@ def _layer_cost(m: ModelSpec, layer: int, requests: list[tuple[int, int]], ep_gp
                      hbm / (gpu.hbm_bytes_per_s * gpu.hbm_efficiency), attention_s, gpu.layer_overhead_s)
 
 
+def _layer_costs(m: ModelSpec, requests: list[tuple[int, int]], ep_gpus: int, gpu: GpuSpec) -> list[LayerCost]:
+    """Every layer's cost for one batch, the per-request sums computed once per key cap."""
+    sums: dict[int | None, tuple[int, int, int, int]] = {}
+    out = []
+    for layer in range(m.layers):
+        cap = _layer_cap(m, layer)
+        if cap not in sums:
+            sums[cap] = _batch_sums(m, requests, cap)
+        out.append(_layer_cost(m, layer, requests, ep_gpus, gpu, sums[cap]))
+    return out
+
+
 # -- public costs ------------------------------------------------------------------------------------------
 def prefill_flops(m: ModelSpec, cached_tokens: int, new_tokens: int) -> float:
     """FLOPs to prefill new_tokens on top of cached_tokens already in the KV cache (one request): linear
@@ -331,7 +361,7 @@ def prefill_flops(m: ModelSpec, cached_tokens: int, new_tokens: int) -> float:
     query, plus the indexer over all earlier keys), LM head for the last position."""
     batch = [(cached_tokens, new_tokens)]
     return sum(c.gemm_flops + c.attention_flops + c.indexer_flops
-               for c in (_layer_cost(m, layer, batch, m.prefill_ep_gpus, HOPPER) for layer in range(m.layers)))
+               for c in _layer_costs(m, batch, m.prefill_ep_gpus, HOPPER))
 
 
 def cache_compute_ratio_gb_per_pflop(m: ModelSpec, context: int, append: int) -> float:
@@ -357,7 +387,8 @@ def prefill_layer_times_s(m: ModelSpec, batch: list[tuple[int, int]], gpu: GpuSp
     """Per-layer prefill seconds, layer 0 first; their sum is prefill_time_s."""
     if not batch:
         return (0.0,) * m.layers
-    return tuple(prefill_layer_time_s(m, batch, layer, gpu, ep_gpus) for layer in range(m.layers))
+    ep = m.prefill_ep_gpus if ep_gpus is None else ep_gpus
+    return tuple(c.time_s for c in _layer_costs(m, list(batch), ep, gpu))
 
 
 def prefill_time_s(m: ModelSpec, batch: list[tuple[int, int]], gpu: GpuSpec = HOPPER,
@@ -375,4 +406,4 @@ def decode_step_time_s(m: ModelSpec, contexts: list[int], gpu: GpuSpec = HOPPER,
         return 0.0
     batch = [(context, 1) for context in contexts]
     ep = m.decode_ep_gpus if ep_gpus is None else ep_gpus
-    return sum(_layer_cost(m, layer, batch, ep, gpu).time_s for layer in range(m.layers))
+    return sum(c.time_s for c in _layer_costs(m, batch, ep, gpu))
