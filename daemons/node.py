@@ -115,6 +115,7 @@ class _Decoding:
     generated: int = 0
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    last_token: float | None = None
     blocks_written: int = 0
     done: asyncio.Future | None = None
     writes: list = field(default_factory=list)  # write-back tasks of this request
@@ -134,7 +135,7 @@ class _PrefillJob:
     new_full: bytes = b""               # the new tokens' Full Blocks, derived once
     pushes: list = field(default_factory=list)
     kv_bytes: int = 0
-    done: asyncio.Future | None = None
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def spec(self) -> pb.RequestSpec:
@@ -306,8 +307,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise ValueError(f"request {spec.request_id}: a prefill computes at least one new token")
         eng.unfinished_requests += 1
         eng.unfinished_tokens += spec.new_tokens
-        job = _PrefillJob(request, layer_chunks(self.geom.layers, spec.layer_chunks or 1),
-                          done=asyncio.get_running_loop().create_future())
+        job = _PrefillJob(request, layer_chunks(self.geom.layers, spec.layer_chunks or 1))
         read_s = 0.0
         reserved = False
         try:
@@ -504,8 +504,12 @@ class NodeService(pb_grpc.NodeServicer):
         await d.done
         await asyncio.gather(*d.writes)  # persisted before the turn counts as done
         elapsed = time.monotonic() - d.started
-        return pb.DecodeReply(first_token_s=(d.first_token or d.started) - d.started, decode_s=elapsed,
-                              tpot_s=elapsed / max(1, spec.gen_tokens), blocks_written=d.blocks_written)
+        first = d.first_token or d.started
+        last = d.last_token or first
+        # time per output token after the first, as generated (the write-back of the last blocks is not decode)
+        tpot = (last - first) / (spec.gen_tokens - 1) if spec.gen_tokens > 1 else first - d.started
+        return pb.DecodeReply(first_token_s=first - d.started, decode_s=elapsed, tpot_s=tpot,
+                              blocks_written=d.blocks_written)
 
     async def _decode_loop(self, eng: Engine) -> None:
         """Event-driven decode: one wake-up per event, not per token.
@@ -557,6 +561,7 @@ class NodeService(pb_grpc.NodeServicer):
                 d.writes.append(self._spawn(self.storage.write(
                     d.spec.request_id, d.spec.trajectory, boundary // bt - 1, 1, self.ledger)))
             if d.generated >= d.spec.gen_tokens:
+                d.last_token = start + steps * step_s
                 eng.batch.remove(d)
                 eng.unfinished_requests -= 1
                 d.done.set_result(None)

@@ -11,6 +11,7 @@ Results go to ``results/<scenario>/<run-id>/`` (see docs/results.md).
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import time
@@ -113,10 +114,24 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say) -> dict:
             say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
     finally:
         cpu.stop()
+        _write_cpu(run_dir / "cpu.csv", cpu, windows, plan.scenario.serving.modes)
     # Judged while the workload runs (daemon start-up is not the emulation), over spans of
     # 0.5 s of REAL time: a CPU-starved wall second distorts real timing by 1/time_scale s.
     span_s = 0.5 * plan.scenario.scale.time
     return {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
+
+
+def _write_cpu(path: Path, cpu: CpuSampler, windows: list[tuple[float, float]], modes: list[str]) -> None:
+    """The machine's busy fraction every sample (wall seconds since the first), with the mode running then."""
+    if not cpu.samples:
+        return
+    t0 = cpu.samples[0][0]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "mode", "cpu_busy"])
+        for t, u in cpu.samples:
+            mode = next((m for m, (a, b) in zip(modes, windows) if a <= t <= b), "")
+            w.writerow([f"{t - t0:.2f}", mode, f"{u:.3f}"])
 
 
 def _fault(stage: str) -> None:

@@ -138,12 +138,15 @@ def run_mode(emu, plan, mode: str, mode_dir: Path) -> tuple[dict, tuple[float, f
             _wait_ready(proc, what)
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
-        sampler.start()
-        t0 = time.monotonic()
         driver = emu.procs.start("driver", ctl, [
             py, "-m", "traffic.driver", "run", "--scheduler", f"{ctl_addr}:{SCHED_PORT}", "--workload", str(wl_path),
             "--block-tokens", str(lay.geom.block_tokens), "--layer-chunks", str(sc.serving.layer_chunks),
             "--time-scale", str(sc.scale.time), "--tag", f"{mode}-", "--out", str(mode_dir / "requests.csv")])
+        sampler.start()
+        if driver.stdout.readline().strip() != "start":  # the driver's own start-up is not the workload
+            driver.wait(timeout=30)
+            raise RuntimeError(f"workload driver did not start in mode {mode}: {driver.stderr.read()[-1500:]}")
+        t0 = time.monotonic()
         out, err = driver.communicate()
         t1 = time.monotonic()
         sampler.stop()

@@ -81,6 +81,8 @@ async def run(args) -> dict:
     rows: list[dict] = []
     async with grpc.aio.insecure_channel(args.scheduler) as channel:
         stub = pb_grpc.SchedulerStub(channel)
+        await channel.channel_ready()
+        print("start", flush=True)  # set up (imports, connection): the workload starts now
         t0 = time.monotonic()
         await asyncio.gather(*(_agent(stub, t, s, t0, args, rows) for t, s in zip(trajectories, starts, strict=True)))
         jct_wall = time.monotonic() - t0

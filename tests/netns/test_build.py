@@ -76,7 +76,7 @@ def test_default_cluster_build_and_teardown():
     from scenarios import schema
     from scenarios.plan import make_plan
 
-    plan = make_plan(schema.load("default"))
+    plan = make_plan(schema.load("cluster"))
     assert sorted(h.name for h in plan.net.hosts) == sorted(HOSTS)  # the plan is the cluster we check
     netns = {f"dp-{h}" for h in HOSTS}
     switch_ports = {lk.switch_intf for lk in plan.net.cables()}

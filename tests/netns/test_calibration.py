@@ -1,4 +1,4 @@
-"""`dpemu run default`: every link class delivers its configured rate, measured
+"""`dpemu run cluster`: every link class delivers its configured rate, measured
 on the wire (HTB counters) under iperf3 load, and the run leaves nothing behind.
 
 The run (about 10 s) is made once per module; the tests read what it wrote and printed.
@@ -15,7 +15,7 @@ import pytest
 from netns_tools import assert_nothing_left, describe, run_dpemu, snapshot
 
 TOL = 0.03
-CONFIGURED = {"snic": 40e6, "cnic": 40e6, "stnic": 160e6}  # default.yaml at bytes x 1e-4
+CONFIGURED = {"snic": 40e6, "cnic": 40e6, "stnic": 160e6}  # cluster.yaml at bytes x 1e-4
 DIRECTIONS = ("up", "down")
 
 
@@ -25,11 +25,11 @@ def _fmt(bps):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, machine_free):
-    """One `dpemu run default`, with its own before/after leak snapshot (the
+    """One `dpemu run cluster`, with its own before/after leak snapshot (the
     per-test leak check runs after module fixtures are set up)."""
     out = tmp_path_factory.mktemp("default-run")
     before = snapshot()
-    res = run_dpemu("run", "default", "--out", str(out), timeout=300)
+    res = run_dpemu("run", "cluster", "--out", str(out), timeout=300)
     after = snapshot()
     leaked = {k: sorted(map(str, after[k] - before[k])) for k in after if after[k] - before[k]}
     return res, out, leaked
@@ -41,12 +41,12 @@ def test_default_calibration_within_tolerance(default_run):
     print(res.stdout)
     assert res.returncode == 0, describe(res)
 
-    run_dirs = list((out / "default").iterdir())
+    run_dirs = list((out / "cluster").iterdir())
     assert len(run_dirs) == 1, run_dirs
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     rows = summary["calibration"]["classes"]
 
-    print(f"\ncalibration of `default` (run {summary['run_id']}, build {summary['build_s']}s, "
+    print(f"\ncalibration of `cluster` (run {summary['run_id']}, build {summary['build_s']}s, "
           f"teardown {summary['teardown_s']}s, {summary['calibration']['rounds']} round(s), "
           f"CPU max {summary['fidelity']['cpu_util_max']:.0%})")
     print(f"{'class':6s} {'dir':5s} {'links':>5s} {'configured':>16s} {'achieved':>16s} {'worst err':>9s} "
@@ -62,7 +62,7 @@ def test_default_calibration_within_tolerance(default_run):
     for (cls, direction), r in by_key.items():
         where = f"{cls} {direction}"
         assert r["configured_bps"] == pytest.approx(CONFIGURED[cls]), where
-        # every class of `default` can be saturated: nothing is verified against a lower "expected" rate
+        # every class of `cluster` can be saturated: nothing is verified against a lower "expected" rate
         assert r["expected_bps"] == r["configured_bps"], (where, r)
         assert r["within_tolerance"] is True, (where, r)
         assert r["worst_error"] is not None and abs(r["worst_error"]) <= TOL, (where, r)

@@ -80,7 +80,7 @@ def test_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert {"default", "tiny", "calibrate_all"} <= set(names)
+    assert {"default", "cluster", "tiny", "calibrate_all"} <= set(names)
     assert "invalid" not in out
 
 

@@ -112,7 +112,7 @@ def test_judge_collects_every_reason():
 
 # -- plans refused before build ---------------------------------------------
 def test_bytes_1e6_is_refused():
-    plan = make_plan(schema.load("default", ["scale.bytes=0.000001"]))  # 400Gbit -> 400Kbit
+    plan = make_plan(schema.load("cluster", ["scale.bytes=0.000001"]))  # 400Gbit -> 400Kbit
     assert plan.problems
     assert any(p.startswith("snic links would be shaped to 400Kbit") for p in plan.problems)
     with pytest.raises(FidelityError, match="cannot be emulated faithfully"):
@@ -127,7 +127,7 @@ def test_rates_too_high_are_refused():
 
 def test_aggregate_over_budget_is_refused():
     # 40 Mbit/s SNICs are fine one by one, but 2 x 80 x 40 Mbit/s = 6.4 Gbit/s in aggregate is not
-    plan = make_plan(schema.load("default", ["cluster.prefill_nodes=40", "cluster.decode_nodes=40",
+    plan = make_plan(schema.load("cluster", ["cluster.prefill_nodes=40", "cluster.decode_nodes=40",
                                              "cluster.gpus_per_node=1"]))
     assert plan.predicted_bps == pytest.approx(6.4e9) and 6.4e9 > KERNEL_BUDGET_BPS
     assert len(plan.problems) == 1 and "peak traffic" in plan.problems[0]
@@ -136,7 +136,7 @@ def test_aggregate_over_budget_is_refused():
 
 
 def test_good_plan_checks():
-    plan = make_plan(schema.load("default"))
+    plan = make_plan(schema.load("cluster"))
     assert plan.predicted_bps == pytest.approx(480e6)  # 2 x 6 SNICs x 40 Mbit/s
     assert plan.predicted_bps <= KERNEL_BUDGET_BPS
     plan.check()

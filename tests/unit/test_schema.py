@@ -29,7 +29,7 @@ def set_in(data: dict, dotted: str, value) -> dict:
 
 # -- shipped scenarios -------------------------------------------------------
 def test_the_three_scenarios_ship():
-    assert {"default", "tiny", "calibrate_all"} <= set(SHIPPED)
+    assert {"default", "cluster", "tiny", "calibrate_all"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -47,7 +47,7 @@ def test_resolved_scenario_reloads_to_the_same_scenario(name):
 
 
 def test_default_values_in_real_units():
-    sc = schema.load("default")
+    sc = schema.load("cluster")
     c = sc.cluster_spec()
     assert (c.prefill_nodes, c.decode_nodes, c.gpus_per_node) == (2, 4, 8)
     assert (c.cnic_rate_bps, c.snic_rate_bps) == (400e9, 400e9)
