@@ -40,9 +40,9 @@ class StorageStub:
                 request_serializer=daemons_dot_dualpath__pb2.ReadRequest.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.KvData.FromString,
                 _registered_method=True)
-        self.Write = channel.stream_unary(
+        self.Write = channel.unary_unary(
                 '/dualpath.v1.Storage/Write',
-                request_serializer=daemons_dot_dualpath__pb2.KvData.SerializeToString,
+                request_serializer=daemons_dot_dualpath__pb2.KvBatch.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.WriteAck.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
@@ -62,7 +62,7 @@ class StorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Write(self, request_iterator, context):
+    def Write(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,9 +82,9 @@ def add_StorageServicer_to_server(servicer, server):
                     request_deserializer=daemons_dot_dualpath__pb2.ReadRequest.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.KvData.SerializeToString,
             ),
-            'Write': grpc.stream_unary_rpc_method_handler(
+            'Write': grpc.unary_unary_rpc_method_handler(
                     servicer.Write,
-                    request_deserializer=daemons_dot_dualpath__pb2.KvData.FromString,
+                    request_deserializer=daemons_dot_dualpath__pb2.KvBatch.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.WriteAck.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
@@ -132,7 +132,7 @@ class Storage:
             _registered_method=True)
 
     @staticmethod
-    def Write(request_iterator,
+    def Write(request,
             target,
             options=(),
             channel_credentials=None,
@@ -142,11 +142,11 @@ class Storage:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/dualpath.v1.Storage/Write',
-            daemons_dot_dualpath__pb2.KvData.SerializeToString,
+            daemons_dot_dualpath__pb2.KvBatch.SerializeToString,
             daemons_dot_dualpath__pb2.WriteAck.FromString,
             options,
             channel_credentials,
@@ -215,9 +215,9 @@ class NodeStub:
                 request_serializer=daemons_dot_dualpath__pb2.FetchRequest.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.FetchReply.FromString,
                 _registered_method=True)
-        self.PushKv = channel.stream_unary(
+        self.PushKv = channel.unary_unary(
                 '/dualpath.v1.Node/PushKv',
-                request_serializer=daemons_dot_dualpath__pb2.KvData.SerializeToString,
+                request_serializer=daemons_dot_dualpath__pb2.KvBatch.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.PushAck.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_unary(
@@ -260,7 +260,7 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PushKv(self, request_iterator, context):
+    def PushKv(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,9 +301,9 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=daemons_dot_dualpath__pb2.FetchRequest.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.FetchReply.SerializeToString,
             ),
-            'PushKv': grpc.stream_unary_rpc_method_handler(
+            'PushKv': grpc.unary_unary_rpc_method_handler(
                     servicer.PushKv,
-                    request_deserializer=daemons_dot_dualpath__pb2.KvData.FromString,
+                    request_deserializer=daemons_dot_dualpath__pb2.KvBatch.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.PushAck.SerializeToString,
             ),
             'Decode': grpc.unary_unary_rpc_method_handler(
@@ -436,7 +436,7 @@ class Node:
             _registered_method=True)
 
     @staticmethod
-    def PushKv(request_iterator,
+    def PushKv(request,
             target,
             options=(),
             channel_credentials=None,
@@ -446,11 +446,11 @@ class Node:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/dualpath.v1.Node/PushKv',
-            daemons_dot_dualpath__pb2.KvData.SerializeToString,
+            daemons_dot_dualpath__pb2.KvBatch.SerializeToString,
             daemons_dot_dualpath__pb2.PushAck.FromString,
             options,
             channel_credentials,

@@ -18,6 +18,7 @@ Pure functions, no I/O: daemons and tests import this freely.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from dataclasses import dataclass
 
@@ -57,9 +58,40 @@ class KvGeometry:
         return -(-tokens // self.block_tokens)
 
 
+class _ContentCache:
+    """Recently derived blocks, bounded in bytes (least recently used out first).
+
+    An agent's context is read again every turn, mostly by the same few nodes;
+    deriving its blocks once per process instead of once per read keeps the
+    CPU of verification per turn small. Correctness does not depend on it: a
+    cached block is the same pure function of (trajectory, block, size)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._blocks: collections.OrderedDict[tuple[str, int, int], bytes] = collections.OrderedDict()
+
+    def get(self, trajectory: str, block: int, nbytes: int) -> bytes:
+        key = (trajectory, block, nbytes)
+        data = self._blocks.get(key)
+        if data is not None:
+            self._blocks.move_to_end(key)
+            return data
+        data = hashlib.shake_128(f"{trajectory}/{block}".encode()).digest(nbytes)
+        self._blocks[key] = data
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes -= len(old)
+        return data
+
+
+_CONTENT = _ContentCache(max_bytes=128 << 20)
+
+
 def block_content(geom: KvGeometry, trajectory: str, block: int) -> bytes:
     """The bytes of one Full Block (all layers)."""
-    return hashlib.shake_128(f"{trajectory}/{block}".encode()).digest(geom.block_bytes)
+    return _CONTENT.get(trajectory, block, geom.block_bytes)
 
 
 def span_content(geom: KvGeometry, trajectory: str, first_block: int, blocks: int,

@@ -120,15 +120,26 @@ class StorageClient:
 
     async def write(self, request_id: str, trajectory: str, first_block: int, blocks: int,
                     ledger: Ledger) -> int:
-        """Write Full Blocks with their derived contents; return bytes sent."""
-        per = self._by_server(trajectory, first_block, blocks)
+        """Write Full Blocks [first_block, first_block + blocks) of a trajectory; return bytes sent."""
+        return await self.write_blocks(request_id, [(trajectory, b) for b in range(first_block, first_block + blocks)],
+                                       ledger)
 
-        async def one(server: int, wanted: list[int]) -> int:
-            msgs = [pb.KvData(request_id=request_id,
-                              span=pb.BlockSpan(trajectory=trajectory, first_block=f, blocks=c),
-                              data=span_content(self.geom, trajectory, f, c)) for f, c in _runs(wanted)]
+    async def write_blocks(self, request_id: str, blocks: list[tuple[str, int]], ledger: Ledger) -> int:
+        """Write Full Blocks, given as (trajectory, block), with their derived contents: one call per storage
+        server whatever the number of trajectories (a decode batch completes blocks of several at once)."""
+        per: dict[int, list[tuple[str, int]]] = {}
+        for traj, b in blocks:
+            per.setdefault(server_for(traj, b, len(self._stubs)), []).append((traj, b))
+
+        async def one(server: int, wanted: list[tuple[str, int]]) -> int:
+            by_traj: dict[str, list[int]] = {}
+            for traj, b in wanted:
+                by_traj.setdefault(traj, []).append(b)
+            msgs = [pb.KvData(request_id=request_id, span=pb.BlockSpan(trajectory=traj, first_block=f, blocks=c),
+                              data=span_content(self.geom, traj, f, c))
+                    for traj, bs in by_traj.items() for f, c in _runs(sorted(bs))]
             try:
-                ack = await self._stubs[server].Write(iter(msgs))
+                ack = await self._stubs[server].Write(pb.KvBatch(items=msgs))
             except grpc.aio.AioRpcError:
                 ledger.blocks_lost += len(wanted)
                 return 0

@@ -125,9 +125,9 @@ class StorageService(pb_grpc.StorageServicer):
                 yield pb.KvData(request_id=request.request_id, data=data,
                                 span=pb.BlockSpan(trajectory=span.trajectory, first_block=first, blocks=n))
 
-    async def Write(self, request_iterator, context):  # noqa: N802
+    async def Write(self, request: pb.KvBatch, context):  # noqa: N802
         blocks = nbytes = 0
-        async for msg in request_iterator:
+        for msg in request.items:
             if msg.span.layers != 0:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "storage stores Full Blocks only (layers=0)")
             try:

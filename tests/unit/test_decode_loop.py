@@ -15,11 +15,18 @@ STEP_S = 0.002
 class FakeStorage:
     def __init__(self):
         self.writes: list[tuple[str, int, int]] = []
+        self.calls = 0  # write calls made by the decode loop
 
     async def write(self, request_id, trajectory, first_block, blocks, ledger):
         self.writes.append((trajectory, first_block, blocks))
         ledger.blocks_written += blocks
         return blocks * GEOM.block_bytes
+
+    async def write_blocks(self, request_id, blocks, ledger):
+        self.calls += 1
+        for trajectory, block in blocks:
+            await self.write(request_id, trajectory, block, 1, ledger)
+        return len(blocks) * GEOM.block_bytes
 
     async def close(self):
         pass
@@ -78,3 +85,18 @@ def test_wake_ups_are_per_event_not_per_token():
     # 256 tokens from a block boundary: events at 64, 128, 192, 256 -> about 4 segments, not 256 steps
     assert len(gpu.batches) <= 8
     assert [f for _, f, _ in storage.writes] == [1, 2, 3, 4]
+
+
+def test_blocks_completed_at_the_same_step_go_to_storage_in_one_call():
+    storage, gpu = FakeStorage(), FakeGpu()
+
+    async def go():
+        svc = NodeService("de1", "de", GEOM, 1, storage, gpu, 1 << 20)
+        # both cross a block boundary at their 4th token: 60 -> 64 and 124 -> 128
+        return await asyncio.gather(svc.Decode(_req("r1", "a", 60, 10), None),
+                                    svc.Decode(_req("r2", "b", 124, 10), None))
+
+    r1, r2 = asyncio.run(go())
+    assert sorted((t, f) for t, f, _ in storage.writes) == [("a", 0), ("b", 1)]
+    assert storage.calls == 1  # one write for the batch, not one per sequence
+    assert r1.blocks_written == r2.blocks_written == 1

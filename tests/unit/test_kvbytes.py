@@ -60,3 +60,17 @@ def test_layer_slice_out_of_range():
     g = KvGeometry(layers=8, block_tokens=64, block_bytes=80)
     with pytest.raises(ValueError):
         g.layer_range(6, 3)
+
+
+def test_content_cache_is_bounded_in_bytes_and_returns_the_derived_bytes():
+    import hashlib
+
+    from daemons.kvbytes import _ContentCache
+    cache = _ContentCache(max_bytes=1000)
+    first = cache.get("t", 0, 300)
+    assert first == hashlib.shake_128(b"t/0").digest(300)
+    for b in range(1, 5):
+        cache.get("t", b, 300)
+    assert cache.bytes <= 1000 and len(cache._blocks) == 3  # blocks 2, 3, 4: the least recently used went first
+    assert ("t", 0, 300) not in cache._blocks
+    assert cache.get("t", 0, 300) == first  # derived again, identical

@@ -93,11 +93,11 @@ def test_de_read_path_moves_hit_kv_over_the_compute_fabric(cluster):
     pe, de = _ledger(cluster, "pe1"), _ledger(cluster, "de1")
     assert de.blocks_read == HIT and pe.blocks_read == 0  # the DE node's SNIC read it
     assert de.blocks_forwarded == CHUNKS * HIT == pe.blocks_verified  # DE -> PE, layer chunk by chunk
-    assert pe.blocks_forwarded == CHUNKS * NEW_BLOCKS  # only the new tokens' KV goes back
-    assert de.blocks_verified == HIT + CHUNKS * NEW_BLOCKS
+    assert pe.blocks_forwarded == NEW_BLOCKS  # only the new tokens' KV goes back, all layers in one call
+    assert de.blocks_verified == HIT + NEW_BLOCKS
     assert pe.blocks_corrupt == de.blocks_corrupt == 0
     status = cluster["de1"]["stub"].Status(pb.StatusRequest())
-    # the DE buffer holds the hit KV it read plus every layer chunk of the new KV (the chunks tile the blocks)
+    # the DE buffer holds the hit KV it read plus the new KV (reserved by Fetch, held until decode)
     assert status.buffer_bytes == (HIT + NEW_BLOCKS) * BB
     _decode(cluster, spec)
     assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0

@@ -52,8 +52,8 @@ def test_multi_block_read_is_chunked_by_message_size(storage, tmp_path):
     mine = _held(0, range(3 * STRIPE_BLOCKS))
     # a write of 20 contiguous blocks to a new trajectory, then a read back in 2048-byte messages (8 blocks)
     data = span_content(GEOM, "w9", 0, 20)
-    ack = stub.Write(iter([pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="w9", first_block=0, blocks=20),
-                                     data=data)]))
+    ack = stub.Write(pb.KvBatch(items=[pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="w9", first_block=0,
+                                                                               blocks=20), data=data)]))
     assert (ack.blocks, ack.bytes) == (20, 20 * 256)
     msgs = list(stub.Read(pb.ReadRequest(request_id="r2", spans=[pb.BlockSpan(trajectory="w9", first_block=0,
                                                                             blocks=20)])))
@@ -82,13 +82,13 @@ def test_layer_slices_are_refused(storage):
 
 def test_write_of_partial_block_is_refused(storage):
     with pytest.raises(grpc.RpcError) as exc:
-        storage[0].Write(iter([pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="x", first_block=0, blocks=1),
-                                         data=b"\0" * 100)]))
+        storage[0].Write(pb.KvBatch(items=[pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="x", first_block=0,
+                                                                                     blocks=1), data=b"\0" * 100)]))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_unsafe_trajectory_name_is_refused(storage):
     with pytest.raises(grpc.RpcError) as exc:
-        storage[0].Write(iter([pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="../etc", first_block=0,
-                                                                              blocks=1), data=b"\0" * 256)]))
+        storage[0].Write(pb.KvBatch(items=[pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="../etc", first_block=0,
+                                                                                     blocks=1), data=b"\0" * 256)]))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
