@@ -89,11 +89,10 @@ def cmd_run(args) -> int:
                   console=console, transient=True) as bar:
         task = bar.add_task("calibrating", total=len(plan.rounds))
 
-        def progress(i, rnd):
-            bar.update(task, completed=i - 1, description=f"calibration round {i}: {len(rnd)} test(s)")
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
 
         outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
-        bar.update(task, completed=len(plan.rounds))
     s = outcome.summary
     console.print(_calibration_table(s))
     inv = s["invariants"]

@@ -61,7 +61,8 @@ def _teardown_shielded(emu: Emulation, say) -> list[str]:
             signal.signal(s, h)
 
 
-def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress=None) -> RunOutcome:
+def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print,
+        progress: Callable[[str, int, int], None] = lambda *_: None) -> RunOutcome:
     """Execute `plan`. Raises DpemuError subclasses; never leaves objects behind."""
     plan.check()
     platform.require_root()
@@ -86,10 +87,13 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
                 _fault("after_build")
                 say(f"built in {emu.build_s:.1f}s; calibrating {len(plan.tests)} test(s) in "
                     f"{len(plan.rounds)} round(s) of {sc.calibration.duration:g}s")
-                calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration,
-                                      fidelity.KERNEL_BUDGET_BPS, progress=progress)
+                rounds = len(plan.rounds)
+                calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
+                                      progress=lambda i, rnd: progress(
+                                          f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
+                progress("calibration", rounds, rounds)
                 _fault("after_calibration")
-                serving = _serve(emu, plan, run_dir, say) if sc.serving else None
+                serving = _serve(emu, plan, run_dir, say, progress) if sc.serving else None
             finally:
                 left = _teardown_shielded(emu, say)
                 if left:
@@ -101,7 +105,7 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print, progress
     return RunOutcome(run_dir, summary, calib)
 
 
-def _serve(emu: Emulation, plan: Plan, run_dir: Path, say) -> dict:
+def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     """Every serving mode on the built cluster; the CPU is watched all along."""
     cpu = CpuSampler()
     cpu.start()
@@ -109,7 +113,7 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say) -> dict:
     try:
         for mode in plan.scenario.serving.modes:
             say(f"serving mode {mode}: {plan.scenario.serving.workload.agents} agents")
-            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode)
+            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
             windows.append(window)
             say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
     finally:

@@ -19,7 +19,9 @@ import csv
 import json
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +98,18 @@ def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, float]]:
     return keys
 
 
-def run_mode(emu, plan, mode: str, mode_dir: Path) -> tuple[dict, tuple[float, float]]:
-    """Run one mode; return its summary and the (start, end) of the driver's run."""
+def _drain(stream) -> tuple[threading.Thread, list[str]]:
+    """Read a child's stream to its end in a thread (so a chatty stderr never blocks it): (reader, lines)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(stream), daemon=True)
+    reader.start()
+    return reader, lines
+
+
+def run_mode(emu, plan, mode: str, mode_dir: Path,
+             progress: Callable[[str, int, int], None] = lambda *_: None) -> tuple[dict, tuple[float, float]]:
+    """Run one mode; return its summary and the (start, end) of the driver's run. `progress(what, done,
+    total)` is told every finished turn."""
     sc, net = plan.scenario, plan.net
     lay = layout(plan)
     spec = workload_spec(plan)
@@ -143,12 +155,23 @@ def run_mode(emu, plan, mode: str, mode_dir: Path) -> tuple[dict, tuple[float, f
             "--block-tokens", str(lay.geom.block_tokens), "--layer-chunks", str(sc.serving.layer_chunks),
             "--time-scale", str(sc.scale.time), "--tag", f"{mode}-", "--out", str(mode_dir / "requests.csv")])
         sampler.start()
+        reader, errors = _drain(driver.stderr)
         if driver.stdout.readline().strip() != "start":  # the driver's own start-up is not the workload
             driver.wait(timeout=30)
-            raise RuntimeError(f"workload driver did not start in mode {mode}: {driver.stderr.read()[-1500:]}")
+            reader.join(timeout=10)
+            raise RuntimeError(f"workload driver did not start in mode {mode}: {''.join(errors)[-1500:]}")
         t0 = time.monotonic()
-        out, err = driver.communicate()
+        total = sum(len(t.turns) for t in generate(spec))
+        out = ""
+        for line in driver.stdout:  # "done N" per finished turn, then the summary
+            if line.startswith("done "):
+                progress(f"serving {mode}", int(line.split()[1]), total)
+            else:
+                out += line
+        driver.wait()
         t1 = time.monotonic()
+        reader.join(timeout=10)
+        err = "".join(errors)
         sampler.stop()
         if driver.returncode != 0:
             raise RuntimeError(f"workload driver failed in mode {mode}: {err[-1500:]}")

@@ -72,6 +72,7 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
             "submit_s": round((submit - t0) * real, 6), "done_s": round((done - t0) * real, 6),
             **{k: round(getattr(res, k) * real, 6) for k in
                ("wait_s", "read_s", "prefill_s", "decode_s", "ttft_s", "tpot_s")}})
+        print(f"done {len(rows)}", flush=True)  # progress, for whoever runs the driver
 
 
 async def run(args) -> dict:
