@@ -39,10 +39,11 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 
 def _calibration_table(summary: dict) -> Table:
     t = Table(title=f"link calibration: {summary['scenario']} ({summary['calibration']['mode']} mode; "
-                    f"achieved = wire bytes in HTB counters)", box=box.SIMPLE_HEAD)
+                    f"achieved = wire bytes in HTB counters)", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True, title_justify="left")
     for col, just in (("class", "left"), ("dir", "left"), ("links", "right"), ("real", "right"),
-                      ("configured", "right"), ("achieved", "right"), ("worst err", "right"),
-                      ("goodput", "right"), ("", "left")):
+                      ("configured", "right"), ("achieved", "right"), ("worst\nerror", "right"),
+                      ("iperf3\ngoodput", "right"), ("", "left")):
         t.add_column(col, justify=just, no_wrap=True)
     for r in summary["calibration"]["classes"]:
         ach = format_rate(r["achieved_bps"], 4) if r["achieved_bps"] is not None else "-"
@@ -56,20 +57,25 @@ def _calibration_table(summary: dict) -> Table:
 
 
 def _serving_table(summary: dict) -> Table:
-    t = Table(title="serving (real seconds; utilizations = wire bytes / configured rate, middle 80% of JCT)",
-              box=box.SIMPLE_HEAD)
-    for col in ("mode", "jct_s", "turns", "reads pe/de", "snic_pe", "snic_de", "cnic_pe", "cnic_de",
-                "ttft50", "ttft99", "tpot50", "tpot99"):
+    """One row per mode, within 80 columns: JCT and latencies in real seconds (TPOT in ms), utilizations 0..1;
+    turns are counted by the reads per side (pe/de; oracle reads nothing) and in the lines printed per mode."""
+    t = Table(title="serving (real seconds; utilization: wire bytes / rate, middle 80% of JCT)",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("mode", "JCT\ns", "reads\npe/de", "SNIC\npe", "SNIC\nde", "CNIC\npe", "CNIC\nde",
+                "TTFT s\np50/p99", "TPOT ms\np50/p99"):
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:.1f}"
+
     for mode, m in summary["modes"].items():
-        t.add_row(mode, f(m["jct_s"], "{:.1f}"), str(m["requests"]), f"{m['paths']['pe']}/{m['paths']['de']}",
+        t.add_row(mode, f(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
                   f(m["snic_util"]["pe"]), f(m["snic_util"]["de"]), f(m["cnic_util"]["pe"]), f(m["cnic_util"]["de"]),
-                  f(m["ttft_s"]["p50"], "{:.3f}"), f(m["ttft_s"]["p99"], "{:.3f}"),
-                  f(m["tpot_s"]["p50"], "{:.4f}"), f(m["tpot_s"]["p99"], "{:.4f}"))
+                  f"{f(m['ttft_s']['p50'], '{:.1f}')}/{f(m['ttft_s']['p99'], '{:.1f}')}",
+                  f"{ms(m['tpot_s']['p50'])}/{ms(m['tpot_s']['p99'])}")
     return t
 
 
