@@ -52,8 +52,8 @@ def test_serving_modes_take_their_read_paths_with_a_clean_ledger(serving_run):
     assert_nothing_left("after the serving run")
 
 
-# The default (headline) scenario scaled down to a CI-sized run: the same cluster, 48 agents x 3 turns.
-SMALL = ["--set", "serving.workload.agents=48", "--set", "serving.workload.turns_per_agent=3",
+# The default (headline) scenario scaled down to a CI-sized run: the same cluster, 96 agents x 3 turns.
+SMALL = ["--set", "serving.workload.agents=96", "--set", "serving.workload.turns_per_agent=3",
          "--set", "serving.modes=[basic, dualpath]"]
 
 
