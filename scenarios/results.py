@@ -151,6 +151,7 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
     summary = {
         "scenario": sc.name,
         "run_id": run_dir.name,
+        "seed": sc.serving.workload.seed if sc.serving else None,  # the workload's; calibration has none
         "scale": {"bytes": sc.scale.bytes, "time": sc.scale.time, "rate_factor": sc.scale_spec().rate_factor},
         "cluster": {"hosts": len(net.hosts), "bridges": len(net.switches), "links": len(net.links),
                     "control_links": len(net.control), "tc_ops": len(plan.tc_ops)},
