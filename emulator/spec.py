@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .names import check_ifname, owned
-from .tcplan import TcOp, shape_ops
+from .tcplan import TcOp, TrafficClass, shape_ops
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class LinkSpec(_Cable):
     rate_bps: float
     ip: str  # host address with prefix length, "10.10.1.1/16"
     queue_s: float
+    traffic_classes: tuple[TrafficClass, ...] = ()  # DSCP classes at both ends (compute fabric)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class NetSpec:
         """Shaping in both directions: host egress ("up") and switch-port egress ("down")."""
         ops: list[TcOp] = []
         for lk in self.links:
-            ops += shape_ops(self.host(lk.host).netns, lk.host_intf, lk.rate_bps, lk.queue_s)
-            ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s)
+            ops += shape_ops(self.host(lk.host).netns, lk.host_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes)
+            ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes)
         return ops
 
     def validate(self) -> None:

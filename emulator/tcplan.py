@@ -9,7 +9,17 @@ HTB tree every shaped interface gets::
         class 1:10 rate R ceil R        default class: everything unclassified
           qdisc bfifo 10: limit Q       explicit queue, in bytes
 
-Traffic classes (KV vs collectives) will add siblings of 1:10 under 1:1.
+With traffic classes (:class:`TrafficClass`, e.g. collectives and KV on the
+compute fabric) each class is a sibling of 1:10 with its own guaranteed share
+of R, ``ceil R`` (work-conserving: a class borrows whatever the others leave)
+and an HTB ``prio`` (lower is served first when borrowing), its own bfifo, and
+a u32 filter on the IP DSCP field::
+
+      class 1:10 rate R x (1 - sum of shares) ceil R     unmarked traffic
+      class 1:11 rate R x share ceil R prio p            e.g. collectives (DSCP 46)
+        qdisc bfifo 11: limit Q
+      filter u32 match ip dsfield (dscp << 2) 0xfc flowid 1:11
+
 Plans are pure values: ``dpemu plan`` prints them with :func:`render` as the
 equivalent ``tc`` command lines, tests compare them with golden files, and
 :func:`apply` executes them through pyroute2 netlink (never through a shell).
@@ -39,6 +49,45 @@ HZ_BURST_S = 0.001  # HTB refill granularity we size bursts for (1 ms)
 ROOT_HANDLE = 0x10000  # 1:
 LINK_CLASS = 0x10001  # 1:1
 DEFAULT_CLASS = 0x10010  # 1:10
+ETH_P_IP = 0x0800
+MIN_DEFAULT_SHARE = 0.005  # unmarked traffic (calibration, ARP-era leftovers) keeps a guaranteed sliver
+
+
+@dataclass(frozen=True)
+class TrafficClass:
+    """A DSCP-classified HTB class under the link class: `share` of the link guaranteed, any idle rest
+    borrowed (ceil = link rate), served before higher `prio` values when borrowing."""
+
+    name: str
+    minor: int  # class 1:<minor> (hex), 0x11 .. 0xff; its bfifo is <minor>:
+    dscp: int  # 0..63
+    share: float  # 0 < share < 1
+    prio: int = 0  # 0..7
+
+    def __post_init__(self) -> None:
+        if not 0x11 <= self.minor <= 0xFF:
+            raise ValueError(f"traffic class {self.name}: minor {self.minor:#x} outside 0x11..0xff")
+        if not 0 <= self.dscp <= 63:
+            raise ValueError(f"traffic class {self.name}: DSCP {self.dscp} outside 0..63")
+        if not 0 < self.share < 1:
+            raise ValueError(f"traffic class {self.name}: share {self.share} must be in (0, 1)")
+        if not 0 <= self.prio <= 7:
+            raise ValueError(f"traffic class {self.name}: prio {self.prio} outside 0..7")
+
+    @property
+    def handle(self) -> int:
+        return 0x10000 | self.minor
+
+
+def check_classes(classes: tuple[TrafficClass, ...]) -> None:
+    """Distinct minors and DSCPs, and shares that leave unmarked traffic its sliver."""
+    for what, values in (("minor", [c.minor for c in classes]), ("DSCP", [c.dscp for c in classes]),
+                         ("name", [c.name for c in classes])):
+        if len(set(values)) != len(values):
+            raise ValueError(f"traffic classes repeat a {what}: {values}")
+    if classes and 1 - sum(c.share for c in classes) < MIN_DEFAULT_SHARE - 1e-12:
+        raise ValueError(f"traffic class shares add up to {sum(c.share for c in classes):.3f}: "
+                         f"at most {1 - MIN_DEFAULT_SHARE} (unmarked traffic keeps {MIN_DEFAULT_SHARE})")
 
 
 def handle_str(handle: int) -> str:
@@ -77,20 +126,33 @@ def queue_limit_bytes(rate_bps: float, queue_s: float) -> int:
     return int(max(rate_bps / 8 * queue_s, 4 * GSO_MAX_BYTES))
 
 
-def shape_ops(netns: str | None, dev: str, rate_bps: float, queue_s: float) -> list[TcOp]:
-    """The HTB tree that limits egress of `dev` to `rate_bps`."""
+def shape_ops(netns: str | None, dev: str, rate_bps: float, queue_s: float,
+              classes: tuple[TrafficClass, ...] = ()) -> list[TcOp]:
+    """The HTB tree that limits egress of `dev` to `rate_bps`, with optional DSCP traffic classes."""
+    check_classes(classes)
     rate = int(round(rate_bps))
     burst = htb_burst_bytes(rate)
     quantum = htb_quantum_bytes(rate)
-    cls = (("rate_bps", rate), ("ceil_bps", rate), ("burst_bytes", burst),
-           ("cburst_bytes", burst), ("quantum_bytes", quantum), ("prio", 0))
-    return [
+
+    def cls(share: float, prio: int) -> tuple[tuple[str, int], ...]:
+        r = max(8, int(round(rate * share)))
+        return (("rate_bps", r), ("ceil_bps", rate), ("burst_bytes", burst), ("cburst_bytes", burst),
+                ("quantum_bytes", quantum), ("prio", prio))
+
+    limit = (("limit_bytes", queue_limit_bytes(rate, queue_s)),)
+    default_share = 1 - sum(c.share for c in classes)
+    default_prio = max((c.prio for c in classes), default=0)
+    ops = [
         TcOp(netns, dev, "qdisc", "htb", ROOT_HANDLE, None, (("default", DEFAULT_CLASS & 0xFFFF), ("r2q", 10))),
-        TcOp(netns, dev, "class", "htb", LINK_CLASS, ROOT_HANDLE, cls),
-        TcOp(netns, dev, "class", "htb", DEFAULT_CLASS, LINK_CLASS, cls),
-        TcOp(netns, dev, "qdisc", "bfifo", 0x100000, DEFAULT_CLASS,
-             (("limit_bytes", queue_limit_bytes(rate, queue_s)),)),
+        TcOp(netns, dev, "class", "htb", LINK_CLASS, ROOT_HANDLE, cls(1.0, 0)),
+        TcOp(netns, dev, "class", "htb", DEFAULT_CLASS, LINK_CLASS, cls(default_share, default_prio)),
+        TcOp(netns, dev, "qdisc", "bfifo", 0x100000, DEFAULT_CLASS, limit),
     ]
+    for c in classes:
+        ops += [TcOp(netns, dev, "class", "htb", c.handle, LINK_CLASS, cls(c.share, c.prio)),
+                TcOp(netns, dev, "qdisc", "bfifo", c.minor << 16, c.handle, limit),
+                TcOp(netns, dev, "filter", "u32", c.handle, ROOT_HANDLE, (("dscp", c.dscp), ("prio", 1)))]
+    return ops
 
 
 def render(op: TcOp) -> str:
@@ -107,6 +169,9 @@ def render(op: TcOp) -> str:
         return (f"{head} classid {handle_str(op.handle)} htb rate {format_rate(p['rate_bps'])}"
                 f" ceil {format_rate(p['ceil_bps'])} burst {p['burst_bytes']}b cburst {p['cburst_bytes']}b"
                 f" quantum {p['quantum_bytes']} prio {p['prio']}")
+    if op.op == "filter" and op.kind == "u32":
+        return (f"tc {ns}filter add dev {op.dev} parent {handle_str(op.parent)} protocol ip prio {p['prio']}"
+                f" u32 match ip dsfield {p['dscp'] << 2:#04x} 0xfc flowid {handle_str(op.handle)}")
     raise ValueError(f"cannot render {op}")
 
 
@@ -114,6 +179,8 @@ def describe(op: TcOp) -> str:
     """Short human text, e.g. for error messages."""
     if op.kind == "bfifo":
         return f"{op.dev}: bfifo {format_size(op.param('limit_bytes'))}"
+    if op.op == "filter":
+        return f"{op.dev}: u32 filter DSCP {op.param('dscp')} -> {handle_str(op.handle)}"
     return f"{op.dev}: {op.kind} {op.op} {handle_str(op.handle)}"
 
 
@@ -138,5 +205,9 @@ def apply(ipr, ops: list[TcOp]) -> None:
                    rate=p["rate_bps"] // 8, ceil=p["ceil_bps"] // 8,
                    burst=p["burst_bytes"], cburst=p["cburst_bytes"],
                    quantum=p["quantum_bytes"], prio=p["prio"])
+        elif op.op == "filter" and op.kind == "u32":
+            # the IP header's first word is version/IHL, TOS, total length: DSCP is the TOS byte's top 6 bits
+            ipr.tc("add-filter", "u32", idx, parent=op.parent, prio=p["prio"], protocol=ETH_P_IP,
+                   target=op.handle, keys=[f"0x{p['dscp'] << 18:08x}/0x00fc0000+0"])
         else:
             raise ValueError(f"cannot apply {op}")

@@ -18,11 +18,12 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictInt, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
-from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale
+from emulator.tcplan import MIN_DEFAULT_SHARE
+from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
 
@@ -76,6 +77,30 @@ class Emulation(_Model):
     tcp_cc: Literal["reno", "bbr"] = "reno"
 
 
+class TrafficClasses(_Model):
+    """Compute-fabric isolation (paper section 4): DSCP-classified HTB classes on every CNIC and rail port."""
+
+    isolation: bool = Field(True, description="false: one FIFO class for everything on the compute fabric")
+    collective_share: Number = Field(0.985, gt=0, lt=1, description="link share guaranteed to collectives")
+    kv_share: Number = Field(0.01, gt=0, lt=1, description="link share guaranteed to KV (it borrows any gap)")
+    dscp_collective: StrictInt = Field(46, ge=0, le=63)
+    dscp_kv: StrictInt = Field(10, ge=0, le=63)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrafficClasses":
+        if self.dscp_collective == self.dscp_kv:
+            raise ValueError(f"dscp_collective and dscp_kv are both {self.dscp_kv}")
+        if self.collective_share + self.kv_share > 1 - MIN_DEFAULT_SHARE + 1e-12:
+            raise ValueError(f"collective_share + kv_share = {self.collective_share + self.kv_share:g}: at most "
+                             f"{1 - MIN_DEFAULT_SHARE:g} (unmarked traffic keeps {MIN_DEFAULT_SHARE:g})")
+        return self
+
+    def classes(self) -> tuple:
+        if not self.isolation:
+            return ()
+        return compute_classes(self.collective_share, self.kv_share, self.dscp_collective, self.dscp_kv)
+
+
 class Calibration(_Model):
     mode: Literal["class", "all"] = "class"
     duration: Duration = 5.0
@@ -119,6 +144,7 @@ class Scenario(_Model):
     cluster: Cluster
     scale: ScaleModel
     emulation: Emulation = Emulation()
+    traffic_classes: TrafficClasses = TrafficClasses()
     calibration: Calibration = Calibration()
     serving: Serving | None = None
 

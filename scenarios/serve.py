@@ -29,14 +29,15 @@ from daemons import costmodel
 from daemons.kvbytes import KvGeometry
 from daemons.policy import alpha_tokens, beta_tokens
 from emulator.monitor import ClassKey, TcSampler
-from emulator.tcplan import LINK_CLASS
+from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
 from topologies.cluster import CONTROL_HOST
 from traffic.driver import preload_list
 from traffic.workload import WorkloadSpec, generate
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 READY_TIMEOUT_S = 60.0
-LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "bytes"]
+LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
+                "backlog_bytes"]
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,23 @@ def _workload_json(spec: WorkloadSpec) -> dict:
             "gen_scale": spec.gen_scale, "arrival_rate_per_s": spec.arrival_rate_per_s}
 
 
-def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, float]]:
-    """HTB root classes of every SNIC and CNIC: key -> (link, class, side, direction, rate)."""
+def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:
+    """HTB classes of every SNIC and CNIC, both ends: key -> (link, link class, side, direction, traffic
+    class, link rate). Traffic class "link" is the link's root class 1:1 (all its traffic); with traffic
+    classes, each leaf too ("default" 1:10 for unmarked traffic, then e.g. "collective", "kv")."""
     keys = {}
     for lk in plan.net.links:
         if lk.link_class not in ("snic", "cnic"):
             continue
         side = plan.net.host(lk.host).role
-        keys[ClassKey(plan.net.host(lk.host).netns, lk.host_intf, LINK_CLASS)] = (
-            f"{lk.host}-{lk.nic}", lk.link_class, side, "up", lk.rate_bps)
-        keys[ClassKey(None, lk.switch_intf, LINK_CLASS)] = (f"{lk.host}-{lk.nic}", lk.link_class, side, "down",
-                                                           lk.rate_bps)
+        leaves = [("link", LINK_CLASS)]
+        if lk.traffic_classes:
+            leaves += [("default", DEFAULT_CLASS)] + [(c.name, c.handle) for c in lk.traffic_classes]
+        for direction, netns, dev in (("up", plan.net.host(lk.host).netns, lk.host_intf),
+                                      ("down", None, lk.switch_intf)):
+            for tclass, handle in leaves:
+                keys[ClassKey(netns, dev, handle)] = (f"{lk.host}-{lk.nic}", lk.link_class, side, direction, tclass,
+                                                      lk.rate_bps)
     return keys
 
 
@@ -121,20 +128,22 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     preload.write_text(json.dumps(preload_list(generate(spec), lay.geom.block_tokens)))
     geom_args = ["--layers", str(lay.geom.layers), "--block-tokens", str(lay.geom.block_tokens),
                  "--block-bytes", str(lay.geom.block_bytes)]
+    dscp_kv = sc.traffic_classes.dscp_kv  # every KV byte is marked, isolation on or off (off: one FIFO anyway)
     procs = []
     try:
         for i, (host, data_addr, mgmt_addr) in enumerate(lay.storage):
             procs.append((f"storage {host}", emu.procs.start(f"storage {host}", net.host(host).netns, [
                 py, "-m", "daemons.storage", "--listen", f"{data_addr},{mgmt_addr}",
                 "--dir", str(mode_dir / "storage" / host), *geom_args, "--server-index", str(i),
-                "--servers", str(len(lay.storage)), "--preload", str(preload)])))
+                "--servers", str(len(lay.storage)), "--preload", str(preload), "--dscp", str(dscp_kv)])))
         storage_addrs = ",".join(a for _, a, _ in lay.storage)
         buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
         for n in lay.nodes:
             procs.append((f"node {n['name']}", emu.procs.start(f"node {n['name']}", net.host(n["name"]).netns, [
                 py, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
                 "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
-                "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time)])))
+                "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time),
+                "--dscp-kv", str(dscp_kv)])))
         per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
         sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
                      "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
@@ -196,8 +205,9 @@ def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: fl
         w = csv.writer(f)
         w.writerow(LINK_COLUMNS)
         for s in sampler.samples:
-            link, cls, side, direction, _ = keys[s.key]
-            w.writerow([round((s.t_s - t0) / time_scale, 4), link, cls, side, direction, s.bytes])
+            link, cls, side, direction, tclass, _ = keys[s.key]
+            w.writerow([round((s.t_s - t0) / time_scale, 4), link, cls, side, direction, tclass, s.bytes, s.packets,
+                        s.drops, s.backlog_bytes])
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -211,8 +221,9 @@ def _pct(values: list[float], q: float) -> float | None:
 def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
     out = {}
     for side in ("pe", "de"):
-        vals = [sampler.rate_bps(k, a, b) / rate for k, (_, c, sd, d, rate) in keys.items()
-                if c == cls and sd == side and d == direction and sampler.rate_bps(k, a, b) is not None]
+        vals = [sampler.rate_bps(k, a, b) / rate for k, (_, c, sd, d, tc, rate) in keys.items()
+                if c == cls and sd == side and d == direction and tc == "link"
+                and sampler.rate_bps(k, a, b) is not None]
         out[side] = round(sum(vals) / len(vals), 4) if vals else None
     return out
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emulator.spec import ControlLink, HostSpec, LinkSpec, NetSpec, SwitchSpec
+from emulator.tcplan import TrafficClass
 
 MAX_NODES_PER_ROLE = 254  # one /24-style octet per role
 MAX_GPUS_PER_NODE = 32  # rails 10.32 .. 10.63
@@ -109,8 +110,24 @@ def node_names(c: ClusterSpec) -> dict[str, list[str]]:
     }
 
 
-def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float) -> NetSpec:
-    """Lay out the emulated cluster (see the module docstring for the plan)."""
+# The paper's traffic isolation on the compute fabric (section 4): collectives on high-priority virtual
+# lanes with ~99% of the arbitration weight, KV on a low-priority lane that still never starves. Here:
+# DSCP-classified HTB classes on every CNIC and compute-fabric switch port, both work-conserving.
+DSCP_COLLECTIVE = 46  # EF
+DSCP_KV = 10  # AF11
+
+
+def compute_classes(collective_share: float = 0.985, kv_share: float = 0.01, dscp_collective: int = DSCP_COLLECTIVE,
+                    dscp_kv: int = DSCP_KV) -> tuple[TrafficClass, ...]:
+    """Collectives (1:11, prio 0) and KV (1:12, prio 1); unmarked traffic keeps the rest in 1:10."""
+    return (TrafficClass("collective", 0x11, dscp_collective, collective_share, prio=0),
+            TrafficClass("kv", 0x12, dscp_kv, kv_share, prio=1))
+
+
+def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
+                compute_classes: tuple[TrafficClass, ...] = ()) -> NetSpec:
+    """Lay out the emulated cluster (see the module docstring for the plan). `compute_classes`: the DSCP
+    traffic classes of every compute-fabric link (CNIC and switch port); none = one FIFO class."""
     for role, n in (("prefill", c.prefill_nodes), ("decode", c.decode_nodes), ("storage", c.storage_servers)):
         if not 1 <= n <= MAX_NODES_PER_ROLE:
             raise ValueError(f"{role} nodes must be 1..{MAX_NODES_PER_ROLE}, got {n}")
@@ -132,7 +149,8 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float) -> NetSpec:
                                   f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s))
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
-                                      f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+                                      f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s,
+                                      compute_classes))
     control = [ControlLink(h, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET[role]}.{i}/16")
                for role in ("pe", "de", "st") for i, h in enumerate(names[role], start=1)]
     control.append(ControlLink(CONTROL_HOST, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET['ctl']}.1/16"))

@@ -39,7 +39,7 @@ def test_plan_tiny(capsys):
     out = capsys.readouterr().out
     assert "tc -n dp-pe1 qdisc add dev pe1-snic root handle 1: htb" in out.splitlines()[
         out.splitlines().index("## tc operations") + 1]
-    assert "# scenario tiny: 4 hosts, 4 bridges, 7 shaped links + 4 management links, 56 tc operations" in out
+    assert "# scenario tiny: 4 hosts, 4 bridges, 7 shaped links + 4 management links, 104 tc operations" in out
     assert "ok: every link within the faithful range" in out
 
 

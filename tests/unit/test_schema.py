@@ -259,3 +259,20 @@ def test_resolved_keeps_rates_exactly(tiny_data, write_scenario):
     sc = schema.load(write_scenario(tiny_data, "precise.yaml"))
     again = schema.from_dict(sc.resolved(), "resolved.yaml")
     assert again.cluster.snic_rate == sc.cluster.snic_rate == 401.25e9
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["traffic_classes.dscp_kv=46"], "dscp_collective and dscp_kv are both 46"),
+    (["traffic_classes.collective_share=0.99", "traffic_classes.kv_share=0.01"], "at most 0.995"),
+    (["traffic_classes.dscp_kv=64"], "traffic_classes.dscp_kv"),
+    (["traffic_classes.isolation=maybe"], "traffic_classes.isolation"),
+])
+def test_bad_traffic_classes_refused(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        schema.load("tiny", sets)
+
+
+def test_isolation_off_means_one_fifo_class():
+    assert schema.load("tiny", ["traffic_classes.isolation=false"]).traffic_classes.classes() == ()
+    names = [c.name for c in schema.load("tiny").traffic_classes.classes()]
+    assert names == ["collective", "kv"]

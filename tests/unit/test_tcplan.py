@@ -32,7 +32,8 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_tc.txt"
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return make_plan(schema.load("tiny"))
+    """The one-FIFO-class plan (the golden file); the traffic-class tree is tested below."""
+    return make_plan(schema.load("tiny", ["traffic_classes.isolation=false"]))
 
 
 # -- golden ------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_render_root_namespace_has_no_netns_flag():
 
 def test_render_refuses_unknown_op():
     with pytest.raises(ValueError):
-        render(TcOp(None, "x", "filter", "u32", 1, None))
+        render(TcOp(None, "x", "filter", "fw", 1, None))
 
 
 def test_describe_bfifo():
@@ -213,3 +214,56 @@ def test_apply_missing_interface_raises_before_any_op():
     with pytest.raises(LookupError, match="pe1-snic"):
         apply(ipr, shape_ops("dp-pe1", "pe1-snic", 40e6, 0.010))
     assert ipr.calls == []
+
+
+# -- traffic classes ---------------------------------------------------------------------------------------
+def test_with_isolation_every_compute_fabric_end_gets_dscp_classes():
+    plan = make_plan(schema.load("tiny"))  # isolation on by default
+    by_end = defaultdict(list)
+    for op in plan.tc_ops:
+        by_end[(op.netns, op.dev)].append(op)
+    for lk in plan.net.links:
+        for end in ((plan.net.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)):
+            ops = by_end[end]
+            if lk.link_class != "cnic":
+                assert len(ops) == 4  # storage fabric: one FIFO class
+                continue
+            classes = {handle_str(o.handle): o for o in ops if o.op == "class"}
+            assert set(classes) == {"1:1", "1:10", "1:11", "1:12"}
+            rate = round(lk.rate_bps)
+            assert classes["1:11"].param("rate_bps") == round(rate * 0.985) and classes["1:11"].param("prio") == 0
+            assert classes["1:12"].param("rate_bps") == round(rate * 0.01) and classes["1:12"].param("prio") == 1
+            assert classes["1:10"].param("rate_bps") == round(rate * 0.005)
+            assert all(c.param("ceil_bps") == rate for c in classes.values())  # work-conserving: borrow it all
+            filters = {o.param("dscp"): handle_str(o.handle) for o in ops if o.op == "filter"}
+            assert filters == {46: "1:11", 10: "1:12"}
+            fifos = {handle_str(o.parent) for o in ops if o.kind == "bfifo"}
+            assert fifos == {"1:10", "1:11", "1:12"}  # every leaf has its own explicit queue
+
+
+def test_dscp_filter_renders_as_tc_would_take_it():
+    from emulator.tcplan import TrafficClass
+    ops = shape_ops("dp-pe1", "pe1-cnic0", 160e6, 0.01, (TrafficClass("collective", 0x11, 46, 0.985),))
+    (flt,) = [o for o in ops if o.op == "filter"]
+    assert render(flt) == ("tc -n dp-pe1 filter add dev pe1-cnic0 parent 1: protocol ip prio 1 "
+                           "u32 match ip dsfield 0xb8 0xfc flowid 1:11")
+    assert describe(flt) == "pe1-cnic0: u32 filter DSCP 46 -> 1:11"
+
+
+@pytest.mark.parametrize("classes, match", [
+    ((("a", 0x11, 46, 0.5), ("b", 0x12, 46, 0.1)), "DSCP"),
+    ((("a", 0x11, 46, 0.5), ("b", 0x11, 10, 0.1)), "minor"),
+    ((("a", 0x11, 46, 0.9), ("b", 0x12, 10, 0.1)), "add up"),
+])
+def test_inconsistent_classes_refused(classes, match):
+    from emulator.tcplan import TrafficClass
+    with pytest.raises(ValueError, match=match):
+        shape_ops(None, "dp-x", 1e8, 0.01, tuple(TrafficClass(*c) for c in classes))
+
+
+@pytest.mark.parametrize("args, match", [(("a", 0x10, 46, 0.5), "minor"), (("a", 0x11, 64, 0.5), "DSCP"),
+                                         (("a", 0x11, 46, 1.0), "share"), (("a", 0x11, 46, 0.5, 9), "prio")])
+def test_bad_traffic_class_refused(args, match):
+    from emulator.tcplan import TrafficClass
+    with pytest.raises(ValueError, match=match):
+        TrafficClass(*args)
