@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import csv
 import functools
 import itertools
 import sys
@@ -47,6 +48,7 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient
 from daemons.runtime import grpc_options, serve_until_stopped
+from traffic.collectives import AllToAll, Completion, ReceiverStats, layer_bytes, start_receiver
 
 
 # Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted compute fits this
@@ -78,6 +80,68 @@ class CostModelCompute:
 @functools.lru_cache(maxsize=4096)
 def _prefill_layers(model: costmodel.ModelSpec, batch: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
     return costmodel.prefill_layer_times_s(model, list(batch))
+
+
+class Collectives:
+    """This node's engines' side of their group's MoE AllToAlls (``traffic.collectives``).
+
+    The engine group is every engine of the same role (all PEs, or all DEs), each
+    reachable on its CNIC address at the collective port. An engine cannot finish
+    a prefill layer chunk or a decode step before its AllToAll for those layers
+    completed (every peer acknowledged its share): a slow collective shows in
+    TTFT and TPOT, as on GPUs. Completion times are kept for collectives.csv."""
+
+    def __init__(self, model: costmodel.ModelSpec, byte_scale: float, group: list[str], own: list[str],
+                 dscp: int | None, time_scale: float = 1.0):
+        missing = [a for a in own if a not in group]
+        if missing:
+            raise ValueError(f"engine addresses {missing} are not in the collective group {group}")
+        self.model, self.byte_scale, self.ranks, self.dscp = model, byte_scale, len(group), dscp
+        self.own = own
+        self.time_scale = time_scale
+        self.by_engine = [AllToAll([a for a in group if a != mine], dscp) for mine in own]
+        self._connected: list[asyncio.Task | None] = [None] * len(own)
+        self.records: list[tuple[int, str, Completion]] = []  # (engine, phase, completion)
+        self.received = ReceiverStats()
+        self._servers: list = []
+        self.t0 = time.monotonic()
+
+    async def start(self) -> None:
+        for addr in self.own:
+            host, port = addr.rsplit(":", 1)
+            self._servers.append(await start_receiver(host, int(port), self.dscp, self.received))
+
+    async def _connect(self, engine: int) -> None:
+        for _ in range(200):  # peers start at about the same time: retry for up to ~10 s
+            try:
+                await self.by_engine[engine].connect()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise ConnectionError(f"engine {engine}: collective peers unreachable")
+
+    async def run(self, engine: int, layer_first: int, layers: int, tokens: int, phase: str) -> None:
+        nbytes = layer_bytes(self.model, layer_first, layers, tokens, self.ranks, self.byte_scale)
+        if nbytes <= 0 or self.ranks < 2:
+            return
+        if self._connected[engine] is None:
+            self._connected[engine] = asyncio.ensure_future(self._connect(engine))
+        await self._connected[engine]
+        self.records.append((engine, phase, await self.by_engine[engine].run(nbytes)))
+
+    def write_csv(self, path: str, node: str) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["engine", "phase", "collective", "start_s", "bytes", "completion_s"])
+            for engine, phase, c in self.records:
+                w.writerow([f"{node}/{engine}", phase, c.collective, round((c.start - self.t0) / self.time_scale, 6),
+                            c.bytes, round(c.seconds / self.time_scale, 6)])
+
+    async def close(self) -> None:
+        for a2a in self.by_engine:
+            await a2a.close()
+        for srv in self._servers:
+            srv.close()
 
 
 def layer_chunks(layers: int, chunks: int) -> list[tuple[int, int]]:
@@ -168,7 +232,7 @@ class Engine:
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, role: str, geom: KvGeometry, engines: int, storage: StorageClient,
                  compute: Compute, buffer_bytes: int, dscp_kv: int | None = None,
-                 prefill_quota_s: float = PREFILL_QUOTA_S):
+                 prefill_quota_s: float = PREFILL_QUOTA_S, collectives: Collectives | None = None):
         self.name, self.role, self.geom = name, role, geom
         self.engines = [Engine(i) for i in range(engines)]
         self.storage = storage
@@ -178,6 +242,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.ledger = Ledger()
         self.dscp_kv = dscp_kv
         self.prefill_quota_s = prefill_quota_s
+        self.collectives = collectives
         self.expected = ExpectedSpans(geom)  # what the KV pushed to this node must be
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._held: dict[str, int] = {}  # DE: buffer bytes a request holds until its decode starts
@@ -197,6 +262,8 @@ class NodeService(pb_grpc.NodeServicer):
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.collectives is not None:
+            await self.collectives.close()
         for ch, _ in self._channels.values():
             await ch.close()
         await self.storage.close()
@@ -396,7 +463,7 @@ class NodeService(pb_grpc.NodeServicer):
                 if job.computed + tokens == job.spec.new_tokens:
                     eng.prefills.remove(job)  # leaves the queue with this batch (a chunked one stays first)
             try:
-                await self._run_batch(batch)
+                await self._run_batch(eng, batch)
             except Exception as exc:  # noqa: BLE001 - the requests fail, the engine goes on
                 for job, _ in batch:
                     if not job.done.done():
@@ -404,7 +471,14 @@ class NodeService(pb_grpc.NodeServicer):
                     if job in eng.prefills:
                         eng.prefills.remove(job)
 
-    async def _run_batch(self, batch: list[tuple[_PrefillJob, int]]) -> None:
+    async def _compute(self, eng: Engine, seconds: float, layer_first: int, layers: int, tokens: int,
+                       phase: str) -> None:
+        """GPU time for some layers of the engine's batch, then (with collectives) their AllToAll."""
+        await asyncio.sleep(seconds)
+        if self.collectives is not None:
+            await self.collectives.run(eng.index, layer_first, layers, tokens, phase)
+
+    async def _run_batch(self, eng: Engine, batch: list[tuple[_PrefillJob, int]]) -> None:
         """Compute one batch; layerwise, each layer chunk's KV leaves as soon as the chunk is computed."""
         head = batch[0][0]
         per_layer = self.compute.prefill_layers_s(
@@ -413,7 +487,7 @@ class NodeService(pb_grpc.NodeServicer):
         if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
             for job, _ in live:
                 await self._arrived(job, len(job.chunks))
-            await asyncio.sleep(sum(per_layer))
+            await self._compute(eng, sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill")
             for ci, chunk in enumerate(head.chunks):
                 live = self._send(live, chunk, last=ci == len(head.chunks) - 1)
         else:
@@ -427,7 +501,7 @@ class NodeService(pb_grpc.NodeServicer):
                         job.done.set_exception(exc)
                 live = ok
                 lf, nl = chunk
-                await asyncio.sleep(sum(per_layer[lf:lf + nl]))
+                await self._compute(eng, sum(per_layer[lf:lf + nl]), lf, nl, sum(n for _, n in live), "prefill")
                 live = self._send(live, chunk, last=ci == len(head.chunks) - 1)
         for job, n in live:
             job.computed += n
@@ -507,7 +581,8 @@ class NodeService(pb_grpc.NodeServicer):
         eng.joining.append(d)
         eng.wake.set()
         if eng.loop_task is None or eng.loop_task.done():
-            eng.loop_task = self._spawn(self._decode_loop(eng))
+            loop = self._decode_loop if self.collectives is None else self._decode_loop_stepwise
+            eng.loop_task = self._spawn(loop(eng))
         await d.done
         await asyncio.gather(*d.writes)  # persisted before the turn counts as done
         elapsed = time.monotonic() - d.started
@@ -550,6 +625,18 @@ class NodeService(pb_grpc.NodeServicer):
                 steps = until_event
             self._advance(eng, steps, clock, step_s)
             clock += steps * step_s
+
+    async def _decode_loop_stepwise(self, eng: Engine) -> None:
+        """Decode with collectives: one wake-up per step, since every step ends with the batch's AllToAll
+        (the event-driven loop above cannot skip steps whose length depends on the network)."""
+        while eng.batch or eng.joining:
+            eng.batch += eng.joining
+            eng.joining.clear()
+            eng.wake.clear()
+            start = time.monotonic()
+            await self._compute(eng, self.compute.decode_step_s([d.context + d.generated for d in eng.batch]),
+                                0, self.geom.layers, len(eng.batch), "decode")
+            self._advance(eng, 1, start, time.monotonic() - start)
 
     def _advance(self, eng: Engine, steps: int, start: float, step_s: float) -> None:
         """Every sequence of the batch generated `steps` more tokens since `start`."""
@@ -596,12 +683,24 @@ async def serve(args) -> None:
     model = costmodel.MODELS[args.model]
     storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv)
     cnics = args.cnic.split(",")
+    collectives = None
+    if args.collective_group:
+        cport = args.collective_group.split(",")[0].rsplit(":", 1)[1]
+        collectives = Collectives(model, args.byte_scale, args.collective_group.split(","),
+                                  [f"{c.rsplit(':', 1)[0]}:{cport}" for c in cnics], args.dscp_collective,
+                                  args.time_scale)
+        await collectives.start()
     service = NodeService(args.name, args.role, geom, len(cnics), storage,
                           CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv,
-                          prefill_quota_s=args.prefill_quota_s * args.time_scale)
+                          prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives)
     server = grpc.aio.server(options=grpc_options(args.dscp_kv))
     pb_grpc.add_NodeServicer_to_server(service, server)
-    await serve_until_stopped(server, [args.mgmt, *cnics], service.close)
+    async def stop() -> None:
+        if collectives is not None and args.collectives_out:
+            collectives.write_csv(args.collectives_out, args.name)
+        await service.close()
+
+    await serve_until_stopped(server, [args.mgmt, *cnics], stop)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -620,6 +719,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prefill-quota-s", type=float, default=PREFILL_QUOTA_S,
                    help="compute quota of one PE batch, real GPU seconds (default: %(default)s, the paper's)")
     p.add_argument("--dscp-kv", type=int, default=None)
+    p.add_argument("--collective-group", default="",
+                   help="ADDR:PORT of every engine of this role (this node's included): MoE AllToAll per layer "
+                        "chunk / decode step; empty = no collectives")
+    p.add_argument("--dscp-collective", type=int, default=None)
+    p.add_argument("--byte-scale", type=float, default=1.0, help="scale of collective bytes (as of KV)")
+    p.add_argument("--collectives-out", default="", help="write this node's collectives.csv here at stop")
     return p.parse_args(argv)
 
 

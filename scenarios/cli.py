@@ -79,6 +79,26 @@ def _serving_table(summary: dict) -> Table:
     return t
 
 
+def _collectives_table(summary: dict) -> Table | None:
+    """Per mode: AllToAll completion times of the prefill and decode groups (real ms), if collectives ran."""
+    rows = [(mode, m["collectives"]) for mode, m in summary["modes"].items() if m.get("collectives")]
+    if not rows:
+        return None
+    t = Table(title="collectives (MoE AllToAll completion, real ms)", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True, title_justify="left")
+    for col in ("mode", "prefill\ncount", "prefill\np50/p99", "decode\ncount", "decode\np50/p99"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:.1f}"
+
+    for mode, c in rows:
+        p, d = c["prefill"], c["decode"]
+        t.add_row(mode, str(p["count"]), f"{ms(p['p50_s'])}/{ms(p['p99_s'])}", str(d["count"]),
+                  f"{ms(d['p50_s'])}/{ms(d['p99_s'])}")
+    return t
+
+
 def _verdict_lines(summary: dict) -> list[str]:
     f = summary["fidelity"]
     cpu = f"CPU max {f['cpu_util_max']:.0%}" if f["cpu_util_max"] is not None else "CPU not sampled"
@@ -107,6 +127,9 @@ def cmd_run(args) -> int:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
+        coll = _collectives_table(s)
+        if coll is not None:
+            console.print(coll)
         sp, lg = s["speedup"], s["ledger"]
         console.print("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None)
                       + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))

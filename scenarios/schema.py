@@ -127,6 +127,8 @@ class Serving(_Model):
     modes: list[Literal["basic", "dualpath", "oracle"]] = Field(["basic", "dualpath", "oracle"], min_length=1)
     policy: Literal["paper", "round_robin"] = "paper"
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
+    collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "
+                                                 "marked with traffic_classes.dscp_collective")
     block_tokens: StrictInt = Field(64, ge=1)
     workload: Workload = Workload()
 

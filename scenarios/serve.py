@@ -35,6 +35,7 @@ from traffic.driver import preload_list
 from traffic.workload import WorkloadSpec, generate
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
+COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
 READY_TIMEOUT_S = 60.0
 LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
                 "backlog_bytes"]
@@ -138,12 +139,18 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
                 "--servers", str(len(lay.storage)), "--preload", str(preload), "--dscp", str(dscp_kv)])))
         storage_addrs = ",".join(a for _, a, _ in lay.storage)
         buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
+        groups = {role: [f"{c.rsplit(':', 1)[0]}:{COLLECTIVE_PORT}" for n in lay.nodes if n["role"] == role
+                         for c in n["cnics"]] for role in ("pe", "de")}
         for n in lay.nodes:
+            coll = ["--collective-group", ",".join(groups[n["role"]]), "--dscp-collective",
+                    str(sc.traffic_classes.dscp_collective), "--byte-scale", str(sc.scale.bytes),
+                    "--collectives-out", str(mode_dir / f"collectives-{n['name']}.csv")] \
+                if sc.serving.collectives else []
             procs.append((f"node {n['name']}", emu.procs.start(f"node {n['name']}", net.host(n["name"]).netns, [
                 py, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
                 "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
                 "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time),
-                "--dscp-kv", str(dscp_kv)])))
+                "--dscp-kv", str(dscp_kv), *coll])))
         per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
         sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
                      "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
@@ -197,7 +204,31 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             emu.procs.stop(proc)
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
-    return _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger), (t0, t1)
+    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)
+    if sc.serving.collectives:
+        summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
+    return summary, (t0, t1)
+
+
+def _merge_collectives(mode_dir: Path, nodes: list[str]) -> dict:
+    """The nodes' collectives-<node>.csv into collectives.csv; completion p50/p99 per phase (real s)."""
+    rows = []
+    for name in nodes:
+        part = mode_dir / f"collectives-{name}.csv"
+        if part.exists():
+            rows += list(csv.DictReader(part.open()))
+            part.unlink()
+    cols = ["engine", "phase", "collective", "start_s", "bytes", "completion_s"]
+    with (mode_dir / "collectives.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: float(r["start_s"])))
+    out = {}
+    for phase in ("prefill", "decode"):
+        times = sorted(float(r["completion_s"]) for r in rows if r["phase"] == phase)
+        out[phase] = {"count": len(times), "p50_s": _pct(times, 50), "p99_s": _pct(times, 99),
+                      "bytes": sum(int(r["bytes"]) for r in rows if r["phase"] == phase)}
+    return out
 
 
 def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: float) -> None:

@@ -114,18 +114,22 @@ def test_run_of_refused_plan_fails_before_building(not_root, capsys):
 def test_result_tables_fit_80_columns_without_truncation():
     from rich.console import Console
 
-    from scenarios.cli import _calibration_table, _serving_table
+    from scenarios.cli import _calibration_table, _collectives_table, _serving_table
     row = {"link_class": "stnic", "direction": "down", "links": 2, "real_bps": 1.6e12, "configured_bps": 160e6,
            "expected_bps": 160e6, "achieved_bps": 159.87e6, "worst_error": -0.0123, "iperf3_goodput_bps": 152.51e6,
            "within_tolerance": True}
     mode = {"jct_s": 184.4, "requests": 1768, "paths": {"pe": 1260, "de": 1508},
             "snic_util": {"pe": 1.0, "de": 0.73}, "cnic_util": {"pe": 0.2, "de": 0.07},
             "ttft_s": {"p50": 10.34, "p99": 122.04}, "tpot_s": {"p50": 0.0143, "p99": 0.0156}}
+    coll = {"prefill": {"count": 12345, "p50_s": 0.0163, "p99_s": 0.0962, "bytes": 1},
+            "decode": {"count": 123456, "p50_s": 0.0008, "p99_s": 0.0113, "bytes": 1}}
     summary = {"scenario": "default", "calibration": {"mode": "class", "classes": [row]},
-               "modes": {"basic": mode, "dualpath": mode, "oracle": mode}}
+               "modes": {"basic": mode, "dualpath": {**mode, "collectives": coll}, "oracle": mode}}
     console = Console(width=80, record=True)
     console.print(_calibration_table(summary))
     console.print(_serving_table(summary))
+    console.print(_collectives_table(summary))
     text = console.export_text()
     assert "…" not in text
     assert "dualpath" in text and "159.9Mbit" in text and "10.3/122.0" in text
+    assert "16.3/96.2" in text and "0.8/11.3" in text  # collectives of the one mode that ran them

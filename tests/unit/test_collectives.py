@@ -63,3 +63,60 @@ def test_collectives_csv(tmp_path):
     write_csv(str(path), [Completion(1, 10.5, 4096, 0.002)], t0=10.0, engine="pe1/0", time_scale=2.0)
     (row,) = list(csv.DictReader(path.open()))
     assert row == {"engine": "pe1/0", "collective": "1", "start_s": "0.25", "bytes": "4096", "completion_s": "0.001"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_decode_step_ends_with_its_alltoall_and_every_step_is_recorded(tmp_path):
+    """A decode engine with collectives: one AllToAll per step, sized by the batch, delivered to its peer."""
+    from daemons import dualpath_pb2 as pb
+    from daemons.kvbytes import KvGeometry
+    from daemons.node import Collectives, NodeService
+
+    class NoStorage:
+        async def write(self, *a):
+            return 0
+
+        async def write_blocks(self, *a):
+            return 0
+
+        async def close(self):
+            pass
+
+    class Gpu:
+        def decode_step_s(self, contexts):
+            return 0.001
+
+        def prefill_layers_s(self, batch):
+            return (0.0,) * 61
+
+    group = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+
+    async def go():
+        mine = Collectives(DS, 5e-4, group, [group[0]], dscp=46)
+        peer = Collectives(DS, 5e-4, group, [group[1]], dscp=46)
+        await mine.start()
+        await peer.start()
+        svc = NodeService("de1", "de", KvGeometry(61, 64, 1281), 1, NoStorage(), Gpu(), 1 << 20,
+                          collectives=mine)
+        spec = pb.RequestSpec(request_id="r", trajectory="t", hit_blocks=0, new_tokens=10, gen_tokens=12,
+                              layer_chunks=2)
+        reply = await svc.Decode(pb.DecodeRequest(request=spec, de_engine=0, context_tokens=10), None)
+        await svc.close()
+        await peer.close()
+        return mine, peer, reply
+
+    mine, peer, reply = asyncio.run(go())
+    assert [phase for _, phase, _ in mine.records] == ["decode"] * 12  # one per generated token
+    step_bytes = layer_bytes(DS, 0, 61, 1, 2, 5e-4)
+    assert all(c.bytes == step_bytes and c.seconds > 0 for _, _, c in mine.records)
+    assert (peer.received.messages, peer.received.bytes) == (12, 12 * step_bytes)
+    assert reply.tpot_s >= 0.001  # each step lasted its compute plus its collective
+    path = tmp_path / "c.csv"
+    mine.write_csv(str(path), "de1")
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 12 and rows[0]["engine"] == "de1/0" and rows[0]["phase"] == "decode"
