@@ -117,6 +117,28 @@ class Emulation:
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
 
+    def reshape(self, spec: NetSpec) -> int:
+        """Re-shape the built network to `spec` (same hosts, switches and links; other tc plans, e.g. traffic
+        classes on or off): each interface whose plan differs gets its root qdisc replaced. Returns how many
+        interfaces changed."""
+        def by_dev(net: NetSpec) -> dict[tuple[str | None, str], list]:
+            out: dict[tuple[str | None, str], list] = {}
+            for op in net.tc_ops():
+                out.setdefault((op.netns, op.dev), []).append(op)
+            return out
+
+        if spec.root_objects() != self.spec.root_objects():
+            raise ValueError("reshape needs the same hosts, switches and links")
+        old, new = by_dev(self.spec), by_dev(spec)
+        changed = [end for end in new if new[end] != old.get(end)]
+        for netns, dev in changed:
+            ipr = self.ipr(netns)
+            (idx,) = ipr.link_lookup(ifname=dev)
+            ipr.tc("del", index=idx, handle=0x10000, parent=0xFFFFFFFF)  # the root qdisc, its classes, filters
+            apply_tc(ipr, new[(netns, dev)])
+        self.spec = spec
+        return len(changed)
+
     def _ops_by_ns(self):
         grouped: dict[str | None, list] = {}
         for op in self.spec.tc_ops():

@@ -99,6 +99,34 @@ def _collectives_table(summary: dict) -> Table | None:
     return t
 
 
+def _isolation_table(summary: dict) -> Table | None:
+    """The isolation experiment: reference (no KV), isolation on, isolation off."""
+    iso = summary.get("isolation")
+    if not iso:
+        return None
+    t = Table(title="isolation: collectives and TPOT in real ms, slow = p99 / reference p99 (oracle: no KV)",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("run", "prefill\np50/p99", "\nslow", "decode\np50/p99", "\nslow", "TPOT\np50/p99",
+                "TTFT s\np50", "CNIC\npe/de"):
+        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:.1f}"
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
+
+    for run, label in (("reference", "reference"), ("on", "isolation on"), ("off", "isolation off")):
+        r = iso[run]
+        c, sd = r["collective_s"], r.get("slowdown_p99", {})
+        t.add_row(label, f"{ms(c['prefill']['p50'])}/{ms(c['prefill']['p99'])}", x(sd.get("prefill")),
+                  f"{ms(c['decode']['p50'])}/{ms(c['decode']['p99'])}", x(sd.get("decode")),
+                  f"{ms(r['tpot_s']['p50'])}/{ms(r['tpot_s']['p99'])}",
+                  "-" if r["ttft_s"]["p50"] is None else f"{r['ttft_s']['p50']:.1f}",
+                  f"{r['cnic_util']['pe'] or 0:.2f}/{r['cnic_util']['de'] or 0:.2f}")
+    return t
+
+
 def _verdict_lines(summary: dict) -> list[str]:
     f = summary["fidelity"]
     cpu = f"CPU max {f['cpu_util_max']:.0%}" if f["cpu_util_max"] is not None else "CPU not sampled"
@@ -127,9 +155,9 @@ def cmd_run(args) -> int:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
-        coll = _collectives_table(s)
-        if coll is not None:
-            console.print(coll)
+        for extra in (_collectives_table(s), _isolation_table(s)):
+            if extra is not None:
+                console.print(extra)
         sp, lg = s["speedup"], s["ledger"]
         console.print("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None)
                       + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))

@@ -110,7 +110,7 @@ def achieved_invariants(rows: list[dict], plan: Plan) -> dict[str, float | None]
 def _serving_summary(serving: dict) -> dict:
     modes = serving["modes"]
     ledger: dict[str, int] = {}
-    for m in modes.values():
+    for m in [*modes.values(), *serving.get("extra_runs", {}).values()]:
         for k, v in m["ledger"].items():
             ledger[k] = ledger.get(k, 0) + v
 
@@ -119,8 +119,12 @@ def _serving_summary(serving: dict) -> dict:
             return round(modes[a]["jct_s"] / modes[b]["jct_s"], 4)
         return None
 
-    return {"modes": modes, "speedup": {"dualpath_vs_basic": ratio("basic", "dualpath"),
-                                        "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger}
+    out = {"modes": modes, "speedup": {"dualpath_vs_basic": ratio("basic", "dualpath"),
+                                       "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger}
+    if "isolation" in serving:  # the flipped-isolation DualPath run and the comparison (docs/traffic-classes.md)
+        out["extra_runs"] = serving["extra_runs"]
+        out["isolation"] = serving["isolation"]
+    return out
 
 
 def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float,
@@ -172,3 +176,25 @@ def _round(x: float | None, nd: int = 0):
     if x is None:
         return ""
     return round(x, nd) if nd else round(x)
+
+
+def isolation_comparison(configured_on: bool, modes: dict, flipped: dict) -> dict:
+    """The isolation experiment: collectives with no KV (oracle, the reference), next to DualPath's KV with
+    isolation on and with it off. Slowdowns are p99 completion over the reference's p99."""
+    on, off = (modes["dualpath"], flipped) if configured_on else (flipped, modes["dualpath"])
+    ref = modes["oracle"]
+
+    def side(m: dict) -> dict:
+        c = m["collectives"]
+        out = {"collective_s": {ph: {"p50": c[ph]["p50_s"], "p99": c[ph]["p99_s"]} for ph in ("prefill", "decode")},
+               "tpot_s": m["tpot_s"], "ttft_s": {"p50": m["ttft_s"]["p50"]}, "cnic_util": m["cnic_util"],
+               "jct_s": m["jct_s"]}
+        if m is not ref:
+            out["slowdown_p99"] = {ph: (round(c[ph]["p99_s"] / ref["collectives"][ph]["p99_s"], 3)
+                                        if c[ph]["p99_s"] and ref["collectives"][ph]["p99_s"] else None)
+                                   for ph in ("prefill", "decode")}
+            if "basic" in modes and m["tpot_s"]["p99"] and modes["basic"]["tpot_s"]["p99"]:
+                out["tpot_p99_vs_basic"] = round(m["tpot_s"]["p99"] / modes["basic"]["tpot_s"]["p99"], 3)
+        return out
+
+    return {"reference": side(ref), "on": side(on), "off": side(off)}

@@ -110,19 +110,43 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     cpu = CpuSampler()
     cpu.start()
     modes, windows = {}, []
+    names = list(plan.scenario.serving.modes)
+    flipped = extra = None
     try:
         for mode in plan.scenario.serving.modes:
             say(f"serving mode {mode}: {plan.scenario.serving.workload.agents} agents")
             modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
             windows.append(window)
             say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
+        if plan.scenario.serving.isolation_compare:
+            flipped = _flip_isolation(plan)
+            name = f"dualpath-isolation-{'on' if flipped.scenario.traffic_classes.isolation else 'off'}"
+            say(f"serving mode dualpath again, compute fabric re-shaped: {name} "
+                f"({emu.reshape(flipped.net)} interfaces)")
+            extra, window = serve.run_mode(emu, flipped, "dualpath", run_dir / name, progress)
+            windows.append(window)
+            names.append(name)
+            say(f"  {name}: JCT {extra['jct_s']:.1f}s (real), {extra['requests']} turns")
     finally:
         cpu.stop()
-        _write_cpu(run_dir / "cpu.csv", cpu, windows, plan.scenario.serving.modes)
+        _write_cpu(run_dir / "cpu.csv", cpu, windows, names)
     # Judged while the workload runs (daemon start-up is not the emulation), over spans of
     # 0.5 s of REAL time: a CPU-starved wall second distorts real timing by 1/time_scale s.
     span_s = 0.5 * plan.scenario.scale.time
-    return {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
+    out = {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
+    if flipped is not None:
+        out["extra_runs"] = {names[-1]: extra}
+        out["isolation"] = results.isolation_comparison(plan.scenario.traffic_classes.isolation, modes, extra)
+    return out
+
+
+def _flip_isolation(plan: Plan) -> Plan:
+    """The same plan with the compute fabric's traffic classes the other way (on <-> off)."""
+    from scenarios.plan import make_plan
+    sc = plan.scenario
+    flipped = sc.model_copy(update={"traffic_classes": sc.traffic_classes.model_copy(
+        update={"isolation": not sc.traffic_classes.isolation})})
+    return make_plan(flipped)
 
 
 def _write_cpu(path: Path, cpu: CpuSampler, windows: list[tuple[float, float]], modes: list[str]) -> None:

@@ -129,8 +129,17 @@ class Serving(_Model):
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
     collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "
                                                  "marked with traffic_classes.dscp_collective")
+    isolation_compare: bool = Field(False, description="after the modes, re-shape the compute fabric with "
+                                                       "traffic_classes.isolation flipped and run dualpath again")
     block_tokens: StrictInt = Field(64, ge=1)
     workload: Workload = Workload()
+
+    @model_validator(mode="after")
+    def _comparable(self) -> "Serving":
+        if self.isolation_compare and not (self.collectives and {"oracle", "dualpath"} <= set(self.modes)):
+            raise ValueError("isolation_compare needs collectives: true and modes with oracle (the reference) "
+                             "and dualpath")
+        return self
 
     @field_validator("modes")
     @classmethod

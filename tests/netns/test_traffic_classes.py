@@ -90,3 +90,35 @@ def test_kv_packets_carry_their_dscp_and_land_in_the_kv_class(captured_run):
     assert (run_dir / "dualpath" / "collectives.csv").exists()
     assert summary["ledger"]["blocks_corrupt"] == 0
     assert_nothing_left("after the traffic-class run")
+
+
+@pytest.mark.netns
+def test_reshape_turns_isolation_off_and_on_on_the_compute_fabric_only(machine_free):
+    """Emulation.reshape, as the isolation experiment uses it between runs: only the compute-fabric ends
+    change, and their class tree is exactly the new plan's."""
+    from emulator.net import Emulation
+    from emulator.registry import Registry
+    from scenarios import schema
+    from scenarios.plan import make_plan
+
+    def classes(netns: str | None, dev: str) -> set[str]:
+        argv = ["tc"] + (["-n", netns] if netns else []) + ["class", "show", "dev", dev]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        return {line.split()[2] for line in out.splitlines() if line.startswith("class htb")}
+
+    on = make_plan(schema.load("tiny"))
+    off = make_plan(schema.load("tiny", ["traffic_classes.isolation=false"]))
+    cnics = [lk for lk in on.net.links if lk.link_class == "cnic"]
+    with Registry() as reg:
+        emu = Emulation(on.net, reg, "pytest-reshape")
+        try:
+            emu.build()
+            ends = [(on.net.host(lk.host).netns, lk.host_intf) for lk in cnics] + [(None, lk.switch_intf)
+                                                                                 for lk in cnics]
+            assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
+            assert emu.reshape(off.net) == len(ends)  # the storage fabric is left alone
+            assert all(classes(*e) == {"1:1", "1:10"} for e in ends)
+            assert emu.reshape(on.net) == len(ends)
+            assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
+        finally:
+            assert emu.teardown() == []

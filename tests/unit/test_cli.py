@@ -133,3 +133,31 @@ def test_result_tables_fit_80_columns_without_truncation():
     assert "…" not in text
     assert "dualpath" in text and "159.9Mbit" in text and "10.3/122.0" in text
     assert "16.3/96.2" in text and "0.8/11.3" in text  # collectives of the one mode that ran them
+
+
+def test_isolation_comparison_and_its_table():
+    from rich.console import Console
+
+    from scenarios.cli import _isolation_table
+    from scenarios.results import isolation_comparison
+
+    def mode(prefill_p99, decode_p99, tpot_p99):
+        return {"jct_s": 20.0, "tpot_s": {"p50": 0.017, "p99": tpot_p99}, "ttft_s": {"p50": 3.5, "p99": 7.0},
+                "cnic_util": {"pe": 0.25, "de": 0.05},
+                "collectives": {"prefill": {"count": 9, "p50_s": 0.015, "p99_s": prefill_p99, "bytes": 1},
+                                "decode": {"count": 9, "p50_s": 0.001, "p99_s": decode_p99, "bytes": 1}}}
+
+    modes = {"basic": mode(0.02, 0.004, 0.020), "oracle": mode(0.025, 0.005, 0.019),
+             "dualpath": mode(0.026, 0.006, 0.021)}
+    off = mode(0.096, 0.011, 0.0246)
+    iso = isolation_comparison(True, modes, off)
+    assert iso["on"]["slowdown_p99"] == {"prefill": 1.04, "decode": 1.2}
+    assert iso["off"]["slowdown_p99"] == {"prefill": 3.84, "decode": 2.2}
+    assert iso["off"]["tpot_p99_vs_basic"] == 1.23
+    assert "slowdown_p99" not in iso["reference"]
+    # configured off: the flipped run is the "on" one
+    assert isolation_comparison(False, modes, off)["on"]["slowdown_p99"]["prefill"] == 3.84
+    console = Console(width=80, record=True)
+    console.print(_isolation_table({"isolation": iso}))
+    text = console.export_text()
+    assert "…" not in text and "3.84x" in text and "isolation off" in text

@@ -276,3 +276,11 @@ def test_isolation_off_means_one_fifo_class():
     assert schema.load("tiny", ["traffic_classes.isolation=false"]).traffic_classes.classes() == ()
     names = [c.name for c in schema.load("tiny").traffic_classes.classes()]
     assert names == ["collective", "kv"]
+
+
+def test_isolation_compare_needs_collectives_and_a_reference():
+    with pytest.raises(ConfigError, match="isolation_compare needs collectives"):
+        schema.load("isolation", ["serving.collectives=false"])
+    with pytest.raises(ConfigError, match="oracle"):
+        schema.load("isolation", ["serving.modes=[dualpath]"])
+    assert schema.load("isolation").serving.isolation_compare
