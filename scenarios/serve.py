@@ -88,16 +88,15 @@ def _workload_json(spec: WorkloadSpec) -> dict:
 
 def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:
     """HTB classes of every SNIC and CNIC, both ends: key -> (link, link class, side, direction, traffic
-    class, link rate). Traffic class "link" is the link's root class 1:1 (all its traffic); with traffic
-    classes, each leaf too ("default" 1:10 for unmarked traffic, then e.g. "collective", "kv")."""
+    class, link rate). Traffic class "link" is the link's root class 1:1 (all its traffic), "default" its
+    leaf 1:10 (everything without traffic classes, unmarked traffic with them), then e.g. "collective", "kv"."""
     keys = {}
     for lk in plan.net.links:
         if lk.link_class not in ("snic", "cnic"):
             continue
         side = plan.net.host(lk.host).role
-        leaves = [("link", LINK_CLASS)]
-        if lk.traffic_classes:
-            leaves += [("default", DEFAULT_CLASS)] + [(c.name, c.handle) for c in lk.traffic_classes]
+        leaves = [("link", LINK_CLASS), ("default", DEFAULT_CLASS)]  # 1:10 is the FIFO when no classes
+        leaves += [(c.name, c.handle) for c in lk.traffic_classes]
         for direction, netns, dev in (("up", plan.net.host(lk.host).netns, lk.host_intf),
                                       ("down", None, lk.switch_intf)):
             for tclass, handle in leaves:
