@@ -113,9 +113,21 @@ class Emulation:
             self.registry.add_proc(sw.pid)
         self._net.start()
         self._sysctls()
+        self._gso_caps()
         for op_ns, ops in self._ops_by_ns().items():
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
+
+    def _gso_caps(self) -> None:
+        """Cap GSO skbs where a link asks: HTB never preempts a skb it started, so a 64 KiB skb holds a
+        slow emulated link for milliseconds; smaller skbs let a priority class overtake sooner."""
+        for lk in self.spec.links:
+            if lk.gso_max_bytes is None:
+                continue
+            for netns, dev in ((self.spec.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)):
+                ipr = self.ipr(netns)
+                (idx,) = ipr.link_lookup(ifname=dev)
+                ipr.link("set", index=idx, gso_max_size=lk.gso_max_bytes)
 
     def reshape(self, spec: NetSpec) -> int:
         """Re-shape the built network to `spec` (same hosts, switches and links; other tc plans, e.g. traffic

@@ -70,6 +70,7 @@ class LinkSpec(_Cable):
     ip: str  # host address with prefix length, "10.10.1.1/16"
     queue_s: float
     traffic_classes: tuple[TrafficClass, ...] = ()  # DSCP classes at both ends (compute fabric)
+    gso_max_bytes: int | None = None  # cap on GSO skbs at both ends (None: the kernel's 64 KiB)
 
 
 @dataclass(frozen=True)

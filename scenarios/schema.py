@@ -85,6 +85,14 @@ class TrafficClasses(_Model):
     kv_share: Number = Field(0.01, gt=0, lt=1, description="link share guaranteed to KV (it borrows any gap)")
     dscp_collective: StrictInt = Field(46, ge=0, le=63)
     dscp_kv: StrictInt = Field(10, ge=0, le=63)
+    gso_max: Size | None = Field(None, description="cap on GSO skbs on the compute fabric (null: the kernel's 64KiB)")
+
+    @field_validator("gso_max")
+    @classmethod
+    def _gso_range(cls, v: float | None) -> float | None:
+        if v is not None and not 1500 <= v <= 65536:
+            raise ValueError(f"{v:g} bytes: must be between one MTU (1500B) and 64KiB")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrafficClasses":

@@ -125,7 +125,7 @@ def compute_classes(collective_share: float = 0.985, kv_share: float = 0.01, dsc
 
 
 def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
-                compute_classes: tuple[TrafficClass, ...] = ()) -> NetSpec:
+                compute_classes: tuple[TrafficClass, ...] = (), compute_gso_max: int | None = None) -> NetSpec:
     """Lay out the emulated cluster (see the module docstring for the plan). `compute_classes`: the DSCP
     traffic classes of every compute-fabric link (CNIC and switch port); none = one FIFO class."""
     for role, n in (("prefill", c.prefill_nodes), ("decode", c.decode_nodes), ("storage", c.storage_servers)):
@@ -150,7 +150,7 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
                                       f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s,
-                                      compute_classes))
+                                      compute_classes, compute_gso_max))
     control = [ControlLink(h, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET[role]}.{i}/16")
                for role in ("pe", "de", "st") for i, h in enumerate(names[role], start=1)]
     control.append(ControlLink(CONTROL_HOST, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET['ctl']}.1/16"))

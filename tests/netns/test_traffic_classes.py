@@ -93,7 +93,7 @@ def test_kv_packets_carry_their_dscp_and_land_in_the_kv_class(captured_run):
 
 
 @pytest.mark.netns
-def test_reshape_turns_isolation_off_and_on_on_the_compute_fabric_only(machine_free):
+def test_reshape_and_gso_cap_touch_the_compute_fabric_only(machine_free):
     """Emulation.reshape, as the isolation experiment uses it between runs: only the compute-fabric ends
     change, and their class tree is exactly the new plan's."""
     from emulator.net import Emulation
@@ -106,8 +106,13 @@ def test_reshape_turns_isolation_off_and_on_on_the_compute_fabric_only(machine_f
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         return {line.split()[2] for line in out.splitlines() if line.startswith("class htb")}
 
-    on = make_plan(schema.load("tiny"))
-    off = make_plan(schema.load("tiny", ["traffic_classes.isolation=false"]))
+    def gso(netns: str | None, dev: str) -> int:
+        argv = ["ip"] + (["-n", netns] if netns else []) + ["-d", "link", "show", "dev", dev]
+        words = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+        return int(words[words.index("gso_max_size") + 1])
+
+    on = make_plan(schema.load("tiny", ["traffic_classes.gso_max=8KiB"]))
+    off = make_plan(schema.load("tiny", ["traffic_classes.isolation=false", "traffic_classes.gso_max=8KiB"]))
     cnics = [lk for lk in on.net.links if lk.link_class == "cnic"]
     with Registry() as reg:
         emu = Emulation(on.net, reg, "pytest-reshape")
@@ -116,6 +121,9 @@ def test_reshape_turns_isolation_off_and_on_on_the_compute_fabric_only(machine_f
             ends = [(on.net.host(lk.host).netns, lk.host_intf) for lk in cnics] + [(None, lk.switch_intf)
                                                                                  for lk in cnics]
             assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
+            assert all(gso(*e) == 8192 for e in ends)  # small skbs: a priority class waits less behind one
+            snic = next(lk for lk in on.net.links if lk.link_class == "snic")
+            assert gso(None, snic.switch_intf) == 65536  # the storage fabric keeps the kernel's default
             assert emu.reshape(off.net) == len(ends)  # the storage fabric is left alone
             assert all(classes(*e) == {"1:1", "1:10"} for e in ends)
             assert emu.reshape(on.net) == len(ends)
