@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from emulator import calibrate, fidelity
 from emulator.errors import FidelityError
@@ -65,8 +66,8 @@ def make_plan(sc: Scenario) -> Plan:
 
 def process_argvs(plan: Plan, python: str = sys.executable) -> list[tuple[str, list[str]]]:
     """Every process a run starts, with its argv: Mininet's shells (one per host,
-    in its namespace, and one per bridge, in the root namespace), then the
-    iperf3 ends of every calibration round."""
+    in its namespace, and one per bridge, in the root namespace), the iperf3
+    ends of every calibration round, then each serving mode's daemons and driver."""
     shell = ["env", "PS1=\\x7f", "bash", "--norc", "--noediting", "-is"]
     out = [(f"mininet shell of {h.name}", ["mnexec", "-cdn", *shell, f"mininet:{h.name}"]) for h in plan.net.hosts]
     out += [(f"mininet shell of {s.bridge}", ["mnexec", "-cd", *shell, f"mininet:{s.bridge}"])
@@ -78,6 +79,17 @@ def process_argvs(plan: Plan, python: str = sys.executable) -> list[tuple[str, l
             server, client = calibrate.flow_argvs(src, dst, port, duration, python)
             out.append((f"round {i} iperf3 server", netns_argv(plan.net.host(dst.host).netns, server)))
             out.append((f"round {i} iperf3 client", netns_argv(plan.net.host(src.host).netns, client)))
+    if plan.scenario.serving:  # then, per mode, the serving plane (files under results/<name>/<run-id>/<mode>/)
+        from scenarios import serve
+        modes = list(plan.scenario.serving.modes)
+        if plan.scenario.serving.isolation_compare:
+            modes.append("dualpath")  # again, with the compute fabric's isolation flipped
+        ctl = plan.net.host(serve.CONTROL_HOST).netns
+        for mode in modes:
+            mode_dir = Path("<run>") / mode
+            out += [(f"{mode}: {what}", netns_argv(netns, argv))
+                    for what, netns, argv in serve.daemon_argvs(plan, mode_dir, python)]
+            out.append((f"{mode}: workload driver", netns_argv(ctl, serve.driver_argv(plan, mode, mode_dir, python))))
     return out
 
 

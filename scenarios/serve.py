@@ -68,6 +68,50 @@ def layout(plan) -> ServingLayout:
     return ServingLayout(geom, model, storage, nodes)
 
 
+def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tuple[str, str, list[str]]]:
+    """(what, namespace, argv) of every daemon of one mode: storage servers, node daemons, the scheduler.
+    The same for the run and for `dpemu plan`; files named here live in `mode_dir`."""
+    sc, net = plan.scenario, plan.net
+    lay = layout(plan)
+    geom_args = ["--layers", str(lay.geom.layers), "--block-tokens", str(lay.geom.block_tokens),
+                 "--block-bytes", str(lay.geom.block_bytes)]
+    dscp_kv = str(sc.traffic_classes.dscp_kv)  # every KV byte is marked, isolation on or off
+    out = []
+    for i, (host, data_addr, mgmt_addr) in enumerate(lay.storage):
+        out.append((f"storage {host}", net.host(host).netns, [
+            python, "-m", "daemons.storage", "--listen", f"{data_addr},{mgmt_addr}",
+            "--dir", str(mode_dir / "storage" / host), *geom_args, "--server-index", str(i),
+            "--servers", str(len(lay.storage)), "--preload", str(mode_dir / "preload.json"), "--dscp", dscp_kv]))
+    storage_addrs = ",".join(a for _, a, _ in lay.storage)
+    buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
+    groups = {role: [f"{c.rsplit(':', 1)[0]}:{COLLECTIVE_PORT}" for n in lay.nodes if n["role"] == role
+                     for c in n["cnics"]] for role in ("pe", "de")}
+    for n in lay.nodes:
+        coll = ["--collective-group", ",".join(groups[n["role"]]), "--dscp-collective",
+                str(sc.traffic_classes.dscp_collective), "--byte-scale", str(sc.scale.bytes),
+                "--collectives-out", str(mode_dir / f"collectives-{n['name']}.csv")] if sc.serving.collectives else []
+        out.append((f"node {n['name']}", net.host(n["name"]).netns, [
+            python, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
+            "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
+            "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time), "--dscp-kv", dscp_kv,
+            *coll]))
+    ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
+    out.append(("scheduler", net.host(CONTROL_HOST).netns, [
+        python, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",
+        "--config", str(mode_dir / "scheduler.json")]))
+    return out
+
+
+def driver_argv(plan, mode: str, mode_dir: Path, python: str = sys.executable) -> list[str]:
+    """The workload driver of one mode (in the control host's namespace)."""
+    sc, net = plan.scenario, plan.net
+    ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
+    return [python, "-m", "traffic.driver", "run", "--scheduler", f"{ctl_addr}:{SCHED_PORT}",
+            "--workload", str(mode_dir / "workload.json"), "--block-tokens", str(sc.serving.block_tokens),
+            "--layer-chunks", str(sc.serving.layer_chunks), "--time-scale", str(sc.scale.time), "--tag", f"{mode}-",
+            "--out", str(mode_dir / "requests.csv")]
+
+
 def _wait_ready(proc, what: str) -> None:
     line = proc.stdout.readline().split()
     if not line or line[0] != "ready":
@@ -122,53 +166,25 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     spec = workload_spec(plan)
     py = sys.executable
     mode_dir.mkdir(parents=True)
-    wl_path = mode_dir / "workload.json"
-    wl_path.write_text(json.dumps(_workload_json(spec)))
+    (mode_dir / "workload.json").write_text(json.dumps(_workload_json(spec)))
     preload = mode_dir / "preload.json"
     preload.write_text(json.dumps(preload_list(generate(spec), lay.geom.block_tokens)))
-    geom_args = ["--layers", str(lay.geom.layers), "--block-tokens", str(lay.geom.block_tokens),
-                 "--block-bytes", str(lay.geom.block_bytes)]
-    dscp_kv = sc.traffic_classes.dscp_kv  # every KV byte is marked, isolation on or off (off: one FIFO anyway)
+    per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
+    sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
+                 "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
+                 "beta_tokens": beta_tokens(per_token_s),
+                 "hbm_tokens": costmodel.kv_capacity_tokens(lay.model), "nodes": lay.nodes}
+    (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
+    ctl = net.host(CONTROL_HOST).netns
     procs = []
     try:
-        for i, (host, data_addr, mgmt_addr) in enumerate(lay.storage):
-            procs.append((f"storage {host}", emu.procs.start(f"storage {host}", net.host(host).netns, [
-                py, "-m", "daemons.storage", "--listen", f"{data_addr},{mgmt_addr}",
-                "--dir", str(mode_dir / "storage" / host), *geom_args, "--server-index", str(i),
-                "--servers", str(len(lay.storage)), "--preload", str(preload), "--dscp", str(dscp_kv)])))
-        storage_addrs = ",".join(a for _, a, _ in lay.storage)
-        buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
-        groups = {role: [f"{c.rsplit(':', 1)[0]}:{COLLECTIVE_PORT}" for n in lay.nodes if n["role"] == role
-                         for c in n["cnics"]] for role in ("pe", "de")}
-        for n in lay.nodes:
-            coll = ["--collective-group", ",".join(groups[n["role"]]), "--dscp-collective",
-                    str(sc.traffic_classes.dscp_collective), "--byte-scale", str(sc.scale.bytes),
-                    "--collectives-out", str(mode_dir / f"collectives-{n['name']}.csv")] \
-                if sc.serving.collectives else []
-            procs.append((f"node {n['name']}", emu.procs.start(f"node {n['name']}", net.host(n["name"]).netns, [
-                py, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
-                "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
-                "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time),
-                "--dscp-kv", str(dscp_kv), *coll])))
-        per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
-        sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
-                     "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
-                     "beta_tokens": beta_tokens(per_token_s),
-                     "hbm_tokens": costmodel.kv_capacity_tokens(lay.model), "nodes": lay.nodes}
-        (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
-        ctl = net.host(CONTROL_HOST).netns
-        ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
-        procs.append(("scheduler", emu.procs.start("scheduler", ctl, [
-            py, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",
-            "--config", str(mode_dir / "scheduler.json")])))
+        for what, netns, argv in daemon_argvs(plan, mode_dir, py):
+            procs.append((what, emu.procs.start(what, netns, argv)))
         for what, proc in procs:
             _wait_ready(proc, what)
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
-        driver = emu.procs.start("driver", ctl, [
-            py, "-m", "traffic.driver", "run", "--scheduler", f"{ctl_addr}:{SCHED_PORT}", "--workload", str(wl_path),
-            "--block-tokens", str(lay.geom.block_tokens), "--layer-chunks", str(sc.serving.layer_chunks),
-            "--time-scale", str(sc.scale.time), "--tag", f"{mode}-", "--out", str(mode_dir / "requests.csv")])
+        driver = emu.procs.start("driver", ctl, driver_argv(plan, mode, mode_dir, py))
         sampler.start()
         reader, errors = _drain(driver.stderr)
         if driver.stdout.readline().strip() != "start":  # the driver's own start-up is not the workload

@@ -161,3 +161,14 @@ def test_isolation_comparison_and_its_table():
     console.print(_isolation_table({"isolation": iso}))
     text = console.export_text()
     assert "…" not in text and "3.84x" in text and "isolation off" in text
+
+
+def test_plan_lists_the_serving_daemons_of_every_mode(capsys):
+    assert cli.main(["plan", "isolation"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("basic", "oracle", "dualpath"):
+        assert f"{mode}: node de1: setpriv --pdeathsig TERM -- ip netns exec dp-de1 " in out
+        assert f"{mode}: workload driver: " in out
+    # collectives on: every node names its whole engine group and the collective DSCP
+    assert "--collective-group 10.32.2.1:7300,10.32.2.2:7300,10.32.2.3:7300,10.32.2.4:7300" in out
+    assert out.count("dualpath: scheduler: ") == 2  # once more with isolation flipped
