@@ -129,6 +129,14 @@ class Workload(_Model):
     gen_scale: Number = Field(1.0, gt=0)
     seed: StrictInt = 0
     arrival_rate: Number | None = Field(None, gt=0, description="agents per real second; None: offline")
+    sampling: Literal["agents", "turns"] = Field("agents", description="agents: every trajectory weighs the "
+                                                 "same; turns: drawn by length, the turn mix of whole trajectories")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "Workload":
+        if self.sampling == "turns" and self.turns_per_agent is None:
+            raise ValueError("sampling: turns draws k-turn windows; set turns_per_agent")
+        return self
 
 
 class Serving(_Model):

@@ -121,13 +121,14 @@ def _wait_ready(proc, what: str) -> None:
 def workload_spec(plan) -> WorkloadSpec:
     w = plan.scenario.serving.workload
     return WorkloadSpec(set_name=w.set, seed=w.seed, agents=w.agents, turns_per_agent=w.turns_per_agent,
-                        append_scale=w.append_scale, gen_scale=w.gen_scale, arrival_rate_per_s=w.arrival_rate)
+                        append_scale=w.append_scale, gen_scale=w.gen_scale, arrival_rate_per_s=w.arrival_rate,
+                        sampling=w.sampling)
 
 
 def _workload_json(spec: WorkloadSpec) -> dict:
     return {"set_name": spec.set_name, "seed": spec.seed, "agents": spec.agents,
             "turns_per_agent": spec.turns_per_agent, "append_scale": spec.append_scale,
-            "gen_scale": spec.gen_scale, "arrival_rate_per_s": spec.arrival_rate_per_s}
+            "gen_scale": spec.gen_scale, "arrival_rate_per_s": spec.arrival_rate_per_s, "sampling": spec.sampling}
 
 
 def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:

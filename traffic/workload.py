@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 SETS = ("32K", "48K", "64K")
+SAMPLINGS = ("agents", "turns")
+POPULATION_PER_AGENT = 4  # "turns" sampling draws agents from at least this many trajectories per agent
 
 # The paper's Table 2 (500 trajectories per set).
 TABLE2 = {
@@ -114,6 +116,7 @@ class WorkloadSpec:
     append_scale: float = 1.0
     gen_scale: float = 1.0
     arrival_rate_per_s: float | None = None
+    sampling: str = "agents"  # with turns_per_agent: "agents" (agent i = trajectory i) or "turns" (see generate)
 
     def __post_init__(self):
         if self.set_name not in SETS:
@@ -130,6 +133,10 @@ class WorkloadSpec:
             _require_positive(name, getattr(self, name))
         if self.arrival_rate_per_s is not None:
             _require_positive("arrival_rate_per_s", self.arrival_rate_per_s, "(or None for offline)")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if self.sampling == "turns" and self.turns_per_agent is None:
+            raise ValueError("sampling: 'turns' draws k-turn windows; it needs turns_per_agent")
 
     @property
     def max_len_tokens(self) -> int:
@@ -232,10 +239,28 @@ def _offsets(spec: WorkloadSpec) -> tuple[float, float]:
     return rng.random(), rng.random()
 
 
+def _turn_weighted_agents(spec: WorkloadSpec, offsets: tuple[float, float]) -> list[int]:
+    """`spec.agents` trajectory indices drawn without replacement with probability proportional to their
+    number of turns (Efraimidis-Spirakis keys u^(1/w)), from a population of max(500, 4 x agents)."""
+    population = max(TRAJECTORIES_PER_SET, POPULATION_PER_AGENT * spec.agents)
+    rng = random.Random(f"dpemu.workload.turns:{spec.seed}:{spec.set_name}")
+    keys = []
+    for i in range(population):
+        turns = len(_full_trajectory(spec, i, offsets).turns)
+        u = rng.random()
+        keys.append((u ** (1.0 / turns) if turns else -1.0, i))
+    return sorted(i for _, i in sorted(keys, reverse=True)[:spec.agents])
+
+
 def generate(spec: WorkloadSpec) -> list[Trajectory]:
-    """``spec.agents`` trajectories; agent ``i`` is identical for any agent count."""
+    """``spec.agents`` trajectories. Sampling "agents": agent ``i`` is trajectory ``i``, identical for any
+    agent count, so every trajectory weighs the same (Table 2's per-trajectory means). Sampling "turns":
+    trajectories are drawn with probability proportional to their length, so the k-turn windows have the
+    turn mix of whole trajectories (the paper's offline runs), where long, terse trajectories contribute
+    more turns."""
     out, offsets = [], _offsets(spec)
-    for agent in range(spec.agents):
+    agents = range(spec.agents) if spec.sampling == "agents" else _turn_weighted_agents(spec, offsets)
+    for agent in agents:
         traj = _full_trajectory(spec, agent, offsets)
         k = spec.turns_per_agent
         if k is not None and k < len(traj.turns):

@@ -162,3 +162,26 @@ def test_table2_holds_for_other_seeds(seed):
         got = stats(generate(WorkloadSpec(name, seed=seed)))
         for key in TABLE2_KEYS:
             assert got[key] == pytest.approx(TABLE2[name][key], rel=0.05), (name, key, got[key])
+
+
+def test_turn_weighted_sampling_gives_the_turn_mix_of_whole_trajectories():
+    """Sampling "turns": agents drawn by trajectory length, so their k-turn windows carry the turn-weighted
+    mix of the whole set (the paper's offline runs), not Table 2's per-trajectory means."""
+    whole = stats(generate(WorkloadSpec(set_name="64K", agents=500, seed=0)))
+    by_turns = generate(WorkloadSpec(set_name="64K", agents=200, turns_per_agent=6, seed=0, sampling="turns"))
+    by_agents = generate(WorkloadSpec(set_name="64K", agents=200, turns_per_agent=6, seed=0))
+    assert len({t.agent for t in by_turns}) == 200  # distinct trajectories, so distinct storage ids
+    assert by_turns == generate(WorkloadSpec(set_name="64K", agents=200, turns_per_agent=6, seed=0,
+                                             sampling="turns"))  # seeded
+    tw = stats(by_turns)
+    for key in ("append_tokens", "gen_tokens"):
+        # per-turn means of the windows: near the whole set's turn-weighted means, far below Table 2's
+        assert tw[f"{key}_tw"] == pytest.approx(whole[f"{key}_tw"], rel=0.15), key
+        assert stats(by_agents)[f"{key}_tw"] > 1.3 * tw[f"{key}_tw"], key
+
+
+def test_turn_weighted_sampling_needs_windows():
+    with pytest.raises(ValueError, match="turns_per_agent"):
+        WorkloadSpec(set_name="64K", agents=10, sampling="turns")
+    with pytest.raises(ValueError, match="sampling"):
+        WorkloadSpec(set_name="64K", agents=10, turns_per_agent=2, sampling="tokens")
