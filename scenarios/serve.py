@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import sys
 import threading
@@ -218,6 +219,9 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     finally:
         for _, proc in procs:
             emu.procs.stop(proc)
+        # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
+        # what they held is in the ledger and the storage stats, so they do not pile up run after run
+        shutil.rmtree(mode_dir / "storage", ignore_errors=True)
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)

@@ -83,3 +83,12 @@ def test_basic_is_storage_bound_on_the_prefill_side_and_dualpath_beats_it(small_
     ledger = summary["ledger"]
     assert ledger["blocks_corrupt"] == 0 and ledger["blocks_lost"] == 0 and ledger["blocks_read"] > 0
     assert (run_dir / "cpu.csv").exists()
+
+
+@pytest.mark.netns
+def test_storage_scratch_is_removed_after_each_mode(serving_run):
+    _, out = serving_run
+    (run_dir,) = (out / "serving_tiny").iterdir()
+    for mode in ("basic", "dualpath", "oracle"):
+        assert (run_dir / mode / "requests.csv").exists()
+        assert not (run_dir / mode / "storage").exists(), mode
