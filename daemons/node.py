@@ -48,7 +48,10 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient
 from daemons.runtime import grpc_options, serve_until_stopped
-from traffic.collectives import AllToAll, Completion, ReceiverStats, layer_bytes, start_receiver
+from traffic.collectives import (ROW_COLUMNS, AllToAll, Completion, ReceiverStats, csv_row, layer_bytes,
+                                 start_receiver)
+
+COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
 
 
 # Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted compute fits this
@@ -132,10 +135,9 @@ class Collectives:
     def write_csv(self, path: str, node: str) -> None:
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["engine", "phase", "collective", "start_s", "bytes", "completion_s"])
-            for engine, phase, c in self.records:
-                w.writerow([f"{node}/{engine}", phase, c.collective, round((c.start - self.t0) / self.time_scale, 6),
-                            c.bytes, round(c.seconds / self.time_scale, 6)])
+            w.writerow(COLLECTIVE_COLUMNS)
+            w.writerows([f"{node}/{engine}", phase, *csv_row(c, self.t0, self.time_scale)]
+                        for engine, phase, c in self.records)
 
     async def close(self) -> None:
         for a2a in self.by_engine:
@@ -489,7 +491,7 @@ class NodeService(pb_grpc.NodeServicer):
                 await self._arrived(job, len(job.chunks))
             await self._compute(eng, sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill")
             for ci, chunk in enumerate(head.chunks):
-                live = self._send(live, chunk, last=ci == len(head.chunks) - 1)
+                self._send(live, chunk, last=ci == len(head.chunks) - 1)
         else:
             for ci, chunk in enumerate(head.chunks):
                 ok = []
@@ -502,7 +504,7 @@ class NodeService(pb_grpc.NodeServicer):
                 live = ok
                 lf, nl = chunk
                 await self._compute(eng, sum(per_layer[lf:lf + nl]), lf, nl, sum(n for _, n in live), "prefill")
-                live = self._send(live, chunk, last=ci == len(head.chunks) - 1)
+                self._send(live, chunk, last=ci == len(head.chunks) - 1)
         for job, n in live:
             job.computed += n
             if job.computed == job.spec.new_tokens:
@@ -516,8 +518,7 @@ class NodeService(pb_grpc.NodeServicer):
             await self._next_chunk(job.arrivals, job.fetch)
             job.chunks_in += 1
 
-    def _send(self, live: list[tuple[_PrefillJob, int]], chunk: tuple[int, int],
-              last: bool) -> list[tuple[_PrefillJob, int]]:
+    def _send(self, live: list[tuple[_PrefillJob, int]], chunk: tuple[int, int], last: bool) -> None:
         """Start sending a computed layer chunk of each request's KV PE -> DE, one call per request.
         PE read path: its hit KV with its first part and its new tokens' KV with its last part, layer chunk
         by layer chunk. DE read path: only the new tokens' KV (the DE holds the hit KV), all layers at once
@@ -536,7 +537,6 @@ class NodeService(pb_grpc.NodeServicer):
             if msgs:
                 job.kv_bytes += sum(len(m.data) for m in msgs)
                 job.pushes.append(self._spawn(self._push(job.request.de_cnic, msgs)))
-        return live
 
     async def _finish(self, job: _PrefillJob) -> None:
         """The request is prefilled: done once every KV message of it reached the DE."""

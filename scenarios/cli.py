@@ -56,6 +56,14 @@ def _calibration_table(summary: dict) -> Table:
     return t
 
 
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
 def _serving_table(summary: dict) -> Table:
     """One row per mode, within 80 columns: JCT and latencies in real seconds (TPOT in ms), utilizations 0..1;
     turns are counted by the reads per side (pe/de; oracle reads nothing) and in the lines printed per mode."""
@@ -65,17 +73,12 @@ def _serving_table(summary: dict) -> Table:
                 "TTFT s\np50/p99", "TPOT ms\np50/p99"):
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    def ms(x):
-        return "-" if x is None else f"{x * 1e3:.1f}"
-
     for mode, m in summary["modes"].items():
-        t.add_row(mode, f(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
-                  f(m["snic_util"]["pe"]), f(m["snic_util"]["de"]), f(m["cnic_util"]["pe"]), f(m["cnic_util"]["de"]),
-                  f"{f(m['ttft_s']['p50'], '{:.1f}')}/{f(m['ttft_s']['p99'], '{:.1f}')}",
-                  f"{ms(m['tpot_s']['p50'])}/{ms(m['tpot_s']['p99'])}")
+        t.add_row(mode, _num(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
+                  _num(m["snic_util"]["pe"]), _num(m["snic_util"]["de"]), _num(m["cnic_util"]["pe"]),
+                  _num(m["cnic_util"]["de"]),
+                  f"{_num(m['ttft_s']['p50'], '{:.1f}')}/{_num(m['ttft_s']['p99'], '{:.1f}')}",
+                  f"{_ms(m['tpot_s']['p50'])}/{_ms(m['tpot_s']['p99'])}")
     return t
 
 
@@ -89,13 +92,10 @@ def _collectives_table(summary: dict) -> Table | None:
     for col in ("mode", "prefill\ncount", "prefill\np50/p99", "decode\ncount", "decode\np50/p99"):
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
-    def ms(x):
-        return "-" if x is None else f"{x * 1e3:.1f}"
-
     for mode, c in rows:
         p, d = c["prefill"], c["decode"]
-        t.add_row(mode, str(p["count"]), f"{ms(p['p50_s'])}/{ms(p['p99_s'])}", str(d["count"]),
-                  f"{ms(d['p50_s'])}/{ms(d['p99_s'])}")
+        t.add_row(mode, str(p["count"]), f"{_ms(p['p50_s'])}/{_ms(p['p99_s'])}", str(d["count"]),
+                  f"{_ms(d['p50_s'])}/{_ms(d['p99_s'])}")
     return t
 
 
@@ -110,18 +110,13 @@ def _isolation_table(summary: dict) -> Table | None:
                 "TTFT s\np50", "CNIC\npe/de"):
         t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
 
-    def ms(x):
-        return "-" if x is None else f"{x * 1e3:.1f}"
-
-    def x(v):
-        return "-" if v is None else f"{v:.2f}x"
-
     for run, label in (("reference", "reference"), ("on", "isolation on"), ("off", "isolation off")):
         r = iso[run]
         c, sd = r["collective_s"], r.get("slowdown_p99", {})
-        t.add_row(label, f"{ms(c['prefill']['p50'])}/{ms(c['prefill']['p99'])}", x(sd.get("prefill")),
-                  f"{ms(c['decode']['p50'])}/{ms(c['decode']['p99'])}", x(sd.get("decode")),
-                  f"{ms(r['tpot_s']['p50'])}/{ms(r['tpot_s']['p99'])}",
+        t.add_row(label, f"{_ms(c['prefill']['p50'])}/{_ms(c['prefill']['p99'])}",
+                  _num(sd.get("prefill"), "{:.2f}x"),
+                  f"{_ms(c['decode']['p50'])}/{_ms(c['decode']['p99'])}", _num(sd.get("decode"), "{:.2f}x"),
+                  f"{_ms(r['tpot_s']['p50'])}/{_ms(r['tpot_s']['p99'])}",
                   "-" if r["ttft_s"]["p50"] is None else f"{r['ttft_s']['p50']:.1f}",
                   f"{r['cnic_util']['pe'] or 0:.2f}/{r['cnic_util']['de'] or 0:.2f}")
     return t

@@ -26,7 +26,7 @@ from emulator.net import Emulation
 from emulator.registry import Registry
 
 from . import platform, results, serve
-from .plan import Plan
+from .plan import Plan, make_plan
 
 
 class Interrupted(DpemuError):
@@ -142,7 +142,6 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
 
 def _flip_isolation(plan: Plan) -> Plan:
     """The same plan with the compute fabric's traffic classes the other way (on <-> off)."""
-    from scenarios.plan import make_plan
     sc = plan.scenario
     flipped = sc.model_copy(update={"traffic_classes": sc.traffic_classes.model_copy(
         update={"isolation": not sc.traffic_classes.isolation})})

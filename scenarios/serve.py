@@ -28,6 +28,7 @@ from pathlib import Path
 
 from daemons import costmodel
 from daemons.kvbytes import KvGeometry
+from daemons.node import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
 from emulator.monitor import ClassKey, TcSampler
 from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
@@ -170,7 +171,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     mode_dir.mkdir(parents=True)
     (mode_dir / "workload.json").write_text(json.dumps(_workload_json(spec)))
     preload = mode_dir / "preload.json"
-    preload.write_text(json.dumps(preload_list(generate(spec), lay.geom.block_tokens)))
+    trajectories = generate(spec)
+    preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
     per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
     sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
                  "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
@@ -194,7 +196,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             reader.join(timeout=10)
             raise RuntimeError(f"workload driver did not start in mode {mode}: {''.join(errors)[-1500:]}")
         t0 = time.monotonic()
-        total = sum(len(t.turns) for t in generate(spec))
+        total = sum(len(t.turns) for t in trajectories)
         out = ""
         for line in driver.stdout:  # "done N" per finished turn, then the summary
             if line.startswith("done "):
@@ -238,9 +240,8 @@ def _merge_collectives(mode_dir: Path, nodes: list[str]) -> dict:
         if part.exists():
             rows += list(csv.DictReader(part.open()))
             part.unlink()
-    cols = ["engine", "phase", "collective", "start_s", "bytes", "completion_s"]
     with (mode_dir / "collectives.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=COLLECTIVE_COLUMNS)
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: float(r["start_s"])))
     out = {}

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from daemons.costmodel import MODELS, ModelSpec
+from daemons.costmodel import ModelSpec
 
 HEADER = struct.Struct("!QI")  # message id, payload bytes
 ACK = struct.Struct("!Q")  # message id
@@ -185,14 +185,20 @@ class AllToAll:
         await asyncio.gather(*(p.close() for p in self.peers))
 
 
+ROW_COLUMNS = ["collective", "start_s", "bytes", "completion_s"]
+
+
+def csv_row(c: Completion, t0: float, time_scale: float = 1.0) -> list:
+    """A completion as ROW_COLUMNS, times in real seconds (wall / time scale) since `t0`."""
+    return [c.collective, round((c.start - t0) / time_scale, 6), c.bytes, round(c.seconds / time_scale, 6)]
+
+
 def write_csv(path: str, completions: list[Completion], t0: float, engine: str = "", time_scale: float = 1.0) -> None:
-    """collectives.csv: one row per collective, times in real seconds (wall / time scale)."""
+    """collectives.csv of one engine running alone: one row per collective."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["engine", "collective", "start_s", "bytes", "completion_s"])
-        for c in completions:
-            w.writerow([engine, c.collective, round((c.start - t0) / time_scale, 6), c.bytes,
-                        round(c.seconds / time_scale, 6)])
+        w.writerow(["engine", *ROW_COLUMNS])
+        w.writerows([engine, *csv_row(c, t0, time_scale)] for c in completions)
 
 
 # -- command line ---------------------------------------------------------------------------------------
@@ -241,6 +247,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["MODELS", "AllToAll", "Completion", "ReceiverStats", "alltoall_bytes_per_token", "layer_bytes",
-           "remote_ranks_per_token", "start_receiver"]

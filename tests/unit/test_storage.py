@@ -89,6 +89,6 @@ def test_write_of_partial_block_is_refused(storage):
 
 def test_unsafe_trajectory_name_is_refused(storage):
     with pytest.raises(grpc.RpcError) as exc:
-        storage[0].Write(pb.KvBatch(items=[pb.KvData(request_id="w", span=pb.BlockSpan(trajectory="../etc", first_block=0,
-                                                                                     blocks=1), data=b"\0" * 256)]))
+        span = pb.BlockSpan(trajectory="../etc", first_block=0, blocks=1)
+        storage[0].Write(pb.KvBatch(items=[pb.KvData(request_id="w", span=span, data=b"\0" * 256)]))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
