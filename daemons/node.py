@@ -48,8 +48,7 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient
 from daemons.runtime import grpc_options, serve_until_stopped
-from traffic.collectives import (ROW_COLUMNS, AllToAll, Completion, ReceiverStats, csv_row, layer_bytes,
-                                 start_receiver)
+from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
 
 COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
 
@@ -92,45 +91,30 @@ class Collectives:
     reachable on its CNIC address at the collective port. An engine cannot finish
     a prefill layer chunk or a decode step before its AllToAll for those layers
     completed (every peer acknowledged its share): a slow collective shows in
-    TTFT and TPOT, as on GPUs. Completion times are kept for collectives.csv."""
+    TTFT and TPOT, as on GPUs. The bytes move in the node's collective agent, a
+    process of its own (GPUs and NICs run collectives beside the host's work, not
+    in its event loop). Completion times are kept for collectives.csv."""
 
     def __init__(self, model: costmodel.ModelSpec, byte_scale: float, group: list[str], own: list[str],
                  dscp: int | None, time_scale: float = 1.0):
         missing = [a for a in own if a not in group]
         if missing:
             raise ValueError(f"engine addresses {missing} are not in the collective group {group}")
-        self.model, self.byte_scale, self.ranks, self.dscp = model, byte_scale, len(group), dscp
-        self.own = own
+        self.model, self.byte_scale, self.ranks = model, byte_scale, len(group)
         self.time_scale = time_scale
-        self.by_engine = [AllToAll([a for a in group if a != mine], dscp) for mine in own]
-        self._connected: list[asyncio.Task | None] = [None] * len(own)
+        self.agent = CollectiveAgent(group, own, dscp)
         self.records: list[tuple[int, str, Completion]] = []  # (engine, phase, completion)
-        self.received = ReceiverStats()
-        self._servers: list = []
+        self.received: ReceiverStats | None = None  # what this node's receivers got, known at close
         self.t0 = time.monotonic()
 
     async def start(self) -> None:
-        for addr in self.own:
-            host, port = addr.rsplit(":", 1)
-            self._servers.append(await start_receiver(host, int(port), self.dscp, self.received))
-
-    async def _connect(self, engine: int) -> None:
-        for _ in range(200):  # peers start at about the same time: retry for up to ~10 s
-            try:
-                await self.by_engine[engine].connect()
-                return
-            except OSError:
-                await asyncio.sleep(0.05)
-        raise ConnectionError(f"engine {engine}: collective peers unreachable")
+        await self.agent.start()
 
     async def run(self, engine: int, layer_first: int, layers: int, tokens: int, phase: str) -> None:
         nbytes = layer_bytes(self.model, layer_first, layers, tokens, self.ranks, self.byte_scale)
         if nbytes <= 0 or self.ranks < 2:
             return
-        if self._connected[engine] is None:
-            self._connected[engine] = asyncio.ensure_future(self._connect(engine))
-        await self._connected[engine]
-        self.records.append((engine, phase, await self.by_engine[engine].run(nbytes)))
+        self.records.append((engine, phase, await self.agent.run(engine, nbytes)))
 
     def write_csv(self, path: str, node: str) -> None:
         with open(path, "w", newline="") as f:
@@ -140,10 +124,7 @@ class Collectives:
                         for engine, phase, c in self.records)
 
     async def close(self) -> None:
-        for a2a in self.by_engine:
-            await a2a.close()
-        for srv in self._servers:
-            srv.close()
+        self.received = await self.agent.close()
 
 
 def layer_chunks(layers: int, chunks: int) -> list[tuple[int, int]]:

@@ -19,6 +19,12 @@ completion time is what the isolation experiment compares (KV traffic in the
 same queue delays exactly that). Plain asyncio streams, not gRPC: a collective
 is many small messages per layer, and one gRPC call costs ~1 ms of CPU here.
 
+A node daemon runs its engines' collectives in an agent process of its own
+(``CollectiveAgent``), as GPUs and NICs run them beside the host's CPU work: a
+collective then waits for the network and the peers' agents, not for the node
+daemon's event loop to get through a burst of KV calls. The agent exits when its
+control socket closes, so it never outlives its node.
+
     python -m traffic.collectives serve --listen 10.32.1.1:7300 --dscp 46
     python -m traffic.collectives send --peers 10.32.1.2:7300 --dscp 46 --bytes 4096 --count 100 \
         --gap-ms 2 --out collectives.csv      # alone: the reference completion times
@@ -29,8 +35,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -201,6 +210,169 @@ def write_csv(path: str, completions: list[Completion], t0: float, engine: str =
         w.writerows([engine, *csv_row(c, t0, time_scale)] for c in completions)
 
 
+# -- agent: one node's collectives in a process of their own ---------------------------------------------
+CTRL = struct.Struct("!BIIQdd")  # kind, request id, engine (RUN) or collective id, bytes, start, seconds
+RUN, DONE, FAILED, READY, STOP, STATS = range(6)
+# On GPUs, collectives are driven by the GPU and NIC (DeepEP's GPU-initiated RDMA), never waiting for a host
+# CPU. The agent is the emulation's stand-in for that hardware: it runs at a higher CPU priority than the
+# daemons, so the few microseconds of CPU each message needs are not queued behind a node's KV work.
+AGENT_NICE = -10
+
+
+class _Agent:
+    """The agent process: receivers on the node's engine addresses, one AllToAll per engine (connected
+    on first use), RUN requests served concurrently, each answered DONE with its completion."""
+
+    def __init__(self, group: list[str], own: list[str], dscp: int | None):
+        self.own, self.dscp = own, dscp
+        self.by_engine = [AllToAll([a for a in group if a != mine], dscp) for mine in own]
+        self._connected: list[asyncio.Future | None] = [None] * len(own)
+        self.received = ReceiverStats()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def _connect(self, engine: int) -> None:
+        for _ in range(200):  # peers start at about the same time: retry for up to ~10 s
+            try:
+                await self.by_engine[engine].connect()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise ConnectionError(f"engine {engine}: collective peers unreachable")
+
+    async def _run(self, writer: asyncio.StreamWriter, req: int, engine: int, nbytes: int) -> None:
+        try:
+            if self._connected[engine] is None:
+                self._connected[engine] = asyncio.ensure_future(self._connect(engine))
+            await self._connected[engine]
+            c = await self.by_engine[engine].run(nbytes)
+            writer.write(CTRL.pack(DONE, req, c.collective, c.bytes, c.start, c.seconds))
+        except (OSError, ConnectionError) as exc:
+            print(f"collective agent: engine {engine}: {exc!r}", file=sys.stderr, flush=True)
+            writer.write(CTRL.pack(FAILED, req, engine, nbytes, 0.0, 0.0))
+
+    async def main(self, fd: int) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+        servers = []
+        for addr in self.own:
+            host, port = addr.rsplit(":", 1)
+            servers.append(await start_receiver(host, int(port), self.dscp, self.received))
+        writer.write(CTRL.pack(READY, 0, 0, 0, 0.0, 0.0))
+        try:
+            while True:
+                kind, req, engine, nbytes, _, _ = CTRL.unpack(await reader.readexactly(CTRL.size))
+                if kind == STOP:
+                    break
+                if kind != RUN or not 0 <= engine < len(self.own):
+                    raise ValueError(f"bad control message kind {kind} engine {engine}")
+                task = asyncio.ensure_future(self._run(writer, req, engine, nbytes))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            writer.write(CTRL.pack(STATS, 0, self.received.messages, self.received.bytes, 0.0, 0.0))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the node is gone: so is its agent
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for a2a in self.by_engine:
+                await a2a.close()
+            for srv in servers:
+                srv.close()
+            writer.close()
+
+
+class CollectiveAgent:
+    """A node's handle on its collective agent process (``python -m traffic.collectives agent``)."""
+
+    def __init__(self, group: list[str], own: list[str], dscp: int | None, nice: int = AGENT_NICE,
+                 python: str = sys.executable):
+        self.argv = [python, "-m", "traffic.collectives", "agent", "--group", ",".join(group),
+                     "--own", ",".join(own), "--nice", str(nice)] + ([] if dscp is None else ["--dscp", str(dscp)])
+        self.proc: subprocess.Popen | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._next = 0
+        self._stats: asyncio.Future | None = None
+        self._replies: asyncio.Task | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        mine, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen([*self.argv, "--fd", str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=mine)
+        try:
+            kind = CTRL.unpack(await asyncio.wait_for(reader.readexactly(CTRL.size), timeout_s))[0]
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise RuntimeError(f"collective agent did not start ({' '.join(self.argv)})") from exc
+        if kind != READY:
+            raise RuntimeError(f"collective agent said {kind} instead of ready")
+        self._stats = asyncio.get_running_loop().create_future()
+        self._replies = asyncio.ensure_future(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, req, ident, nbytes, start, seconds = CTRL.unpack(await reader.readexactly(CTRL.size))
+                if kind == STATS:
+                    self._stats.set_result(ReceiverStats(messages=ident, bytes=nbytes))
+                    return
+                fut = self._waiting.pop(req, None)
+                if fut is None or fut.done():
+                    continue
+                if kind == DONE:
+                    fut.set_result(Completion(ident, start, nbytes, seconds))
+                else:
+                    fut.set_exception(ConnectionError(f"collective of engine {ident} failed (agent stderr)"))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            for fut in [*self._waiting.values(), self._stats]:
+                if fut is not None and not fut.done():
+                    fut.set_exception(ConnectionError(f"collective agent gone: {exc!r}"))
+
+    async def run(self, engine: int, nbytes: int) -> Completion:
+        """Engine `engine`'s share of one AllToAll, `nbytes` to its peers; returns when all acknowledged."""
+        self._next += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[self._next] = fut
+        self._writer.write(CTRL.pack(RUN, self._next, engine, nbytes, 0.0, 0.0))
+        return await fut
+
+    async def close(self, timeout_s: float = 5.0) -> ReceiverStats | None:
+        """Stop the agent; return what its receivers got (None if it could not say)."""
+        stats = None
+        if self._writer is not None and not self._writer.is_closing():
+            try:
+                self._writer.write(CTRL.pack(STOP, 0, 0, 0, 0.0, 0.0))
+                if self._stats is not None:
+                    stats = await asyncio.wait_for(asyncio.shield(self._stats), timeout_s)
+            except (ConnectionError, asyncio.TimeoutError):
+                stats = None
+            self._writer.close()
+        if self._replies is not None:
+            self._replies.cancel()
+        if self.proc is not None:
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return stats
+
+
+def _agent(args) -> None:
+    # the node's process group gets the node's SIGTERM / Ctrl-C; the agent leaves when its node closes it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+    except PermissionError:  # not root: run at the daemons' priority, and say so
+        print(f"collective agent: cannot set nice {args.nice} (not root); collectives share the CPU evenly",
+              file=sys.stderr, flush=True)
+    asyncio.run(_Agent(args.group.split(","), args.own.split(","), args.dscp).main(args.fd))
+
+
 # -- command line ---------------------------------------------------------------------------------------
 async def _serve(args) -> None:
     host, port = args.listen.rsplit(":", 1)
@@ -236,11 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--gap-ms", type=float, default=0.0, help="idle time between collectives (compute)")
     t.add_argument("--engine", default="")
     t.add_argument("--out", required=True)
+    a = sub.add_parser("agent", help="a node's collectives, run for it over a control socket (CollectiveAgent)")
+    a.add_argument("--fd", type=int, required=True, help="the control socket, inherited")
+    a.add_argument("--group", required=True, help="ADDR:PORT of every engine of the group")
+    a.add_argument("--own", required=True, help="ADDR:PORT of this node's engines, engine 0 first")
+    a.add_argument("--dscp", type=int, default=None)
+    a.add_argument("--nice", type=int, default=AGENT_NICE, help="CPU priority (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.cmd == "serve":
-        asyncio.run(_serve(args))
+    if args.cmd == "agent":
+        _agent(args)
     else:
-        asyncio.run(_send(args))
+        asyncio.run(_serve(args) if args.cmd == "serve" else _send(args))
     return 0
 
 

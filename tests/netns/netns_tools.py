@@ -23,7 +23,7 @@ PYTHON = str(VENV_BIN / "python")
 MANIFEST = STATE_DIR / "manifest.json"
 LOCK = STATE_DIR / "lock"
 PREFIX = "dp-"
-PROC_MARKERS = ("traffic.iperf", "traffic.driver", "-m daemons.", "mininet:")
+PROC_MARKERS = ("traffic.iperf", "traffic.driver", "traffic.collectives", "-m daemons.", "mininet:")
 
 
 # -- kernel state -------------------------------------------------------------

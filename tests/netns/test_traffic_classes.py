@@ -130,3 +130,69 @@ def test_reshape_and_gso_cap_touch_the_compute_fabric_only(machine_free):
             assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
         finally:
             assert emu.teardown() == []
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@pytest.mark.netns
+def test_isolation_keeps_collectives_fast_beside_a_kv_bulk_flow_on_the_wire(machine_free, tmp_path):
+    """The wire alone, no serving daemons: decode-sized AllToAlls de1 -> de2, de3 (DSCP 46) while an iperf3
+    bulk flow marked as KV (DSCP 10) fills de1's CNIC towards pe1. With isolation on they keep their
+    unloaded completion times; with isolation off they queue behind the KV bytes in the one FIFO."""
+    from emulator.net import Emulation
+    from emulator.registry import Registry
+    from netns_tools import PYTHON
+    from scenarios import schema
+    from scenarios.plan import make_plan
+
+    on = make_plan(schema.load("isolation"))
+    off = make_plan(schema.load("isolation", ["traffic_classes.isolation=false"]))
+    ip = {h: next(lk.ip.split("/")[0] for lk in on.net.links if lk.host == h and lk.link_class == "cnic")
+          for h in ("pe1", "de1", "de2", "de3")}
+    ms: dict[tuple[str, bool], list[float]] = {}
+    with Registry() as reg:
+        emu = Emulation(on.net, reg, "pytest-wire-isolation")
+        try:
+            emu.build()
+            for iso, plan in (("on", on), ("off", off)):
+                emu.reshape(plan.net)
+                receivers = [emu.procs.start(f"recv-{h}", plan.net.host(h).netns, [
+                    PYTHON, "-m", "traffic.collectives", "serve", "--listen", f"{ip[h]}:7300", "--dscp", "46"])
+                    for h in ("de2", "de3")]
+                try:
+                    assert all(r.stdout.readline().startswith("ready") for r in receivers)
+                    for load in (False, True):
+                        bulk = []
+                        if load:
+                            bulk.append(emu.procs.start("kv-sink", plan.net.host("pe1").netns, [
+                                "iperf3", "-s", "-1", "-B", ip["pe1"], "-p", "5990", "--forceflush"]))
+                            assert "listening" in bulk[0].stdout.readline() + bulk[0].stdout.readline()
+                            bulk.append(emu.procs.start("kv-bulk", plan.net.host("de1").netns, [
+                                "iperf3", "-c", ip["pe1"], "-B", ip["de1"], "-p", "5990", "-S", str(10 << 2),
+                                "-t", "6"]))
+                            time.sleep(1.5)  # the bulk flow fills the link before the first collective
+                        out = tmp_path / f"{iso}-{load}.csv"
+                        send = emu.procs.start("send", plan.net.host("de1").netns, [
+                            PYTHON, "-m", "traffic.collectives", "send", "--peers",
+                            f"{ip['de2']}:7300,{ip['de3']}:7300", "--dscp", "46", "--bytes", "1700",
+                            "--count", "200", "--gap-ms", "10", "--out", str(out)])
+                        assert send.wait(timeout=60) == 0, send.stderr.read()
+                        for p in bulk:
+                            assert p.wait(timeout=30) == 0, p.stderr.read()
+                        ms[iso, load] = [float(r["completion_s"]) * 1e3 for r in csv.DictReader(out.open())]
+                finally:
+                    for r in receivers:
+                        emu.procs.stop(r)
+        finally:
+            assert emu.teardown() == []
+    p50 = {k: _quantile(v, 0.5) for k, v in ms.items()}
+    p90 = {k: _quantile(v, 0.9) for k, v in ms.items()}
+    print({k: (round(p50[k], 2), round(p90[k], 2), round(_quantile(v, 0.99), 2)) for k, v in ms.items()})
+    assert all(len(v) == 200 for v in ms.values())
+    assert p50["on", True] < 2 * p50["on", False] + 0.5  # isolated: the KV flow barely shows
+    assert p50["off", True] > 4 * p50["off", False]  # one FIFO: each collective waits behind KV bytes
+    assert p90["off", True] > 3 * p90["on", True]
+    assert_nothing_left("after the wire isolation test")

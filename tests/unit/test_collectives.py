@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from daemons.costmodel import MODELS
-from traffic.collectives import (AllToAll, ReceiverStats, alltoall_bytes_per_token, layer_bytes,
+from traffic.collectives import (AllToAll, CollectiveAgent, ReceiverStats, alltoall_bytes_per_token, layer_bytes,
                                  remote_ranks_per_token, start_receiver, write_csv)
 
 DS = MODELS["ds660b"]
@@ -114,9 +114,41 @@ def test_a_decode_step_ends_with_its_alltoall_and_every_step_is_recorded(tmp_pat
     assert [phase for _, phase, _ in mine.records] == ["decode"] * 12  # one per generated token
     step_bytes = layer_bytes(DS, 0, 61, 1, 2, 5e-4)
     assert all(c.bytes == step_bytes and c.seconds > 0 for _, _, c in mine.records)
-    assert (peer.received.messages, peer.received.bytes) == (12, 12 * step_bytes)
+    assert (peer.received.messages, peer.received.bytes) == (12, 12 * step_bytes)  # told by its agent
     assert reply.tpot_s >= 0.001  # each step lasted its compute plus its collective
     path = tmp_path / "c.csv"
     mine.write_csv(str(path), "de1")
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 12 and rows[0]["engine"] == "de1/0" and rows[0]["phase"] == "decode"
+
+
+def test_collective_agent_never_outlives_its_node():
+    """The agent leaves when its control socket closes, even without a STOP (its node was killed)."""
+    group = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+
+    async def go():
+        agent = CollectiveAgent(group, [group[0]], dscp=None)
+        await agent.start()
+        agent._writer.transport.abort()  # the node dies: the kernel closes its end
+        return agent.proc
+
+    proc = asyncio.run(go())
+    assert proc.wait(timeout=10) == 0
+
+
+def test_collective_agent_runs_alltoalls_and_reports_what_it_received():
+    group = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+
+    async def go():
+        a, b = CollectiveAgent(group, [group[0]], dscp=46), CollectiveAgent(group, group[1:], dscp=46)
+        await a.start()
+        await b.start()
+        done = await asyncio.gather(a.run(0, 3000), b.run(0, 1000), b.run(1, 10))
+        stats = await a.close(), await b.close()
+        return done, stats
+
+    done, (sa, sb) = asyncio.run(go())
+    assert [c.bytes for c in done] == [3000, 1000, 10]  # even shares to 2 peers
+    assert all(c.seconds > 0 for c in done)
+    assert (sa.messages, sa.bytes) == (2, 500 + 5)  # b's two engines each sent a its share
+    assert (sb.messages, sb.bytes) == (4, 1500 * 2 + 500 + 5)
