@@ -158,8 +158,8 @@ class TcSampler(_Periodic):
         self.samples += new
         return new
 
-    def rate_bps(self, key: ClassKey, t0: float, t1: float) -> float | None:
-        """Average wire rate of `key` between the samples nearest to t0 and t1."""
+    def delta(self, key: ClassKey, t0: float, t1: float) -> tuple[int, float] | None:
+        """(bytes, seconds) that `key` sent between the samples nearest to t0 and t1."""
         pts = [s for s in self.samples if s.key == key]
         if len(pts) < 2:
             return None
@@ -167,4 +167,9 @@ class TcSampler(_Periodic):
         b = min(pts, key=lambda s: abs(s.t_s - t1))
         if b.t_s <= a.t_s:
             return None
-        return (b.bytes - a.bytes) * 8 / (b.t_s - a.t_s)
+        return b.bytes - a.bytes, b.t_s - a.t_s
+
+    def rate_bps(self, key: ClassKey, t0: float, t1: float) -> float | None:
+        """Average wire rate of `key` between the samples nearest to t0 and t1."""
+        d = self.delta(key, t0, t1)
+        return None if d is None else d[0] * 8 / d[1]

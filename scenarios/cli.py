@@ -104,10 +104,11 @@ def _isolation_table(summary: dict) -> Table | None:
     iso = summary.get("isolation")
     if not iso:
         return None
-    t = Table(title="isolation: collectives and TPOT in real ms, slow = p99 / reference p99 (oracle: no KV)",
+    t = Table(title="isolation: collectives and TPOT in real ms, slow = p99 / reference p99 (oracle: no KV);\n"
+                    "KV: KV over the compute fabric, real Gbit/s",
               box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
     for col in ("run", "prefill\np50/p99", "\nslow", "decode\np50/p99", "\nslow", "TPOT\np50/p99",
-                "TTFT s\np50", "CNIC\npe/de"):
+                "TTFT s\np50", "KV\nGbit/s"):
         t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
 
     for run, label in (("reference", "reference"), ("on", "isolation on"), ("off", "isolation off")):
@@ -118,7 +119,7 @@ def _isolation_table(summary: dict) -> Table | None:
                   f"{_ms(c['decode']['p50'])}/{_ms(c['decode']['p99'])}", _num(sd.get("decode"), "{:.2f}x"),
                   f"{_ms(r['tpot_s']['p50'])}/{_ms(r['tpot_s']['p99'])}",
                   "-" if r["ttft_s"]["p50"] is None else f"{r['ttft_s']['p50']:.1f}",
-                  f"{r['cnic_util']['pe'] or 0:.2f}/{r['cnic_util']['de'] or 0:.2f}")
+                  _num(r.get("cnic_kv_gbps"), "{:.0f}"))
     return t
 
 

@@ -188,7 +188,7 @@ def isolation_comparison(configured_on: bool, modes: dict, flipped: dict) -> dic
         c = m["collectives"]
         out = {"collective_s": {ph: {"p50": c[ph]["p50_s"], "p99": c[ph]["p99_s"]} for ph in ("prefill", "decode")},
                "tpot_s": m["tpot_s"], "ttft_s": {"p50": m["ttft_s"]["p50"]}, "cnic_util": m["cnic_util"],
-               "jct_s": m["jct_s"]}
+               "cnic_kv_gbps": m.get("cnic_kv_gbps"), "jct_s": m["jct_s"]}
         if m is not ref:
             out["slowdown_p99"] = {ph: (round(c[ph]["p99_s"] / ref["collectives"][ph]["p99_s"], 3)
                                         if c[ph]["p99_s"] and ref["collectives"][ph]["p99_s"] else None)

@@ -227,9 +227,28 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)
+    collective_bytes = 0
     if sc.serving.collectives:
         summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
+        collective_bytes = sum(c["bytes"] for c in summary["collectives"].values())
+    summary["cnic_kv_gbps"] = _cnic_kv_gbps(sampler, keys, t0, t1, collective_bytes,
+                                            sc.scale.bytes / sc.scale.time)
     return summary, (t0, t1)
+
+
+def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_bytes: int,
+                  rate_scale: float) -> float | None:
+    """KV throughput over the compute fabric, real Gbit/s, averaged over the mode's JCT: every byte that
+    crosses the fabric leaves one CNIC upwards, so it is the CNICs' upward wire bytes less the collectives'
+    payload (what remains is KV, plus TCP/IP headers and gRPC framing: a few %). Isolation on or off alike."""
+    moved = [sampler.delta(k, t0, t1) for k, (_, c, _, d, tc, _) in keys.items()
+             if c == "cnic" and d == "up" and tc == "link"]
+    moved = [m for m in moved if m is not None]
+    if not moved:
+        return None
+    seconds = max(s for _, s in moved)
+    kv = max(0, sum(b for b, _ in moved) - collective_bytes)
+    return round(kv * 8 / seconds / rate_scale / 1e9, 2)
 
 
 def _merge_collectives(mode_dir: Path, nodes: list[str]) -> dict:

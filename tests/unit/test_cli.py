@@ -143,7 +143,7 @@ def test_isolation_comparison_and_its_table():
 
     def mode(prefill_p99, decode_p99, tpot_p99):
         return {"jct_s": 20.0, "tpot_s": {"p50": 0.017, "p99": tpot_p99}, "ttft_s": {"p50": 3.5, "p99": 7.0},
-                "cnic_util": {"pe": 0.25, "de": 0.05},
+                "cnic_util": {"pe": 0.25, "de": 0.05}, "cnic_kv_gbps": 345.6,
                 "collectives": {"prefill": {"count": 9, "p50_s": 0.015, "p99_s": prefill_p99, "bytes": 1},
                                 "decode": {"count": 9, "p50_s": 0.001, "p99_s": decode_p99, "bytes": 1}}}
 
@@ -160,7 +160,7 @@ def test_isolation_comparison_and_its_table():
     console = Console(width=80, record=True)
     console.print(_isolation_table({"isolation": iso}))
     text = console.export_text()
-    assert "…" not in text and "3.84x" in text and "isolation off" in text
+    assert "…" not in text and "3.84x" in text and "isolation off" in text and " 346" in text
 
 
 def test_plan_lists_the_serving_daemons_of_every_mode(capsys):
@@ -172,3 +172,19 @@ def test_plan_lists_the_serving_daemons_of_every_mode(capsys):
     # collectives on: every node names its whole engine group and the collective DSCP
     assert "--collective-group 10.32.2.1:7300,10.32.2.2:7300,10.32.2.3:7300,10.32.2.4:7300" in out
     assert out.count("dualpath: scheduler: ") == 2  # once more with isolation flipped
+
+
+def test_kv_throughput_on_the_compute_fabric_is_upward_cnic_bytes_less_collectives():
+    from emulator.monitor import ClassKey, ClassSample, TcSampler
+    from scenarios.serve import _cnic_kv_gbps
+
+    up, down, snic = ClassKey("dp-pe1", "pe1-cnic0", 1), ClassKey(None, "dp-pe1-cnic0", 1), ClassKey("x", "s", 1)
+    keys = {up: ("pe1-cnic0", "cnic", "pe", "up", "link", 160e6),
+            down: ("pe1-cnic0", "cnic", "pe", "down", "link", 160e6),
+            snic: ("pe1-snic", "snic", "pe", "up", "link", 20e6)}
+    sampler = TcSampler(list(keys))
+    for t, n in ((10.0, 0), (12.0, 10_000_000)):  # 10 MB up in 2 s; the other links' bytes do not count
+        sampler.samples += [ClassSample(t, k, n * (1 + i), 0, 0, 0) for i, k in enumerate(keys)]
+    # (10 MB - 2 MB of collectives) x 8 / 2 s = 32 Mbit/s emulated; rates scaled x0.0004 -> 80 Gbit/s real
+    assert _cnic_kv_gbps(sampler, keys, 10.0, 12.0, 2_000_000, 0.0004) == 80.0
+    assert _cnic_kv_gbps(sampler, {snic: keys[snic]}, 10.0, 12.0, 0, 0.0004) is None
