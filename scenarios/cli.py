@@ -27,7 +27,7 @@ from emulator.errors import DpemuError
 from emulator.registry import Registry
 from emulator.units import format_rate
 
-from . import bench, platform, runner, schema
+from . import bench, platform, report, runner, schema, sweep
 from .plan import make_plan, plan_text
 
 # Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
@@ -133,17 +133,12 @@ def _verdict_lines(summary: dict) -> list[str]:
             f"{fidelity.RATE_TOLERANCE:.0%} rate)"] + [f"  - {r}" for r in f["reasons"]]
 
 
-def cmd_run(args) -> int:
-    plan = make_plan(schema.load(args.scenario, args.set))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("calibrating", total=len(plan.rounds))
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
 
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
 
-        outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
-    s = outcome.summary
+def _print_run(s: dict, run_dir: Path) -> None:
     console.print(_calibration_table(s))
     inv = s["invariants"]
     console.print("invariants (configured -> achieved): " + ", ".join(
@@ -161,14 +156,86 @@ def cmd_run(args) -> int:
                   f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
     for line in _verdict_lines(s):
         console.print(line)
-    console.print(f"results: {outcome.run_dir}")
-    return EXIT_OK if s["fidelity"]["ok"] else EXIT_UNTRUSTED
+    console.print(f"results: {run_dir}")
+
+
+def _sweep_table(index: dict) -> Table:
+    """One row per point (seeds folded): JCT per mode and the DualPath speedup, mean +- sd over seeds."""
+    groups = sweep.aggregate(index)
+    modes = [m for m in ("basic", "dualpath", "oracle")
+             if any(f"jct_s.{m}" in g["stats"] for g in groups)]
+    t = Table(title="sweep: mean +- sd over trustworthy seeds (JCT in real s)", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("point", "seeds", *[f"JCT\n{m}" for m in modes], "dualpath\n/basic"):
+        t.add_column(col, justify="left" if col == "point" else "right", no_wrap=True)
+
+    def cell(g: dict, key: str, fmt: str) -> str:
+        st = g["stats"].get(key)
+        return "-" if st is None else f"{fmt.format(st['mean'])}+-{fmt.format(st['sd'])}"
+
+    for g in groups:
+        label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+        seeds = f"{len(g['seeds'])}" + (f" ({len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
+        t.add_row(label, seeds, *[cell(g, f"jct_s.{m}", "{:.1f}") for m in modes],
+                  cell(g, "speedup.dualpath_vs_basic", "{:.2f}"))
+    return t
+
+
+def cmd_run(args) -> int:
+    points = schema.sweep_points(args.scenario, args.set)
+    if len(points) > 1 or points[0].label:
+        return _run_sweep(points, args)
+    plan = make_plan(points[0].scenario)
+    with _progress_bar() as bar:
+        task = bar.add_task("calibrating", total=len(plan.rounds))
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
+    _print_run(outcome.summary, outcome.run_dir)
+    return EXIT_OK if outcome.summary["fidelity"]["ok"] else EXIT_UNTRUSTED
+
+
+def _run_sweep(points: list, args) -> int:
+    console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
+    with _progress_bar() as bar:
+        task = bar.add_task("starting", total=1)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        def say(text: str) -> None:  # per point, only what the point's run says about its modes
+            if text.startswith(("[bold]point", "  ")):
+                console.print(text)
+
+        outcome = sweep.run_sweep(points, Path(args.out), say=say, progress=progress)
+    console.print(_sweep_table(outcome.index))
+    untrusted = [p["label"] for p in outcome.index["points"] if not p.get("trustworthy")]
+    if untrusted:
+        console.print(f"[bold red]NOT TRUSTWORTHY[/] (kept out of the statistics): {', '.join(untrusted)}; "
+                      "each run's summary.json says why")
+    console.print(f"results: {outcome.sweep_dir} (`dpemu report {outcome.sweep_dir}` for plots and report.md)")
+    return EXIT_UNTRUSTED if untrusted else EXIT_OK
 
 
 def cmd_plan(args) -> int:
-    plan = make_plan(schema.load(args.scenario, args.set))
-    sys.stdout.write(plan_text(plan))
-    return EXIT_ERROR if plan.problems else EXIT_OK
+    points = schema.sweep_points(args.scenario, args.set)
+    if len(points) > 1 or points[0].label:
+        sys.stdout.write(f"# sweep of {len(points)} runs, each planned as below with its values set:\n"
+                         + "".join(f"#   {p.label}\n" for p in points) + "# the first run:\n")
+    plans = [make_plan(p.scenario) for p in points]
+    sys.stdout.write(plan_text(plans[0]))
+    problems = [f"{p.label}: {msg}" for p, plan in zip(points, plans, strict=True) for msg in plan.problems]
+    if problems and len(points) > 1:
+        sys.stdout.write("".join(f"# PROBLEM {m}\n" for m in problems))
+    return EXIT_ERROR if problems else EXIT_OK
+
+
+def cmd_report(args) -> int:
+    out = report.report(Path(args.dir))
+    console.print(f"report: {out} (plots beside it)")
+    return EXIT_OK
 
 
 def cmd_check(_args) -> int:
@@ -219,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("scenario")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.set_defaults(func=cmd_plan)
+    rp = sub.add_parser("report", help="plots and report.md of a run or sweep directory, beside the paper's figures")
+    rp.add_argument("dir", help="a run directory (has summary.json) or a sweep directory (has sweep.json)")
+    rp.set_defaults(func=cmd_report)
     sub.add_parser("check", help="tell what this machine lacks").set_defaults(func=cmd_check)
     sub.add_parser("clean", help="remove what a killed run left (only dpemu's own objects)").set_defaults(
         func=cmd_clean)

@@ -62,8 +62,9 @@ def _teardown_shielded(emu: Emulation, say) -> list[str]:
 
 
 def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print,
-        progress: Callable[[str, int, int], None] = lambda *_: None) -> RunOutcome:
-    """Execute `plan`. Raises DpemuError subclasses; never leaves objects behind."""
+        progress: Callable[[str, int, int], None] = lambda *_: None, run_dir: Path | None = None) -> RunOutcome:
+    """Execute `plan` into `run_dir` (default: a new ``out_root/<scenario>/<run id>``). Raises DpemuError
+    subclasses; never leaves objects behind."""
     plan.check()
     platform.require_root()
     platform.require_tools()
@@ -72,7 +73,10 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print,
     old = {s: signal.signal(s, _raise_on_signal) for s in STOP_SIGNALS}
     try:
         with Registry() as reg:
-            run_dir = results.make_run_dir(out_root, sc.name, run_id)
+            if run_dir is None:
+                run_dir = results.make_run_dir(out_root, sc.name, run_id)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=False)
             results.write_provenance(run_dir, plan)
             if reg.leftover():
                 report = cleanup.clean(reg)

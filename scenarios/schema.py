@@ -13,6 +13,8 @@ scenario a run stores reads like the file a user wrote.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -165,6 +167,35 @@ class Serving(_Model):
         return v
 
 
+SweepValue = StrictInt | float | str | bool | list
+
+
+class Sweep(_Model):
+    """Many runs of one scenario: every combination of ``grid`` (or each of ``points``), times every seed.
+    Keys are dotted paths as for ``--set``; each run is the scenario with those values set."""
+
+    grid: dict[str, list[SweepValue]] = Field({}, description="key -> values: every combination is a point")
+    points: list[dict[str, SweepValue]] = Field([], description="explicit points, key -> value each")
+    seeds: list[StrictInt] = Field([0], min_length=1, description="serving.workload.seed of each repeat")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Sweep":
+        if self.grid and self.points:
+            raise ValueError("give grid or points, not both")
+        keys = list(self.grid) + [k for p in self.points for k in p]
+        bad = [k for k in keys if k.split(".")[0] in ("sweep", "name", "paper") or not k]
+        if bad:
+            raise ValueError(f"cannot sweep {bad[0]!r}")
+        empty = [k for k, v in self.grid.items() if not v]
+        if empty:
+            raise ValueError(f"grid {empty[0]} has no values")
+        if any(not p for p in self.points):
+            raise ValueError("a point sets nothing")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        return self
+
+
 class Scenario(_Model):
     name: str
     description: str = ""
@@ -174,6 +205,9 @@ class Scenario(_Model):
     traffic_classes: TrafficClasses = TrafficClasses()
     calibration: Calibration = Calibration()
     serving: Serving | None = None
+    sweep: Sweep | None = None
+    paper: dict[str, Number | str] = Field({}, description="the paper's figures for this experiment, by the "
+                                                            "name of the measured value, for reports")
 
     @field_validator("name")
     @classmethod
@@ -211,7 +245,7 @@ def apply_overrides(data: Any, sets: list[str], where: str) -> dict:
     """``--set cluster.prefill_nodes=3``: dotted path, value parsed as a YAML scalar."""
     if not isinstance(data, dict):
         raise ConfigError(where, "a scenario must be a YAML mapping")
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    data = yaml.safe_load(yaml.safe_dump(data, sort_keys=False))  # deep copy of plain data, order kept
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"{where}: --set {item}", "expected KEY=VALUE, e.g. cluster.prefill_nodes=3")
@@ -263,6 +297,52 @@ def load(name_or_path: str, sets: list[str] | None = None) -> Scenario:
     if sets:
         data = apply_overrides(data, sets, path.name)
     return from_dict(data, path.name)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its directory name, the values it sets and its scenario."""
+
+    label: str
+    values: dict[str, Any]
+    scenario: Scenario
+
+
+def _label(values: dict[str, Any]) -> str:
+    def text(v: Any) -> str:
+        return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    raw = ",".join(f"{k.rsplit('.', 1)[-1]}={text(v)}" for k, v in values.items())
+    return "".join(c if c.isalnum() or c in "=,.+-_" else "_" for c in raw)
+
+
+def sweep_points(name_or_path: str, sets: list[str] | None = None) -> list[Point]:
+    """Every run of a scenario's sweep, each validated (a bad point is named before anything is built).
+    A scenario without ``sweep`` is one point."""
+    path = resolve_path(name_or_path)
+    base = load(str(path), sets)
+    if base.sweep is None:
+        return [Point("", {}, base)]
+    data = apply_overrides(yaml.safe_load(path.read_text()), sets or [], path.name)
+    data.pop("sweep")
+    sw = base.sweep
+    combos = ([dict(zip(sw.grid, vals, strict=True)) for vals in itertools.product(*sw.grid.values())]
+              if sw.grid else [dict(p) for p in sw.points] or [{}])
+    points, labels = [], set()
+    for seed in sw.seeds:  # seed-major: an interrupted sweep has whole curves for the first seeds
+        for combo in combos:
+            values = {**combo, "serving.workload.seed": seed}
+            label = _label(values)
+            if label in labels:
+                raise ConfigError(f"{path.name}: sweep", f"two points are both {label}")
+            labels.add(label)
+            sets_ = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                     for k, v in values.items()]
+            sc = from_dict(apply_overrides(data, sets_, path.name), f"{path.name} [{label}]")
+            if sc.serving is None:
+                raise ConfigError(f"{path.name}: sweep", "a sweep varies serving runs: add a serving section")
+            points.append(Point(label, values, sc))
+    return points
 
 
 def list_shipped() -> list[Path]:

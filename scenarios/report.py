@@ -1,0 +1,279 @@
+"""``dpemu report DIR``: plots (PNG) and a ``report.md`` for one run or a sweep, every figure beside the
+paper's and the analytic expectation.
+
+Reads only what runs wrote (``summary.json``, ``scenario.yaml``, ``<mode>/links.csv``,
+``<mode>/requests.csv``, ``sweep.json``); writes ``report.md`` and ``*.png`` into DIR.
+
+The analytic expectation of DualPath's offline speedup: a storage-bound cluster
+finishes in (bytes to read) / (usable SNIC bandwidth). Basic reads through the
+P prefill nodes' SNICs only, DualPath through all P + D, so the speedup is
+``(P + D) / P`` - unless compute binds first: no mode beats Oracle (no KV
+loading at all), so the expectation is ``min((P + D) / P, JCT(basic) /
+JCT(oracle))`` when Oracle ran. A run whose fidelity check failed is flagged on
+every line it appears and kept out of the sweep statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from emulator.errors import ConfigError
+
+from .sweep import SEED_KEY, aggregate
+
+MODES = ("basic", "dualpath", "oracle")
+COLORS = {"basic": "tab:red", "dualpath": "tab:blue", "oracle": "tab:gray"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display in a VM over ssh
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def storage_bound_speedup(cluster: dict) -> float:
+    """Usable SNICs with dualpath / with basic: (P + D) / P."""
+    p, d = cluster["prefill_nodes"], cluster["decode_nodes"]
+    return (p + d) / p
+
+
+def expected_speedup(cluster: dict, jct: dict[str, float]) -> tuple[float, float | None, float]:
+    """(storage bound, compute bound (basic / oracle JCT) or None, expectation = the smaller)."""
+    storage = storage_bound_speedup(cluster)
+    compute = jct["basic"] / jct["oracle"] if jct.get("basic") and jct.get("oracle") else None
+    return storage, compute, min(storage, compute) if compute else storage
+
+
+def _fmt(x: float | None, spec: str = "{:.2f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def report(path: Path) -> Path:
+    """Write DIR/report.md (and plots); return the report's path."""
+    if (path / "sweep.json").is_file():
+        return _sweep_report(path)
+    if (path / "summary.json").is_file():
+        return _run_report(path)
+    raise ConfigError(str(path), "neither a run directory (summary.json) nor a sweep directory (sweep.json)")
+
+
+# -- one run ------------------------------------------------------------------------------------------------
+def _side_rate_series(links_csv: Path, link_class: str, direction: str) -> dict[str, tuple[list, list]]:
+    """Per side (pe/de): (t_s, mean utilization of that side's links) from links.csv's cumulative bytes."""
+    per_link: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    with links_csv.open() as f:
+        for r in csv.DictReader(f):
+            if r["link_class"] == link_class and r["direction"] == direction and r["tclass"] == "link":
+                per_link[(r["side"], r["link"])].append((float(r["t_s"]), int(r["bytes"])))
+    out: dict[str, tuple[list, list]] = {}
+    for side in ("pe", "de"):
+        series = [v for (s, _), v in per_link.items() if s == side]
+        if not series:
+            continue
+        n = min(len(s) for s in series)
+        ts, bps = [], []
+        for i in range(1, n):
+            dt = series[0][i][0] - series[0][i - 1][0]
+            if dt <= 0:
+                continue
+            ts.append(series[0][i][0])
+            bps.append(sum((s[i][1] - s[i - 1][1]) * 8 / dt for s in series) / len(series))
+        out[side] = (ts, bps)
+    return out
+
+
+def _run_plots(run: Path, summary: dict, rate_bps: dict[str, float]) -> list[str]:
+    plt = _plt()
+    made = []
+    modes = [m for m in MODES if (run / m / "links.csv").is_file()]
+    if modes:  # SNIC read throughput over time: who reads the KV
+        fig, axes = plt.subplots(len(modes), 1, figsize=(8, 2.2 * len(modes)), sharex=True, squeeze=False)
+        for ax, mode in zip(axes[:, 0], modes, strict=True):
+            for side, (ts, bps) in _side_rate_series(run / mode / "links.csv", "snic", "down").items():
+                ax.plot(ts, [b / rate_bps["snic"] for b in bps], label=f"{side} SNICs",
+                        color="tab:orange" if side == "pe" else "tab:green")
+            ax.set_ylim(0, 1.1)
+            ax.set_ylabel("SNIC read util")
+            ax.set_title(f"{mode}: JCT {summary['modes'][mode]['jct_s']:.1f} s", fontsize=9, loc="left")
+            ax.legend(fontsize=7, loc="upper right")
+        axes[-1, 0].set_xlabel("real seconds since the workload started")
+        fig.tight_layout()
+        fig.savefig(run / "snic_util.png", dpi=110)
+        plt.close(fig)
+        made.append("snic_util.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # TTFT distribution per mode
+    for mode in modes:
+        with (run / mode / "requests.csv").open() as f:
+            ttft = sorted(float(r["ttft_s"]) for r in csv.DictReader(f))
+        if ttft:
+            ax.plot(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], label=mode, color=COLORS[mode])
+    if modes:
+        ax.set_xlabel("TTFT (real s)")
+        ax.set_ylabel("fraction of turns")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run / "ttft_cdf.png", dpi=110)
+        made.append("ttft_cdf.png")
+    plt.close(fig)
+    return made
+
+
+def _run_report(run: Path) -> Path:
+    summary = json.loads((run / "summary.json").read_text())
+    scenario = yaml.safe_load((run / "scenario.yaml").read_text())
+    cl = scenario["cluster"]
+    trusted = summary["fidelity"]["ok"]
+    lines = [f"# {summary['scenario']} / {summary['run_id']}", "",
+             f"{cl['model']} {cl['prefill_nodes']}P{cl['decode_nodes']}D x {cl['gpus_per_node']} GPU(s) per node; "
+             f"scale bytes x{summary['scale']['bytes']:g}, time x{summary['scale']['time']:g}; "
+             f"seed {summary.get('seed')}.", "",
+             ("**Trustworthy** " if trusted else "**NOT TRUSTWORTHY** ")
+             + f"(CPU max {_fmt(summary['fidelity']['cpu_util_max'], '{:.0%}')}, worst link error "
+               f"{_fmt(summary['fidelity']['link_rate_error_max'], '{:.2%}')})"
+             + "".join(f"\n- {r}" for r in summary["fidelity"]["reasons"]), ""]
+    if "modes" in summary:
+        lines += ["| mode | JCT s | SNIC pe | SNIC de | CNIC pe | CNIC de | TTFT p50/p99 s | TPOT p50/p99 ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for mode, m in summary["modes"].items():
+            lines.append(f"| {mode} | {m['jct_s']:.1f} | {_fmt(m['snic_util']['pe'])} | {_fmt(m['snic_util']['de'])} "
+                         f"| {_fmt(m['cnic_util']['pe'])} | {_fmt(m['cnic_util']['de'])} "
+                         f"| {_fmt(m['ttft_s']['p50'], '{:.1f}')}/{_fmt(m['ttft_s']['p99'], '{:.1f}')} "
+                         f"| {_ms(m['tpot_s']['p50'])}/{_ms(m['tpot_s']['p99'])} |")
+        jct = {k: v["jct_s"] for k, v in summary["modes"].items()}
+        measured = summary["speedup"].get("dualpath_vs_basic")
+        storage, compute, expect = expected_speedup(cl, jct)
+        paper = scenario.get("paper", {}).get("speedup.dualpath_vs_basic")
+        lines += ["", "| figure | measured | paper | analytic |", "|---|---|---|---|",
+                  f"| DualPath / Basic JCT | {_fmt(measured)}x | {_fmt(paper)}{'x' if paper else ''} "
+                  f"| {expect:.2f}x (storage-bound (P+D)/P = {storage:.2f}, compute-bound basic/oracle = "
+                  f"{_fmt(compute)}) |", ""]
+        rates = {c["link_class"]: c["configured_bps"] for c in summary["calibration"]["classes"]}
+        for png in _run_plots(run, summary, rates):
+            lines += [f"![{png}]({png})", ""]
+    out = run / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+# -- a sweep ------------------------------------------------------------------------------------------------
+def _axis(groups: list[dict], varied: list[str]) -> tuple[str, list, bool]:
+    """The x axis: the one varied key if numeric, else the point labels."""
+    if len(varied) == 1 and all(isinstance(g["values"].get(varied[0]), (int, float)) for g in groups):
+        return varied[0].rsplit(".", 1)[-1], [g["values"][varied[0]] for g in groups], True
+    labels = [",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-" for g in groups]
+    return "point", labels, False
+
+
+def _sweep_plots(sweep_dir: Path, groups: list[dict], varied: list[str], expected: list[float | None],
+                 paper: float | None) -> list[str]:
+    plt = _plt()
+    name, xs, numeric = _axis(groups, varied)
+    pos = xs if numeric else list(range(len(xs)))
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in MODES:
+        pts = [(x, g["stats"][f"jct_s.{mode}"]) for x, g in zip(pos, groups, strict=True)
+               if f"jct_s.{mode}" in g["stats"]]
+        if pts:
+            ax.errorbar([p for p, _ in pts], [s["mean"] for _, s in pts],
+                        yerr=[[s["mean"] - s["min"] for _, s in pts], [s["max"] - s["mean"] for _, s in pts]],
+                        marker="o", capsize=3, label=mode, color=COLORS[mode])
+    ax.set_ylabel("JCT (real s), mean and min-max over seeds")
+    ax.set_xlabel(name)
+    if not numeric:
+        ax.set_xticks(pos, xs, rotation=20, fontsize=7)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "jct.png", dpi=110)
+    plt.close(fig)
+    made.append("jct.png")
+    pts = [(x, g["stats"]["speedup.dualpath_vs_basic"], e) for x, g, e in zip(pos, groups, expected, strict=True)
+           if "speedup.dualpath_vs_basic" in g["stats"]]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.errorbar([p for p, _, _ in pts], [s["mean"] for _, s, _ in pts],
+                    yerr=[[s["mean"] - s["min"] for _, s, _ in pts], [s["max"] - s["mean"] for _, s, _ in pts]],
+                    marker="o", capsize=3, label="measured", color=COLORS["dualpath"])
+        if any(e is not None for _, _, e in pts):
+            ax.plot([p for p, _, e in pts if e is not None], [e for _, _, e in pts if e is not None], "k--",
+                    marker="x", label="analytic: min((P+D)/P, basic/oracle)")
+        if paper:
+            ax.axhline(paper, color="tab:purple", linestyle=":", label=f"paper {paper:g}x")
+        ax.set_ylabel("DualPath / Basic JCT")
+        ax.set_xlabel(name)
+        if not numeric:
+            ax.set_xticks(pos, xs, rotation=20, fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(sweep_dir / "speedup.png", dpi=110)
+        plt.close(fig)
+        made.append("speedup.png")
+    return made
+
+
+def _sweep_report(sweep_dir: Path) -> Path:
+    index = json.loads((sweep_dir / "sweep.json").read_text())
+    groups = aggregate(index)
+    paper = index.get("paper", {})
+    done = [p for p in index["points"] if p.get("status") == "done"]
+    lines = [f"# sweep {index['scenario']} / {sweep_dir.name}", "",
+             f"{len(done)} of {len(index['points'])} runs finished; varied: {', '.join(index['varied']) or '-'}; "
+             f"seeds folded (mean, sd, min-max over the trustworthy ones)."]
+    untrusted = [p["label"] for p in done if not p.get("trustworthy")]
+    unfinished = [f"{p['label']} ({p.get('status')})" for p in index["points"] if p.get("status") != "done"]
+    if untrusted:
+        lines.append(f"\n**NOT TRUSTWORTHY, left out of the statistics:** {', '.join(untrusted)}")
+    if unfinished:
+        lines.append(f"\n**Not finished:** {', '.join(unfinished)}")
+    if paper:
+        lines.append("\nThe paper: " + "; ".join(f"{k} = {v}" for k, v in paper.items()))
+    expected: list[float | None] = []
+    lines += ["", "| point | seeds | JCT basic s | JCT dualpath s | JCT oracle s | DualPath/Basic | spread | "
+                  "analytic | paper |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        first = next((p for p in done if {k: v for k, v in p["values"].items() if k != SEED_KEY} == g["values"]
+                      and p.get("trustworthy")), None)
+        st = g["stats"]
+
+        def cell(key: str, spec: str = "{:.1f}") -> str:
+            return "-" if key not in st else f"{spec.format(st[key]['mean'])} +- {spec.format(st[key]['sd'])}"
+
+        exp = None
+        if first is not None:
+            cl = yaml.safe_load((sweep_dir / first["run_dir"] / "scenario.yaml").read_text())["cluster"]
+            exp = expected_speedup(cl, {m: st[f"jct_s.{m}"]["mean"] for m in MODES if f"jct_s.{m}" in st})[2]
+        expected.append(exp)
+        sp = st.get("speedup.dualpath_vs_basic")
+        label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+        seeds = f"{len(g['seeds'])}" + (f" (+{len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
+        spread = "-" if sp is None else f"{sp['min']:.2f}-{sp['max']:.2f}"
+        lines.append(f"| {label} | {seeds} "
+                     f"| {cell('jct_s.basic')} | {cell('jct_s.dualpath')} | {cell('jct_s.oracle')} "
+                     f"| {cell('speedup.dualpath_vs_basic', '{:.2f}')} "
+                     f"| {spread} | {_fmt(exp)} "
+                     f"| {paper.get('speedup.dualpath_vs_basic', '-')} |")
+    lines.append("")
+    for png in _sweep_plots(sweep_dir, groups, index["varied"], expected,
+                            paper.get("speedup.dualpath_vs_basic") if isinstance(
+                                paper.get("speedup.dualpath_vs_basic"), (int, float)) else None):
+        lines += [f"![{png}]({png})", ""]
+    lines += ["Runs: " + ", ".join(f"[{p['label']}]({p['label']}/)" for p in done), ""]
+    out = sweep_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,156 @@
+"""Sweeps (scenarios.schema.sweep_points, scenarios.sweep) and reports (scenarios.report), without root:
+points are expanded and validated before anything runs; seeds fold into mean and spread; reports put the
+measured figures beside the paper's and the analytic expectation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from emulator.errors import ConfigError
+from scenarios import report, schema, sweep
+
+
+@pytest.fixture
+def serving_tiny() -> dict:
+    return yaml.safe_load((schema.SCENARIO_DIR / "serving_tiny.yaml").read_text())
+
+
+def test_a_grid_times_seeds_is_every_point_each_with_its_values(serving_tiny, write_scenario):
+    serving_tiny["sweep"] = {"grid": {"serving.workload.agents": [4, 8], "cluster.decode_nodes": [1, 2]},
+                             "seeds": [3, 5]}
+    points = schema.sweep_points(write_scenario(serving_tiny, "sw.yaml"))
+    assert len(points) == 8
+    assert points[0].label == "agents=4,decode_nodes=1,seed=3"
+    assert {(p.scenario.serving.workload.agents, p.scenario.cluster.decode_nodes, p.scenario.serving.workload.seed)
+            for p in points} == {(a, d, s) for a in (4, 8) for d in (1, 2) for s in (3, 5)}
+    assert all(p.scenario.sweep is None for p in points)  # a point is an ordinary run
+
+
+def test_listed_points_and_set_overrides(serving_tiny, write_scenario):
+    serving_tiny["sweep"] = {"points": [{"cluster.prefill_nodes": 1, "cluster.decode_nodes": 2},
+                                        {"cluster.prefill_nodes": 2, "cluster.decode_nodes": 1}]}
+    points = schema.sweep_points(write_scenario(serving_tiny, "pd.yaml"), ["serving.workload.agents=6"])
+    assert [p.label for p in points] == ["prefill_nodes=1,decode_nodes=2,seed=0",
+                                         "prefill_nodes=2,decode_nodes=1,seed=0"]
+    assert all(p.scenario.serving.workload.agents == 6 for p in points)
+
+
+def test_a_scenario_without_sweep_is_one_unlabelled_point():
+    (point,) = schema.sweep_points("serving_tiny")
+    assert point.label == "" and point.scenario.name == "serving_tiny"
+
+
+@pytest.mark.parametrize("sweep_section, match", [
+    ({"grid": {"serving.workload.agents": [4, 0]}}, r"\[agents=0,seed=0\]: serving.workload.agents"),
+    ({"grid": {"serving.workload.agentz": [4]}}, r"agentz.*unknown key"),
+    ({"grid": {"serving.workload.agents": []}}, "has no values"),
+    ({"grid": {"serving.workload.agents": [4]}, "points": [{"serving.workload.agents": 4}]}, "not both"),
+    ({"grid": {"name": ["x"]}}, "cannot sweep 'name'"),
+    ({"seeds": [1, 1]}, "seeds repeat"),
+    ({"seeds": []}, "seeds"),
+])
+def test_bad_sweeps_are_refused_naming_the_point_or_field(serving_tiny, write_scenario, sweep_section, match):
+    serving_tiny["sweep"] = sweep_section
+    with pytest.raises(ConfigError, match=match):
+        schema.sweep_points(write_scenario(serving_tiny, "bad.yaml"))
+
+
+def _summary(jct: dict[str, float], ok: bool = True) -> dict:
+    modes = {m: {"jct_s": v, "snic_util": {"pe": 0.9, "de": 0.1}, "cnic_util": {"pe": 0.1, "de": 0.0},
+                 "ttft_s": {"p50": 1.0, "p99": 2.0}, "tpot_s": {"p50": 0.015, "p99": 0.02}} for m, v in jct.items()}
+    return {"modes": modes, "speedup": {"dualpath_vs_basic": round(jct["basic"] / jct["dualpath"], 4)},
+            "fidelity": {"ok": ok, "cpu_util_max": 0.7 if ok else 0.95}}
+
+
+def test_metrics_flatten_a_run_and_aggregate_folds_seeds_without_untrusted_runs():
+    m = sweep.metrics(_summary({"basic": 80.0, "dualpath": 40.0, "oracle": 36.0}))
+    assert m["jct_s.basic"] == 80.0 and m["speedup.dualpath_vs_basic"] == 2.0 and m["snic_util.pe.basic"] == 0.9
+    assert m["tpot_s.p99.oracle"] == 0.02 and m["cpu_util_max"] == 0.7
+
+    def point(agents, seed, jct_dp, ok=True, status="done"):
+        return {"label": f"agents={agents},seed={seed}", "status": status, "trustworthy": ok,
+                "values": {"serving.workload.agents": agents, sweep.SEED_KEY: seed},
+                "metrics": sweep.metrics(_summary({"basic": 80.0, "dualpath": jct_dp}, ok))}
+
+    index = {"points": [point(8, 0, 40.0), point(8, 1, 50.0), point(8, 2, 10.0, ok=False),
+                        point(16, 0, 40.0), point(16, 1, 1.0, status="interrupted")]}
+    g8, g16 = sweep.aggregate(index)
+    assert g8["values"] == {"serving.workload.agents": 8} and g8["seeds"] == [0, 1] and g8["untrusted"] == [2]
+    st = g8["stats"]["jct_s.dualpath"]
+    assert (st["mean"], st["min"], st["max"], st["n"]) == (45.0, 40.0, 50.0, 2)
+    assert st["sd"] == pytest.approx(7.0711, abs=1e-4)
+    assert g16["seeds"] == [0] and g16["stats"]["jct_s.dualpath"]["sd"] == 0.0
+
+
+def test_expected_speedup_is_usable_snics_capped_by_oracle():
+    assert report.storage_bound_speedup({"prefill_nodes": 2, "decode_nodes": 4}) == 3.0
+    assert report.expected_speedup({"prefill_nodes": 2, "decode_nodes": 4}, {"basic": 84.0, "oracle": 36.0}) == (
+        3.0, pytest.approx(2.3333, abs=1e-4), pytest.approx(2.3333, abs=1e-4))
+    assert report.expected_speedup({"prefill_nodes": 1, "decode_nodes": 1}, {"basic": 84.0}) == (2.0, None, 2.0)
+
+
+def _fake_run(run_dir, jct, ok=True, paper=None):
+    """A run directory as a serving run writes it: summary, scenario, per-mode links and requests."""
+    run_dir.mkdir(parents=True)
+    s = _summary(jct, ok)
+    s.update(scenario="fig", run_id=run_dir.name, seed=0, scale={"bytes": 5e-4, "time": 1.0},
+             calibration={"classes": [{"link_class": "snic", "configured_bps": 20e6}]})
+    s["fidelity"].update(link_rate_error_max=0.01, reasons=[] if ok else ["CPU 95% > 85%"])
+    (run_dir / "summary.json").write_text(json.dumps(s))
+    (run_dir / "scenario.yaml").write_text(yaml.safe_dump({"cluster": {
+        "model": "ds660b", "prefill_nodes": 2, "decode_nodes": 4, "gpus_per_node": 1}, "paper": paper or {}}))
+    for mode in jct:
+        (run_dir / mode).mkdir()
+        with (run_dir / mode / "links.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
+                        "backlog_bytes"])
+            for i in range(5):
+                w.writerow([i * 0.1, "pe1-snic", "snic", "pe", "down", "link", i * 250_000, 0, 0, 0])
+                w.writerow([i * 0.1, "de1-snic", "snic", "de", "down", "link", i * 50_000, 0, 0, 0])
+        with (run_dir / mode / "requests.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["ttft_s"])
+            w.writeheader()
+            w.writerows({"ttft_s": t} for t in (0.5, 1.0, 2.0))
+
+
+def test_run_report_sets_the_speedup_beside_paper_and_analytic(tmp_path):
+    run = tmp_path / "run1"
+    _fake_run(run, {"basic": 84.0, "dualpath": 38.0, "oracle": 36.0}, paper={"speedup.dualpath_vs_basic": 1.87})
+    text = report.report(run).read_text()
+    assert "**Trustworthy**" in text
+    assert "| DualPath / Basic JCT | 2.21x | 1.87x | 2.33x (storage-bound (P+D)/P = 3.00" in text
+    assert (run / "snic_util.png").stat().st_size > 1000 and (run / "ttft_cdf.png").stat().st_size > 1000
+
+
+def test_sweep_report_folds_seeds_and_flags_untrusted_and_unfinished_runs(tmp_path):
+    sweep_dir = tmp_path / "sw"
+    points = []
+    for agents, seed, dp, ok in ((8, 0, 40.0, True), (8, 1, 44.0, True), (16, 0, 60.0, True), (16, 1, 9.0, False)):
+        label = f"agents={agents},seed={seed}"
+        _fake_run(sweep_dir / label, {"basic": 80.0 + agents, "dualpath": dp, "oracle": 30.0}, ok)
+        points.append({"label": label, "run_dir": label, "status": "done", "trustworthy": ok,
+                       "values": {"serving.workload.agents": agents, sweep.SEED_KEY: seed},
+                       "metrics": sweep.metrics(json.loads((sweep_dir / label / "summary.json").read_text()))})
+    points.append({"label": "agents=32,seed=0", "status": "interrupted",
+                   "values": {"serving.workload.agents": 32, sweep.SEED_KEY: 0}})
+    (sweep_dir / "sweep.json").write_text(json.dumps({"scenario": "fig", "paper": {"speedup.dualpath_vs_basic": 1.87},
+                                                      "varied": ["serving.workload.agents"], "points": points}))
+    text = report.report(sweep_dir).read_text()
+    assert "4 of 5 runs finished" in text
+    assert "NOT TRUSTWORTHY, left out of the statistics:** agents=16,seed=1" in text
+    assert "agents=32,seed=0 (interrupted)" in text
+    row8 = next(line for line in text.splitlines() if line.startswith("| agents=8 |"))
+    assert "| 2 | 88.0 +- 0.0 | 42.0 +- 2.8 | 30.0 +- 0.0 | 2.10 +- 0.14 | 2.00-2.20 | 2.93 | 1.87 |" in row8
+    row16 = next(line for line in text.splitlines() if line.startswith("| agents=16 |"))
+    assert "| 1 (+1 untrusted) |" in row16
+    assert (sweep_dir / "jct.png").is_file() and (sweep_dir / "speedup.png").is_file()
+
+
+def test_report_of_a_directory_that_is_neither_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="neither a run directory"):
+        report.report(tmp_path)
