@@ -162,6 +162,7 @@ class _Decoding:
     generated: int = 0
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    second_token: float | None = None
     last_token: float | None = None
     blocks_written: int = 0
     done: asyncio.Future | None = None
@@ -257,17 +258,19 @@ class NodeService(pb_grpc.NodeServicer):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _read(self, spec: pb.RequestSpec, reserve: bool) -> tuple[bytes, float]:
-        """Storage -> this node's buffer, through the SNIC: the hit blocks' bytes (verified) and the seconds
-        spent reading. `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
+    async def _read(self, spec: pb.RequestSpec, reserve: bool) -> tuple[bytes, float, float]:
+        """Storage -> this node's buffer, through the SNIC: the hit blocks' bytes (verified), the seconds
+        waiting for buffer room and the seconds spent reading. `reserve` False: the buffer space was
+        reserved already (a DE's Reserve)."""
         tokens = spec.hit_blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         try:
+            t_alloc = time.monotonic()
             if reserve:
                 await self._reserve(spec.request_id, self.geom.span_bytes(spec.hit_blocks))
             t0 = time.monotonic()
             data = await self.storage.read(spec.request_id, spec.trajectory, 0, spec.hit_blocks, self.ledger)
-            return data, time.monotonic() - t0
+            return data, t0 - t_alloc, time.monotonic() - t0
         finally:
             self.read_queue_tokens -= tokens
 
@@ -358,17 +361,18 @@ class NodeService(pb_grpc.NodeServicer):
         eng.unfinished_requests += 1
         eng.unfinished_tokens += spec.new_tokens
         job = _PrefillJob(request, layer_chunks(self.geom.layers, spec.layer_chunks or 1))
-        read_s = 0.0
+        read_s = alloc_s = 0.0
         reserved = False
         try:
             if request.path == pb.READ_PATH_PE:  # the DE buffer first, all at once (see Reserve)
-                await self._stub(request.de_mgmt, kv=False).Reserve(
-                    pb.ReserveRequest(request_id=spec.request_id, bytes=self.de_buffer_bytes(spec)))
+                alloc_s = (await self._stub(request.de_mgmt, kv=False).Reserve(
+                    pb.ReserveRequest(request_id=spec.request_id, bytes=self.de_buffer_bytes(spec)))).waited_s
                 reserved = True
             elif request.path == pb.READ_PATH_DE:  # Fetch reserves it: one call less per request
                 reserved = True
             if request.path == pb.READ_PATH_PE:
-                job.hit, read_s = await self._read(spec, reserve=True)
+                job.hit, own_alloc_s, read_s = await self._read(spec, reserve=True)
+                alloc_s += own_alloc_s
                 job.kv_bytes += len(job.hit)
             elif request.path == pb.READ_PATH_DE:
                 job.arrivals = self._inbox(spec.request_id)
@@ -382,7 +386,8 @@ class NodeService(pb_grpc.NodeServicer):
                 eng.prefill_task = self._spawn(self._prefill_loop(eng))
             await job.done
             if job.fetch is not None:
-                read_s = (await job.fetch).read_s
+                fetched = await job.fetch
+                read_s, alloc_s = fetched.read_s, fetched.alloc_s
         except BaseException:
             if job.fetch is not None:
                 job.fetch.cancel()
@@ -398,7 +403,7 @@ class NodeService(pb_grpc.NodeServicer):
             eng.unfinished_requests -= 1
             eng.unfinished_tokens -= spec.new_tokens
         return pb.PrefillReply(wait_s=0.0, read_s=read_s, prefill_s=time.monotonic() - t_ready,
-                               kv_bytes=job.kv_bytes)
+                               kv_bytes=job.kv_bytes, alloc_s=alloc_s)
 
     def _predict_s(self, job: _PrefillJob, tokens: int) -> float:
         cached = job.spec.hit_blocks * self.geom.block_tokens + job.computed
@@ -537,11 +542,13 @@ class NodeService(pb_grpc.NodeServicer):
         """DE read path: storage -> this node's buffer, then the hit KV to the PE engine chunk by chunk,
         forwarding the very bytes read."""
         spec = request.request
+        t0 = time.monotonic()
         await self._reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
-        data, read_s = await self._read(spec, reserve=False)
+        alloc_s = time.monotonic() - t0
+        data, _, read_s = await self._read(spec, reserve=False)
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
             await self._push(request.pe_cnic, [self._kv_msg(spec, data, 0, spec.hit_blocks, chunk)])
-        return pb.FetchReply(read_s=read_s)
+        return pb.FetchReply(read_s=read_s, alloc_s=alloc_s)
 
     async def Decode(self, request: pb.DecodeRequest, context):  # noqa: N802
         spec, eng = request.request, self.engines[request.de_engine]
@@ -571,7 +578,8 @@ class NodeService(pb_grpc.NodeServicer):
         last = d.last_token or first
         # time per output token after the first, as generated (the write-back of the last blocks is not decode)
         tpot = (last - first) / (spec.gen_tokens - 1) if spec.gen_tokens > 1 else first - d.started
-        return pb.DecodeReply(first_token_s=first - d.started, decode_s=elapsed, tpot_s=tpot,
+        second = 0.0 if d.second_token is None else d.second_token - d.started
+        return pb.DecodeReply(first_token_s=first - d.started, decode_s=elapsed, tpot_s=tpot, second_token_s=second,
                               blocks_written=d.blocks_written)
 
     async def _decode_loop(self, eng: Engine) -> None:
@@ -630,6 +638,8 @@ class NodeService(pb_grpc.NodeServicer):
             before = d.context + d.generated
             if d.generated == 0:
                 d.first_token = start + step_s
+            if d.generated < 2 <= d.generated + steps:
+                d.second_token = start + (2 - d.generated) * step_s
             d.generated += steps
             eng.unfinished_tokens -= steps
             after = d.context + d.generated

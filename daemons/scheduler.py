@@ -197,12 +197,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             release("pe")
             dec = await self._stub(de_eng.node).Decode(pb.DecodeRequest(
                 request=spec, de_engine=de_eng.engine, context_tokens=turn.context_tokens))
-            first_token_at = time.monotonic() - dec.decode_s + dec.first_token_s
+            decode_start = time.monotonic() - dec.decode_s
+            first_token_at = decode_start + dec.first_token_s
+            ttst = decode_start + dec.second_token_s - item.submitted if dec.second_token_s else 0.0
             item.done.set_result(pb.TurnResult(
                 pe=f"{pe_eng.node}/{pe_eng.engine}", de=f"{de_eng.node}/{de_eng.engine}",
                 path={pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de"}.get(path, "none"),
                 kv_bytes=pre.kv_bytes, wait_s=wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
-                decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s))
+                decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s,
+                alloc_s=pre.alloc_s, ttst_s=ttst))
         except Exception as exc:  # noqa: BLE001 - the driver gets the error; the scheduler goes on
             if not item.done.done():
                 item.done.set_exception(exc)

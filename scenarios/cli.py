@@ -123,6 +123,26 @@ def _isolation_table(summary: dict) -> Table | None:
     return t
 
 
+def _online_table(summary: dict) -> Table | None:
+    """Online runs: the steady state of each mode against the SLO (scenarios/online.py)."""
+    rows = {m: v["online"] for m, v in summary.get("modes", {}).items() if "online" in v}
+    if not rows:
+        return None
+    t = Table(title="online, steady state (turns submitted in [T/4, T], T = last arrival); real s, TPOT ms",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("mode", "APS", "turns", "TTFT\nmean/p99", "TTST\nmean", "TPOT\nmean", "queue/alloc/read\n/prefill",
+                "SLO"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+    for mode, o in rows.items():
+        b = o.get("ttft_breakdown_s", {})
+        t.add_row(mode, f"{o['arrival_rate']:g}", str(o["turns"]),
+                  f"{_num(o['ttft_s']['mean'], '{:.1f}')}/{_num(o['ttft_s']['p99'], '{:.1f}')}",
+                  _num(o["ttst_s"]["mean"], "{:.1f}"), _ms(o["tpot_s"]["mean"]),
+                  "/".join(_num(b.get(k), "{:.1f}") for k in ("wait", "alloc", "read", "prefill")),
+                  "[green]ok[/]" if o["slo_ok"] else "[red]missed[/]")
+    return t
+
+
 def _verdict_lines(summary: dict) -> list[str]:
     f = summary["fidelity"]
     cpu = f"CPU max {f['cpu_util_max']:.0%}" if f["cpu_util_max"] is not None else "CPU not sampled"
@@ -146,9 +166,12 @@ def _print_run(s: dict, run_dir: Path) -> None:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
-        for extra in (_collectives_table(s), _isolation_table(s)):
+        for extra in (_online_table(s), _collectives_table(s), _isolation_table(s)):
             if extra is not None:
                 console.print(extra)
+        for mode, m in s["modes"].items():
+            if m.get("online") and not m["online"]["slo_ok"]:
+                console.print(f"  {mode} missed the SLO: {m['online']['why']}")
         sp, lg = s["speedup"], s["ledger"]
         console.print("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None)
                       + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import yaml
 
 from emulator.errors import ConfigError
 
+from . import online
 from .sweep import SEED_KEY, aggregate
 
 MODES = ("basic", "dualpath", "oracle")
@@ -168,6 +170,43 @@ def _run_report(run: Path) -> Path:
     return out
 
 
+# -- online capacity ----------------------------------------------------------------------------------------
+RATE_KEY = "serving.workload.arrival_rate"
+
+
+def capacities(points: list[dict]) -> dict[str, dict[int, float | None]]:
+    """mode -> seed -> capacity (agents/s) from the trustworthy finished points of an arrival-rate sweep."""
+    passed: dict[str, dict[int, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
+    for p in points:
+        if p.get("status") != "done" or not p.get("trustworthy"):
+            continue
+        rate, seed = p["values"].get(RATE_KEY), p["values"].get(SEED_KEY)
+        for key, ok in p["metrics"].items():
+            if key.startswith("online.slo_ok."):
+                passed[key.removeprefix("online.slo_ok.")][seed][rate] = bool(ok)
+    return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()} for mode, by_seed in passed.items()}
+
+
+def _capacity_lines(done: list[dict], paper: dict) -> list[str]:
+    caps = capacities(done)
+    lines = ["## Capacity (highest swept arrival rate meeting the SLO, every lower rate meeting it too)", "",
+             f"SLO: mean TTFT <= {online.SLO_TTFT_S:g} s and mean TPOT <= {online.SLO_TPOT_S * 1e3:g} ms in the "
+             "steady state (turns submitted between a quarter of the arrival span and the last arrival).", "",
+             "| mode | per seed (agents/s) | mean |", "|---|---|---|"]
+    for mode, by_seed in caps.items():
+        vals = [v for v in by_seed.values() if v is not None]
+        per_seed = ", ".join(f"seed {s}: {'-' if v is None else f'{v:g}'}" for s, v in sorted(by_seed.items()))
+        lines.append(f"| {mode} | {per_seed} | {_fmt(statistics.fmean(vals)) if vals else '-'} |")
+    if "basic" in caps and "dualpath" in caps:
+        ratios = [caps["dualpath"][s] / caps["basic"][s] for s in caps["basic"]
+                  if caps["basic"][s] and caps["dualpath"].get(s)]
+        if ratios:
+            lines += ["", f"DualPath / Basic capacity: {statistics.fmean(ratios):.2f}x "
+                          f"(per seed {', '.join(f'{r:.2f}' for r in ratios)}); the paper: "
+                          f"{paper.get('capacity.dualpath_vs_basic', '-')}"]
+    return lines + [""]
+
+
 # -- a sweep ------------------------------------------------------------------------------------------------
 def _axis(groups: list[dict], varied: list[str]) -> tuple[str, list, bool]:
     """The x axis: the one varied key if numeric, else the point labels."""
@@ -273,6 +312,8 @@ def _sweep_report(sweep_dir: Path) -> Path:
                             paper.get("speedup.dualpath_vs_basic") if isinstance(
                                 paper.get("speedup.dualpath_vs_basic"), (int, float)) else None):
         lines += [f"![{png}]({png})", ""]
+    if RATE_KEY in index["varied"]:
+        lines += _capacity_lines(done, paper)
     lines += ["Runs: " + ", ".join(f"[{p['label']}]({p['label']}/)" for p in done), ""]
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")

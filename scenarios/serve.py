@@ -36,6 +36,8 @@ from topologies.cluster import CONTROL_HOST
 from traffic.driver import preload_list
 from traffic.workload import WorkloadSpec, generate
 
+from . import online
+
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
 READY_TIMEOUT_S = 60.0
@@ -227,6 +229,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)
+    if spec.arrival_rate_per_s is not None:
+        summary["online"] = {"arrival_rate": spec.arrival_rate_per_s, **online.steady_state(rows)}
     collective_bytes = 0
     if sc.serving.collectives:
         summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])

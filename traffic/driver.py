@@ -35,7 +35,8 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from traffic.workload import Trajectory, Turn, WorkloadSpec, arrivals, generate
 
 COLUMNS = ["agent", "turn", "pe", "de", "path", "context_tokens", "hit_tokens", "new_tokens", "gen_tokens",
-           "kv_bytes", "submit_s", "done_s", "wait_s", "read_s", "prefill_s", "decode_s", "ttft_s", "tpot_s"]
+           "kv_bytes", "arrival_s", "submit_s", "done_s", "wait_s", "alloc_s", "read_s", "prefill_s", "decode_s",
+           "ttft_s", "ttst_s", "tpot_s"]
 
 
 def trajectory_id(agent: int) -> str:
@@ -69,9 +70,10 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
             "agent": req.agent, "turn": turn.index, "pe": res.pe, "de": res.de, "path": res.path,
             "context_tokens": req.context_tokens, "hit_tokens": req.request.hit_blocks * args.block_tokens,
             "new_tokens": req.request.new_tokens, "gen_tokens": turn.gen_tokens, "kv_bytes": res.kv_bytes,
+            "arrival_s": round(start_s, 6),
             "submit_s": round((submit - t0) * real, 6), "done_s": round((done - t0) * real, 6),
             **{k: round(getattr(res, k) * real, 6) for k in
-               ("wait_s", "read_s", "prefill_s", "decode_s", "ttft_s", "tpot_s")}})
+               ("wait_s", "alloc_s", "read_s", "prefill_s", "decode_s", "ttft_s", "ttst_s", "tpot_s")}})
         print(f"done {len(rows)}", flush=True)  # progress, for whoever runs the driver
 
 

@@ -1,0 +1,63 @@
+"""scenarios.online: the steady-state window, the SLO verdict and capacity, on synthetic requests.csv rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from scenarios import online
+
+
+def row(agent, arrival, submit, ttft, tpot=0.02, gen=10, done=None, parts=(0.5, 0.1, 0.3, 0.2)):
+    wait, alloc, read, prefill = parts
+    return {"agent": agent, "arrival_s": arrival, "submit_s": submit, "done_s": done if done is not None else submit + 2,
+            "ttft_s": ttft, "ttst_s": ttft + tpot if gen > 1 else 0.0, "tpot_s": tpot, "gen_tokens": gen,
+            "wait_s": wait, "alloc_s": alloc, "read_s": read, "prefill_s": prefill}
+
+
+def test_the_window_is_a_quarter_of_the_arrival_span_to_the_last_arrival():
+    rows = [row(f"a{i}", i * 10.0, i * 10.0 + 0.5, ttft=1.2) for i in range(5)]  # arrivals 0..40
+    rows.append(row("a9", 40.0, 45.0, ttft=99.0))  # submitted after the last arrival: the drain, not counted
+    rows.append(row("a0", 0.0, 5.0, ttft=99.0))  # before a quarter of the span: the fill, not counted
+    s = online.steady_state(rows)
+    assert s["window_s"] == [10.0, 40.0]
+    assert s["turns"] == 3 and s["ttft_s"]["mean"] == 1.2 and s["slo_ok"], s["why"]
+    assert s["ttft_breakdown_s"] == {"wait": 0.5, "alloc": 0.1, "read": 0.3, "prefill": 0.2, "first_step": 0.1}
+    assert s["ttst_s"]["mean"] == pytest.approx(1.22)
+    assert s["agents"] == 5  # arrived in [10, 40]: a1..a4, and a9 (at 40)
+
+
+def test_slo_misses_say_why():
+    rows = [row(f"a{i}", float(i), float(i), ttft=5.0, tpot=0.06) for i in range(12)]
+    s = online.steady_state(rows)
+    assert not s["slo_ok"]
+    assert "mean TTFT 5.00 s > 4 s" in s["why"] and "mean TPOT 60.0 ms > 50 ms" in s["why"]
+
+
+def test_a_queue_still_growing_misses_even_when_the_mean_passes():
+    rows = [row(f"a{i}", float(i), float(i), ttft=0.5 if i < 8 else 7.0) for i in range(12)]
+    s = online.steady_state(rows)  # window [2.75, 11]: 9 turns, mean (5 x 0.5 + 4 x 7) / 9 = 3.4 s
+    assert s["ttft_s"]["mean"] < online.SLO_TTFT_S
+    assert not s["slo_ok"] and "still growing" in s["why"]
+
+
+def test_single_token_turns_have_no_tpot_or_ttst():
+    s = online.steady_state([row("a0", 0.0, 0.0, ttft=1.0, gen=1), row("a1", 4.0, 4.0, ttft=1.0, gen=1)])
+    assert s["tpot_s"]["mean"] is None and s["ttst_s"]["mean"] is None and s["slo_ok"]
+
+
+def test_capacity_is_the_highest_rate_with_every_lower_rate_passing():
+    assert online.capacity({1.0: True, 2.0: True, 3.0: False, 4.0: True}) == 2.0
+    assert online.capacity({1.0: False, 2.0: True}) is None
+    assert online.capacity({0.5: True}) == 0.5
+
+
+def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
+    from scenarios.report import RATE_KEY, SEED_KEY, capacities
+
+    def point(rate, seed, basic_ok, dp_ok, trusted=True):
+        return {"status": "done", "trustworthy": trusted, "values": {RATE_KEY: rate, SEED_KEY: seed},
+                "metrics": {"online.slo_ok.basic": float(basic_ok), "online.slo_ok.dualpath": float(dp_ok)}}
+
+    pts = [point(1, 0, True, True), point(2, 0, True, True), point(3, 0, False, True), point(4, 0, False, False),
+           point(1, 1, True, True), point(2, 1, False, True), point(3, 1, True, True, trusted=False)]
+    assert capacities(pts) == {"basic": {0: 2, 1: 1}, "dualpath": {0: 3, 1: 2}}
