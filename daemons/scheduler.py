@@ -38,7 +38,7 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
 from daemons.runtime import serve_until_stopped
 
-MODES = ("basic", "dualpath", "oracle")
+MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
 POLICIES = ("paper", "round_robin")
 
 
@@ -141,7 +141,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def _path(self, pe_node: str, de_node: str) -> int:
         if self.cfg.mode == "oracle":
             return pb.READ_PATH_NONE
-        if self.cfg.mode == "basic":
+        if self.cfg.mode in ("basic", "layerwise"):
             return pb.READ_PATH_PE
         side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
                                 NodeLoad(de_node, self.read_queue[de_node]))

@@ -185,7 +185,7 @@ def _print_run(s: dict, run_dir: Path) -> None:
 def _sweep_table(index: dict) -> Table:
     """One row per point (seeds folded): JCT per mode and the DualPath speedup, mean +- sd over seeds."""
     groups = sweep.aggregate(index)
-    modes = [m for m in ("basic", "dualpath", "oracle")
+    modes = [m for m in ("basic", "layerwise", "dualpath", "oracle")
              if any(f"jct_s.{m}" in g["stats"] for g in groups)]
     t = Table(title="sweep: mean +- sd over trustworthy seeds (JCT in real s)", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True, title_justify="left")

@@ -28,8 +28,8 @@ from emulator.errors import ConfigError
 from . import online
 from .sweep import SEED_KEY, aggregate
 
-MODES = ("basic", "dualpath", "oracle")
-COLORS = {"basic": "tab:red", "dualpath": "tab:blue", "oracle": "tab:gray"}
+MODES = ("basic", "layerwise", "dualpath", "oracle")
+COLORS = {"basic": "tab:red", "layerwise": "tab:orange", "dualpath": "tab:blue", "oracle": "tab:gray"}
 
 
 def _plt():
@@ -207,6 +207,46 @@ def _capacity_lines(done: list[dict], paper: dict) -> list[str]:
     return lines + [""]
 
 
+# -- ablation -------------------------------------------------------------------------------------------------
+POLICY_KEY = "serving.policy"
+ABLATION = (("basic", "round_robin", "Basic"), ("layerwise", "round_robin", "+ layerwise prefill"),
+            ("dualpath", "round_robin", "+ dual-path loading"), ("dualpath", "paper", "+ scheduler"))
+
+
+def _ablation_lines(groups: list[dict], paper: dict) -> list[str]:
+    """The paper's Fig. 12 (right): JCT of each step against Basic's, both under the round-robin placement."""
+    jct = {}
+    for g in groups:
+        for mode, policy, _ in ABLATION:
+            if g["values"].get(POLICY_KEY) == policy and f"jct_s.{mode}" in g["stats"]:
+                jct[(mode, policy)] = g["stats"][f"jct_s.{mode}"]["mean"]
+    base = jct.get(("basic", "round_robin"))
+    if not base:
+        return []
+    lines = ["## Ablation (JCT change against Basic; seeds' means)", "", "| step | JCT s | change | paper |",
+             "|---|---|---|---|"]
+    for mode, policy, label in ABLATION:
+        if (mode, policy) in jct:
+            v = jct[(mode, policy)]
+            lines.append(f"| {label} | {v:.1f} | {100 * (v / base - 1):+.1f}% "
+                         f"| {paper.get(f'ablation.{mode}.{policy}', '-')} |")
+    return lines + [""]
+
+
+def _balance_lines(groups: list[dict], paper: dict) -> list[str]:
+    """The paper's Fig. 13: DualPath's SNIC balance (busiest SNIC's reads / mean SNIC's, 1 s windows)."""
+    lines = ["## SNIC load balance under DualPath (max / mean SNIC read traffic per 1 s window; 1 = even)", "",
+             "| point | max/mean | spread | paper |", "|---|---|---|---|"]
+    for g in groups:
+        st = g["stats"].get("snic_balance.dualpath")
+        if st:
+            label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+            ref = paper.get(f"snic_balance.{g['values'].get(POLICY_KEY)}", "-")
+            lines.append(f"| {label} | {st['mean']:.2f} +- {st['sd']:.2f} | {st['min']:.2f}-{st['max']:.2f} "
+                         f"| {ref} |")
+    return lines + [""]
+
+
 # -- a sweep ------------------------------------------------------------------------------------------------
 def _axis(groups: list[dict], varied: list[str]) -> tuple[str, list, bool]:
     """The x axis: the one varied key if numeric, else the point labels."""
@@ -283,8 +323,9 @@ def _sweep_report(sweep_dir: Path) -> Path:
     if paper:
         lines.append("\nThe paper: " + "; ".join(f"{k} = {v}" for k, v in paper.items()))
     expected: list[float | None] = []
-    lines += ["", "| point | seeds | JCT basic s | JCT dualpath s | JCT oracle s | DualPath/Basic | spread | "
-                  "analytic | paper |", "|---|---|---|---|---|---|---|---|---|"]
+    modes = [m for m in MODES if any(f"jct_s.{m}" in g["stats"] for g in groups)]
+    cols = ["point", "seeds", *[f"JCT {m} s" for m in modes], "DualPath/Basic", "spread", "analytic", "paper"]
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for g in groups:
         first = next((p for p in done if {k: v for k, v in p["values"].items() if k != SEED_KEY} == g["values"]
                       and p.get("trustworthy")), None)
@@ -302,11 +343,9 @@ def _sweep_report(sweep_dir: Path) -> Path:
         label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
         seeds = f"{len(g['seeds'])}" + (f" (+{len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
         spread = "-" if sp is None else f"{sp['min']:.2f}-{sp['max']:.2f}"
-        lines.append(f"| {label} | {seeds} "
-                     f"| {cell('jct_s.basic')} | {cell('jct_s.dualpath')} | {cell('jct_s.oracle')} "
-                     f"| {cell('speedup.dualpath_vs_basic', '{:.2f}')} "
-                     f"| {spread} | {_fmt(exp)} "
-                     f"| {paper.get('speedup.dualpath_vs_basic', '-')} |")
+        jcts = "".join(f"| {cell(f'jct_s.{m}')} " for m in modes)
+        lines.append(f"| {label} | {seeds} {jcts}| {cell('speedup.dualpath_vs_basic', '{:.2f}')} "
+                     f"| {spread} | {_fmt(exp)} | {paper.get('speedup.dualpath_vs_basic', '-')} |")
     lines.append("")
     for png in _sweep_plots(sweep_dir, groups, index["varied"], expected,
                             paper.get("speedup.dualpath_vs_basic") if isinstance(
@@ -314,6 +353,10 @@ def _sweep_report(sweep_dir: Path) -> Path:
         lines += [f"![{png}]({png})", ""]
     if RATE_KEY in index["varied"]:
         lines += _capacity_lines(done, paper)
+    if any("snic_balance.dualpath" in g["stats"] for g in groups):
+        lines += _balance_lines(groups, paper)
+    if POLICY_KEY in index["varied"] and any("jct_s.layerwise" in g["stats"] for g in groups):
+        lines += _ablation_lines(groups, paper)
     lines += ["Runs: " + ", ".join(f"[{p['label']}]({p['label']}/)" for p in done), ""]
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")

@@ -142,7 +142,9 @@ class Workload(_Model):
 
 
 class Serving(_Model):
-    modes: list[Literal["basic", "dualpath", "oracle"]] = Field(["basic", "dualpath", "oracle"], min_length=1)
+    modes: list[Literal["basic", "layerwise", "dualpath", "oracle"]] = Field(
+        ["basic", "dualpath", "oracle"], min_length=1,
+        description="layerwise: Basic's prefill-side reads with layerwise prefill (the paper's first ablation step)")
     policy: Literal["paper", "round_robin"] = "paper"
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
     collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "

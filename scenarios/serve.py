@@ -15,7 +15,9 @@ engine CNICs 7200, scheduler 7000 on the control host.
 
 from __future__ import annotations
 
+import bisect
 import csv
+import itertools
 import json
 import shutil
 import statistics
@@ -39,6 +41,7 @@ from traffic.workload import WorkloadSpec, generate
 from . import online
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
+BALANCE_WINDOW_S = 1.0  # real seconds per window of the SNIC load-balance figure
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
 READY_TIMEOUT_S = 60.0
 LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
@@ -229,6 +232,9 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)
+    span = t1 - t0
+    summary["snic_balance"] = snic_balance(sampler, keys, t0 + 0.1 * span, t0 + 0.9 * span,
+                                           BALANCE_WINDOW_S * sc.scale.time)
     if spec.arrival_rate_per_s is not None:
         summary["online"] = {"arrival_rate": spec.arrival_rate_per_s, **online.steady_state(rows)}
     collective_bytes = 0
@@ -301,6 +307,36 @@ def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: st
                 and sampler.rate_bps(k, a, b) is not None]
         out[side] = round(sum(vals) / len(vals), 4) if vals else None
     return out
+
+
+def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) -> dict | None:
+    """SNIC load balance (the paper's Fig. 13): over windows of `window_s` (wall) between a and b, the
+    busiest compute-node SNIC's read bytes over the mean of all of them; mean and max over the windows
+    (windows in which the SNICs read nothing are skipped). 1.0 is perfect balance."""
+    series = []
+    for k, (_, c, _, d, tc, _) in keys.items():
+        if c == "snic" and d == "down" and tc == "link":
+            pts = sorted((s.t_s, s.bytes) for s in sampler.samples if s.key == k)
+            if pts:
+                series.append(pts)
+    if len(series) < 2 or b - a < window_s:
+        return None
+
+    def at(pts: list[tuple[float, int]], t: float) -> int:  # the counter as last sampled by t
+        i = bisect.bisect_right(pts, (t, float("inf"))) - 1
+        return pts[max(i, 0)][1]
+
+    ratios = []
+    edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
+    for lo, hi in itertools.pairwise(edges):
+        moved = [at(p, hi) - at(p, lo) for p in series]
+        mean = sum(moved) / len(moved)
+        if mean > 0:
+            ratios.append(max(moved) / mean)
+    if not ratios:
+        return None
+    return {"max_over_mean": round(statistics.fmean(ratios), 4), "worst": round(max(ratios), 4),
+            "windows": len(ratios), "window_s": window_s}
 
 
 def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger) -> dict:

@@ -33,7 +33,8 @@ SEED_KEY = "serving.workload.seed"
 def metrics(summary: dict) -> dict[str, float]:
     """The figures of one run, flat: ``jct_s.<mode>``, ``speedup.<ratio>``, ``snic_util.<side>.<mode>``,
     ``cnic_util.<side>.<mode>``, ``ttft_s.<q>.<mode>``, ``tpot_s.<q>.<mode>``, ``cpu_util_max``; online runs add
-    ``online.slo_ok.<mode>`` (1 or 0) and ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>``."""
+    ``online.slo_ok.<mode>`` (1 or 0) and ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>``;
+    ``snic_balance.<mode>``: the mean over 1 s windows of the busiest SNIC's reads over the mean SNIC's."""
     out: dict[str, float] = {}
     for mode, m in summary.get("modes", {}).items():
         out[f"jct_s.{mode}"] = m["jct_s"]
@@ -45,6 +46,8 @@ def metrics(summary: dict) -> dict[str, float]:
             for q, v in m[lat].items():
                 if v is not None:
                     out[f"{lat}.{q}.{mode}"] = v
+        if m.get("snic_balance"):
+            out[f"snic_balance.{mode}"] = m["snic_balance"]["max_over_mean"]
         on = m.get("online")
         if on:
             out[f"online.slo_ok.{mode}"] = 1.0 if on["slo_ok"] else 0.0

@@ -61,3 +61,20 @@ def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
     pts = [point(1, 0, True, True), point(2, 0, True, True), point(3, 0, False, True), point(4, 0, False, False),
            point(1, 1, True, True), point(2, 1, False, True), point(3, 1, True, True, trusted=False)]
     assert capacities(pts) == {"basic": {0: 2, 1: 1}, "dualpath": {0: 3, 1: 2}}
+
+
+def test_snic_balance_is_the_busiest_snic_over_the_mean_per_window():
+    from emulator.monitor import ClassKey, ClassSample, TcSampler
+    from scenarios.serve import snic_balance
+
+    k1, k2, up = ClassKey("a", "pe1-snic", 1), ClassKey("b", "de1-snic", 1), ClassKey("a", "pe1-snic-up", 1)
+    keys = {k1: ("pe1-snic", "snic", "pe", "down", "link", 20e6), k2: ("de1-snic", "snic", "de", "down", "link", 20e6),
+            up: ("pe1-snic", "snic", "pe", "up", "link", 20e6)}
+    sampler = TcSampler(list(keys))
+    # window [0, 1): pe1 reads 300, de1 100 -> 300 / 200 = 1.5; window [1, 2): both 200 -> 1.0; [2, 3): nothing
+    for t, b1, b2 in ((0.0, 0, 0), (0.5, 200, 50), (1.0, 300, 100), (2.0, 500, 300), (3.0, 500, 300)):
+        sampler.samples += [ClassSample(t, k1, b1, 0, 0, 0), ClassSample(t, k2, b2, 0, 0, 0),
+                            ClassSample(t, up, 10**9, 0, 0, 0)]
+    bal = snic_balance(sampler, keys, 0.0, 3.0, 1.0)
+    assert bal == {"max_over_mean": 1.25, "worst": 1.5, "windows": 2, "window_s": 1.0}
+    assert snic_balance(sampler, {k1: keys[k1]}, 0.0, 3.0, 1.0) is None  # one SNIC: nothing to balance
