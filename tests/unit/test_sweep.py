@@ -154,3 +154,19 @@ def test_sweep_report_folds_seeds_and_flags_untrusted_and_unfinished_runs(tmp_pa
 def test_report_of_a_directory_that_is_neither_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="neither a run directory"):
         report.report(tmp_path)
+
+
+def test_ablation_and_balance_sections_set_each_step_beside_the_paper():
+    def group(policy, stats):
+        return {"values": {"serving.policy": policy}, "seeds": [0], "untrusted": [],
+                "stats": {k: {"mean": v, "sd": 0.0, "min": v, "max": v, "n": 1} for k, v in stats.items()}}
+
+    groups = [group("round_robin", {"jct_s.basic": 100.0, "jct_s.layerwise": 80.0, "jct_s.dualpath": 60.0,
+                                    "snic_balance.dualpath": 1.5}),
+              group("paper", {"jct_s.dualpath": 50.0, "snic_balance.dualpath": 1.2})]
+    paper = {"ablation.layerwise.round_robin": "-17.2%", "snic_balance.paper": 1.18}
+    text = "\n".join(report._ablation_lines(groups, paper))
+    assert "| + layerwise prefill | 80.0 | -20.0% | -17.2% |" in text
+    assert "| + dual-path loading | 60.0 | -40.0% | - |" in text and "| + scheduler | 50.0 | -50.0% | - |" in text
+    text = "\n".join(report._balance_lines(groups, paper))
+    assert "| policy=paper | 1.20 +- 0.00 | 1.20-1.20 | 1.18 |" in text
