@@ -183,24 +183,34 @@ def _print_run(s: dict, run_dir: Path) -> None:
 
 
 def _sweep_table(index: dict) -> Table:
-    """One row per point (seeds folded): JCT per mode and the DualPath speedup, mean +- sd over seeds."""
+    """One row per point (seeds folded), mean +- sd over seeds: offline, JCT per mode and the DualPath
+    speedup; online, mean TTFT per mode and how many seeds met the SLO."""
     groups = sweep.aggregate(index)
+    online_run = any(k.startswith("online.") for g in groups for k in g["stats"])
+    key = "online.ttft_s.mean.{}" if online_run else "jct_s.{}"
     modes = [m for m in ("basic", "layerwise", "dualpath", "oracle")
-             if any(f"jct_s.{m}" in g["stats"] for g in groups)]
-    t = Table(title="sweep: mean +- sd over trustworthy seeds (JCT in real s)", box=box.SIMPLE_HEAD,
+             if any(key.format(m) in g["stats"] for g in groups)]
+    what = "mean TTFT in real s, SLO: seeds that met it" if online_run else "JCT in real s"
+    t = Table(title=f"sweep: mean +- sd over trustworthy seeds ({what})", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True, title_justify="left")
-    for col in ("point", "seeds", *[f"JCT\n{m}" for m in modes], "dualpath\n/basic"):
+    last = ("SLO",) if online_run else ("dualpath\n/basic",)
+    for col in ("point", "seeds", *[f"{'TTFT' if online_run else 'JCT'}\n{m}" for m in modes], *last):
         t.add_column(col, justify="left" if col == "point" else "right", no_wrap=True)
 
-    def cell(g: dict, key: str, fmt: str) -> str:
-        st = g["stats"].get(key)
+    def cell(g: dict, k: str, fmt: str) -> str:
+        st = g["stats"].get(k)
         return "-" if st is None else f"{fmt.format(st['mean'])}+-{fmt.format(st['sd'])}"
 
     for g in groups:
         label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
         seeds = f"{len(g['seeds'])}" + (f" ({len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
-        t.add_row(label, seeds, *[cell(g, f"jct_s.{m}", "{:.1f}") for m in modes],
-                  cell(g, "speedup.dualpath_vs_basic", "{:.2f}"))
+        if online_run:
+            slo = " ".join(f"{m} {round(st['mean'] * st['n'])}/{st['n']}" for m in modes
+                           if (st := g["stats"].get(f"online.slo_ok.{m}")))
+            end = slo or "-"
+        else:
+            end = cell(g, "speedup.dualpath_vs_basic", "{:.2f}")
+        t.add_row(label, seeds, *[cell(g, key.format(m), "{:.1f}") for m in modes], end)
     return t
 
 

@@ -170,3 +170,19 @@ def test_ablation_and_balance_sections_set_each_step_beside_the_paper():
     assert "| + dual-path loading | 60.0 | -40.0% | - |" in text and "| + scheduler | 50.0 | -50.0% | - |" in text
     text = "\n".join(report._balance_lines(groups, paper))
     assert "| policy=paper | 1.20 +- 0.00 | 1.20-1.20 | 1.18 |" in text
+
+
+def test_the_sweep_table_of_an_online_sweep_shows_ttft_and_slo_seeds():
+    from rich.console import Console
+
+    from scenarios.cli import _sweep_table
+
+    def point(rate, seed, ttft, ok):
+        return {"label": f"r={rate},seed={seed}", "status": "done", "trustworthy": True,
+                "values": {"serving.workload.arrival_rate": rate, sweep.SEED_KEY: seed},
+                "metrics": {"online.ttft_s.mean.dualpath": ttft, "online.slo_ok.dualpath": float(ok)}}
+
+    console = Console(width=80, record=True)
+    console.print(_sweep_table({"points": [point(3, 0, 1.0, True), point(3, 1, 5.0, False)]}))
+    text = console.export_text()
+    assert "arrival_rate=3" in text and "3.0+-2.8" in text and "dualpath 1/2" in text
