@@ -27,7 +27,7 @@ from emulator.errors import DpemuError
 from emulator.registry import Registry
 from emulator.units import format_rate
 
-from . import bench, platform, report, runner, schema, sweep
+from . import bench, platform, report, reproduce, runner, schema, sweep
 from .plan import make_plan, plan_text
 
 # Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
@@ -265,6 +265,28 @@ def cmd_plan(args) -> int:
     return EXIT_ERROR if problems else EXIT_OK
 
 
+def cmd_reproduce(args) -> int:
+    experiments = reproduce.select(args.only)
+    total = sum(e.minutes for e in experiments)
+    planned = reproduce.plan(experiments)  # every point validated before anything is built
+    for e, points in planned:
+        console.print(f"  {e.scenario:16s} {len(points):2d} run(s) ~{e.minutes:g} min  "
+                      f"{' '.join('--set ' + s for s in e.sets)}", markup=False)
+    console.print(f"{len(experiments)} experiment(s), about {total:g} minutes")
+    if args.list:
+        return EXIT_OK
+    with _progress_bar() as bar:
+        task = bar.add_task("starting", total=1)
+
+        def progress(what: str, done: int, total_: int) -> None:
+            bar.update(task, description=what, completed=done, total=total_)
+
+        root = reproduce.run(experiments, Path(args.out), say=console.print, progress=progress)
+    console.print((root / "report.md").read_text(), markup=False)
+    console.print(f"results: {root}")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     out = report.report(Path(args.dir))
     console.print(f"report: {out} (plots beside it)")
@@ -319,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("scenario")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.set_defaults(func=cmd_plan)
+    rr = sub.add_parser("reproduce", help="run every experiment of the paper (about an hour) and write one report")
+    rr.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these experiments of the suite")
+    rr.add_argument("--list", action="store_true", help="print the suite and its duration, run nothing")
+    rr.add_argument("--out", default="results", help="results root (default: ./results)")
+    rr.set_defaults(func=cmd_reproduce)
     rp = sub.add_parser("report", help="plots and report.md of a run or sweep directory, beside the paper's figures")
     rp.add_argument("dir", help="a run directory (has summary.json) or a sweep directory (has sweep.json)")
     rp.set_defaults(func=cmd_report)

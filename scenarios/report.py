@@ -170,6 +170,14 @@ def _run_report(run: Path) -> Path:
     return out
 
 
+def _head(paper: dict, what: str, samples: list[float], ref, analytic: float | None = None) -> dict:
+    """One headline figure of a sweep: ours as mean +- sd over seeds, beside the paper's and the analytic."""
+    sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return {"figure": paper.get("figure", ""), "what": what,
+            "ours": f"{statistics.fmean(samples):.2f} +- {sd:.2f}", "paper": ref,
+            "analytic": None if analytic is None else round(analytic, 2), "seeds": len(samples)}
+
+
 # -- online capacity ----------------------------------------------------------------------------------------
 RATE_KEY = "serving.workload.arrival_rate"
 
@@ -187,7 +195,7 @@ def capacities(points: list[dict]) -> dict[str, dict[int, float | None]]:
     return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()} for mode, by_seed in passed.items()}
 
 
-def _capacity_lines(done: list[dict], paper: dict) -> list[str]:
+def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[str]:
     caps = capacities(done)
     lines = ["## Capacity (highest swept arrival rate meeting the SLO, every lower rate meeting it too)", "",
              f"SLO: mean TTFT <= {online.SLO_TTFT_S:g} s and mean TPOT <= {online.SLO_TPOT_S * 1e3:g} ms in the "
@@ -204,6 +212,8 @@ def _capacity_lines(done: list[dict], paper: dict) -> list[str]:
             lines += ["", f"DualPath / Basic capacity: {statistics.fmean(ratios):.2f}x "
                           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)}); the paper: "
                           f"{paper.get('capacity.dualpath_vs_basic', '-')}"]
+            heads.append(_head(paper, "online capacity, DualPath / Basic", ratios,
+                               paper.get("capacity.dualpath_vs_basic")))
     return lines + [""]
 
 
@@ -213,7 +223,7 @@ ABLATION = (("basic", "round_robin", "Basic"), ("layerwise", "round_robin", "+ l
             ("dualpath", "round_robin", "+ dual-path loading"), ("dualpath", "paper", "+ scheduler"))
 
 
-def _ablation_lines(groups: list[dict], paper: dict) -> list[str]:
+def _ablation_lines(groups: list[dict], paper: dict, heads: list[dict] | None = None) -> list[str]:
     """The paper's Fig. 12 (right): JCT of each step against Basic's, both under the round-robin placement."""
     jct = {}
     for g in groups:
@@ -228,12 +238,16 @@ def _ablation_lines(groups: list[dict], paper: dict) -> list[str]:
     for mode, policy, label in ABLATION:
         if (mode, policy) in jct:
             v = jct[(mode, policy)]
-            lines.append(f"| {label} | {v:.1f} | {100 * (v / base - 1):+.1f}% "
-                         f"| {paper.get(f'ablation.{mode}.{policy}', '-')} |")
+            ref = paper.get(f"ablation.{mode}.{policy}")
+            lines.append(f"| {label} | {v:.1f} | {100 * (v / base - 1):+.1f}% | {ref or '-'} |")
+            if heads is not None and (mode, policy) != ("basic", "round_robin"):
+                heads.append({"figure": paper.get("figure", ""), "what": f"ablation {label}: JCT change vs Basic",
+                              "ours": f"{100 * (v / base - 1):+.1f}%", "paper": ref, "analytic": None,
+                              "seeds": None})
     return lines + [""]
 
 
-def _balance_lines(groups: list[dict], paper: dict) -> list[str]:
+def _balance_lines(groups: list[dict], paper: dict, heads: list[dict] | None = None) -> list[str]:
     """The paper's Fig. 13: DualPath's SNIC balance (busiest SNIC's reads / mean SNIC's, 1 s windows)."""
     lines = ["## SNIC load balance under DualPath (max / mean SNIC read traffic per 1 s window; 1 = even)", "",
              "| point | max/mean | spread | paper |", "|---|---|---|---|"]
@@ -244,6 +258,10 @@ def _balance_lines(groups: list[dict], paper: dict) -> list[str]:
             ref = paper.get(f"snic_balance.{g['values'].get(POLICY_KEY)}", "-")
             lines.append(f"| {label} | {st['mean']:.2f} +- {st['sd']:.2f} | {st['min']:.2f}-{st['max']:.2f} "
                          f"| {ref} |")
+            if heads is not None:
+                heads.append({"figure": paper.get("figure", ""), "what": f"SNIC max/mean, {label}",
+                              "ours": f"{st['mean']:.2f} +- {st['sd']:.2f}", "paper": None if ref == "-" else ref,
+                              "analytic": None, "seeds": st["n"]})
     return lines + [""]
 
 
@@ -323,6 +341,7 @@ def _sweep_report(sweep_dir: Path) -> Path:
     if paper:
         lines.append("\nThe paper: " + "; ".join(f"{k} = {v}" for k, v in paper.items()))
     expected: list[float | None] = []
+    heads: list[dict] = []
     modes = [m for m in MODES if any(f"jct_s.{m}" in g["stats"] for g in groups)]
     cols = ["point", "seeds", *[f"JCT {m} s" for m in modes], "DualPath/Basic", "spread", "analytic", "paper"]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -346,18 +365,26 @@ def _sweep_report(sweep_dir: Path) -> Path:
         jcts = "".join(f"| {cell(f'jct_s.{m}')} " for m in modes)
         lines.append(f"| {label} | {seeds} {jcts}| {cell('speedup.dualpath_vs_basic', '{:.2f}')} "
                      f"| {spread} | {_fmt(exp)} | {paper.get('speedup.dualpath_vs_basic', '-')} |")
+        if sp is not None and RATE_KEY not in index["varied"] and POLICY_KEY not in index["varied"]:
+            heads.append({**_head(paper, f"DualPath / Basic JCT, {label}", [sp["mean"]],
+                                  paper.get("speedup.dualpath_vs_basic"), exp),
+                          "ours": f"{sp['mean']:.2f} +- {sp['sd']:.2f}", "seeds": sp["n"]})
     lines.append("")
     for png in _sweep_plots(sweep_dir, groups, index["varied"], expected,
                             paper.get("speedup.dualpath_vs_basic") if isinstance(
                                 paper.get("speedup.dualpath_vs_basic"), (int, float)) else None):
         lines += [f"![{png}]({png})", ""]
     if RATE_KEY in index["varied"]:
-        lines += _capacity_lines(done, paper)
-    if any("snic_balance.dualpath" in g["stats"] for g in groups):
-        lines += _balance_lines(groups, paper)
+        lines += _capacity_lines(done, paper, heads)
+    if any("snic_balance.dualpath" in g["stats"] for g in groups) and POLICY_KEY in index["varied"]:
+        lines += _balance_lines(groups, paper, heads)
     if POLICY_KEY in index["varied"] and any("jct_s.layerwise" in g["stats"] for g in groups):
-        lines += _ablation_lines(groups, paper)
+        lines += _ablation_lines(groups, paper, heads)
     lines += ["Runs: " + ", ".join(f"[{p['label']}]({p['label']}/)" for p in done), ""]
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
+    untrusted_all = bool(untrusted)
+    for h in heads:
+        h["untrusted_runs"] = untrusted_all
+    (sweep_dir / "headlines.json").write_text(json.dumps(heads, indent=1) + "\n")
     return out
