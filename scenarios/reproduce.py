@@ -92,17 +92,23 @@ def run(experiments: list[Experiment], out_root: Path, say: Callable[[str], None
     for i, (e, points) in enumerate(planned, 1):
         say(f"[bold]experiment {i}/{len(planned)}: {e.scenario}[/] ({len(points)} run(s), ~{e.minutes:g} min)")
         t0 = time.monotonic()
-        entry = {"scenario": e.scenario, "sets": list(e.sets)}
-        if len(points) == 1 and not points[0].label:
-            out = runner.run(make_plan(points[0].scenario), root, say=lambda _: None, progress=progress)
-            report.report(out.run_dir)
-            entry.update(dir=str(out.run_dir.relative_to(root)), heads=_isolation_heads(out.summary))
-        else:
-            out = sweep.run_sweep(points, root, say=lambda t: say(t) if t.startswith("[bold]point") else None,
-                                  progress=progress)
-            report.report(out.sweep_dir)
-            entry.update(dir=str(out.sweep_dir.relative_to(root)),
-                         heads=json.loads((out.sweep_dir / "headlines.json").read_text()))
+        entry = {"scenario": e.scenario, "sets": list(e.sets), "dir": e.scenario, "heads": []}
+        try:
+            if len(points) == 1 and not points[0].label:
+                out = runner.run(make_plan(points[0].scenario), root, say=lambda _: None, progress=progress)
+                report.report(out.run_dir)
+                entry.update(dir=str(out.run_dir.relative_to(root)), heads=_isolation_heads(out.summary))
+            else:
+                out = sweep.run_sweep(points, root, say=lambda t: say(t) if t.startswith("[bold]point") else None,
+                                      progress=progress)
+                report.report(out.sweep_dir)
+                entry.update(dir=str(out.sweep_dir.relative_to(root)),
+                             heads=json.loads((out.sweep_dir / "headlines.json").read_text()))
+        except runner.Interrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one experiment failing does not cost the others their hour
+            entry["error"] = str(exc)
+            say(f"  [red]{e.scenario} failed[/]: {exc}")
         entry["minutes"] = round((time.monotonic() - t0) / 60, 1)
         done.append(entry)
         (root / "suite.json").write_text(json.dumps(done, indent=1) + "\n")
@@ -123,6 +129,9 @@ def write_report(root: Path, done: list[dict]) -> Path:
                          f"| {h.get('paper') if h.get('paper') is not None else '-'} "
                          f"| {h.get('analytic') if h.get('analytic') is not None else '-'} "
                          f"| [{e['scenario']}]({e['dir']}/report.md) |")
+    failed = [f"{e['scenario']} ({e['error']})" for e in done if e.get("error")]
+    if failed:
+        lines += ["", "**Failed:** " + "; ".join(failed)]
     lines += ["", "Time per experiment: " + ", ".join(f"{e['scenario']} {e['minutes']} min" for e in done), ""]
     out = root / "report.md"
     out.write_text("\n".join(lines) + "\n")
