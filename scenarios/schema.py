@@ -123,6 +123,34 @@ class Calibration(_Model):
         return v
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def trace_path(file: str) -> Path:
+    """A trace file: absolute, or relative to the repository root (``../shared/traces/...`` is the shared copy)."""
+    p = Path(file)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+class Trace(_Model):
+    """Replay a Mooncake trace instead of generating agents: each request is a one-turn agent, its prefix hit
+    (512-token blocks seen in earlier requests) in storage, arriving at its timestamp / speed."""
+
+    file: str = Field(description="Mooncake JSONL; relative paths are from the repository root")
+    requests: StrictInt | None = Field(None, ge=1, description="the first N requests; None: all")
+    speed: Number = Field(1.0, gt=0, description="arrival times divided by this")
+
+    @model_validator(mode="after")
+    def _readable(self) -> "Trace":
+        from traffic.traces import load_mooncake  # validated here, before anything is built
+
+        try:
+            load_mooncake(trace_path(self.file), self.requests)
+        except OSError as exc:
+            raise ValueError(f"cannot read trace {trace_path(self.file)}: {exc.strerror}") from None
+        return self
+
+
 class Workload(_Model):
     set: Literal["32K", "48K", "64K"] = "64K"
     agents: StrictInt = Field(8, ge=1)
@@ -133,11 +161,15 @@ class Workload(_Model):
     arrival_rate: Number | None = Field(None, gt=0, description="agents per real second; None: offline")
     sampling: Literal["agents", "turns"] = Field("agents", description="agents: every trajectory weighs the "
                                                  "same; turns: drawn by length, the turn mix of whole trajectories")
+    trace: Trace | None = Field(None, description="replay a Mooncake trace instead (set, agents, turns, scales "
+                                                  "and sampling are then unused)")
 
     @model_validator(mode="after")
     def _windows(self) -> "Workload":
         if self.sampling == "turns" and self.turns_per_agent is None:
             raise ValueError("sampling: turns draws k-turn windows; set turns_per_agent")
+        if self.trace is not None and self.arrival_rate is not None:
+            raise ValueError("a trace brings its own arrival times: drop arrival_rate (use trace.speed)")
         return self
 
 

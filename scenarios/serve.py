@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import itertools
 import json
 import shutil
@@ -34,9 +35,11 @@ from daemons.node import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
 from emulator.monitor import ClassKey, TcSampler
 from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
+from scenarios.schema import trace_path
 from topologies.cluster import CONTROL_HOST
 from traffic.driver import preload_list
-from traffic.workload import WorkloadSpec, generate
+from traffic.traces import play
+from traffic.workload import WorkloadSpec
 
 from . import online
 
@@ -127,15 +130,15 @@ def _wait_ready(proc, what: str) -> None:
 
 def workload_spec(plan) -> WorkloadSpec:
     w = plan.scenario.serving.workload
+    t = w.trace
     return WorkloadSpec(set_name=w.set, seed=w.seed, agents=w.agents, turns_per_agent=w.turns_per_agent,
                         append_scale=w.append_scale, gen_scale=w.gen_scale, arrival_rate_per_s=w.arrival_rate,
-                        sampling=w.sampling)
+                        sampling=w.sampling, trace_file=None if t is None else str(trace_path(t.file)),
+                        trace_requests=None if t is None else t.requests, trace_speed=1.0 if t is None else t.speed)
 
 
 def _workload_json(spec: WorkloadSpec) -> dict:
-    return {"set_name": spec.set_name, "seed": spec.seed, "agents": spec.agents,
-            "turns_per_agent": spec.turns_per_agent, "append_scale": spec.append_scale,
-            "gen_scale": spec.gen_scale, "arrival_rate_per_s": spec.arrival_rate_per_s, "sampling": spec.sampling}
+    return dataclasses.asdict(spec)
 
 
 def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:
@@ -176,7 +179,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     mode_dir.mkdir(parents=True)
     (mode_dir / "workload.json").write_text(json.dumps(_workload_json(spec)))
     preload = mode_dir / "preload.json"
-    trajectories = generate(spec)
+    trajectories, starts = play(spec)
     preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
     per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
     sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
@@ -235,8 +238,9 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     span = t1 - t0
     summary["snic_balance"] = snic_balance(sampler, keys, t0 + 0.1 * span, t0 + 0.9 * span,
                                            BALANCE_WINDOW_S * sc.scale.time)
-    if spec.arrival_rate_per_s is not None:
-        summary["online"] = {"arrival_rate": spec.arrival_rate_per_s, **online.steady_state(rows)}
+    if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
+        rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
+        summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}
     collective_bytes = 0
     if sc.serving.collectives:
         summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])

@@ -32,7 +32,8 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from traffic.workload import Trajectory, Turn, WorkloadSpec, arrivals, generate
+from traffic.traces import play
+from traffic.workload import Trajectory, Turn, WorkloadSpec
 
 COLUMNS = ["agent", "turn", "pe", "de", "path", "context_tokens", "hit_tokens", "new_tokens", "gen_tokens",
            "kv_bytes", "arrival_s", "submit_s", "done_s", "wait_s", "alloc_s", "read_s", "prefill_s", "decode_s",
@@ -79,8 +80,7 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
 
 async def run(args) -> dict:
     spec = WorkloadSpec(**json.loads(Path(args.workload).read_text()))
-    trajectories = generate(spec)
-    starts = [0.0] * len(trajectories) if spec.offline else arrivals(spec)
+    trajectories, starts = play(spec)
     rows: list[dict] = []
     async with grpc.aio.insecure_channel(args.scheduler) as channel:
         stub = pb_grpc.SchedulerStub(channel)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "preload":
         spec = WorkloadSpec(**json.loads(Path(args.workload).read_text()))
-        Path(args.out).write_text(json.dumps(preload_list(generate(spec), args.block_tokens)))
+        Path(args.out).write_text(json.dumps(preload_list(play(spec)[0], args.block_tokens)))
         return 0
     summary = asyncio.run(run(args))
     print(json.dumps(summary), flush=True)

@@ -4,7 +4,8 @@ Owns: parsing and validating the trace format - one JSON object per line with
 ``timestamp`` (ms from the trace start), ``input_length`` and ``output_length``
 (tokens) and ``hash_ids`` (ids of the prompt's 512-token blocks, equal id =
 equal content) - into frozen ``TraceRequest`` values, and the ideal
-prefix-cache model over them (``prefix_hits``). Refuses: anything about time
+prefix-cache model over them (``prefix_hits``), and their replay as one-turn
+agents (``replay``; ``play`` picks replay or the generated workload for a run). Refuses: anything about time
 or transport - it neither sleeps nor sends; the serving plane's workload driver
 (and the scenario runner) import it, so it is stdlib-only and needs no root,
 Mininet or gRPC. It never writes: the shared trace copy stays read-only.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from traffic.workload import Trajectory, Turn, WorkloadSpec, arrivals, generate
 
 BLOCK_TOKENS = 512
 _KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
@@ -121,3 +124,27 @@ def hit_ratio(requests: list[TraceRequest], block_tokens: int = BLOCK_TOKENS) ->
     """Hit tokens over input tokens, summed over ``requests`` (0.0 if no input)."""
     total = sum(r.input_tokens for r in requests)
     return sum(prefix_hits(requests, block_tokens)) / total if total else 0.0
+
+
+def replay(requests: list[TraceRequest], speed: float = 1.0,
+           block_tokens: int = BLOCK_TOKENS) -> tuple[list[Trajectory], list[float]]:
+    """Trace requests as one-turn agents: agent ``i`` has the request's prefix hit (``prefix_hits``, whole
+    ``block_tokens`` blocks) in storage, prefills the rest of its input and decodes its output (at least one
+    token); it arrives at its timestamp / ``speed``."""
+    if not speed > 0:
+        raise ValueError(f"speed: {speed!r} must be > 0")
+    trajectories = []
+    for i, (req, hit) in enumerate(zip(requests, prefix_hits(requests, block_tokens), strict=True)):
+        hit = min(hit, max(0, req.input_tokens - 1))  # a turn prefills at least one token
+        turn = Turn(agent=i, index=0, context_before_tokens=hit, append_tokens=req.input_tokens - hit,
+                    gen_tokens=max(1, req.output_tokens))
+        trajectories.append(Trajectory(agent=i, initial_prompt_tokens=req.input_tokens, turns=(turn,)))
+    return trajectories, [r.arrival_s / speed for r in requests]
+
+
+def play(spec: WorkloadSpec) -> tuple[list[Trajectory], list[float]]:
+    """What a run plays: the trajectories and each one's start time (real seconds), generated from the
+    workload model or replayed from ``spec.trace_file``."""
+    if spec.trace_file is None:
+        return generate(spec), arrivals(spec)
+    return replay(load_mooncake(spec.trace_file, spec.trace_requests), spec.trace_speed)

@@ -117,6 +117,11 @@ class WorkloadSpec:
     gen_scale: float = 1.0
     arrival_rate_per_s: float | None = None
     sampling: str = "agents"  # with turns_per_agent: "agents" (agent i = trajectory i) or "turns" (see generate)
+    # replay instead of generate (traffic.traces.play): the first trace_requests requests of a Mooncake trace,
+    # each a one-turn agent arriving at its timestamp / trace_speed; the fields above but seed are unused then
+    trace_file: str | None = None
+    trace_requests: int | None = None
+    trace_speed: float = 1.0
 
     def __post_init__(self):
         if self.set_name not in SETS:
@@ -137,6 +142,11 @@ class WorkloadSpec:
             raise ValueError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if self.sampling == "turns" and self.turns_per_agent is None:
             raise ValueError("sampling: 'turns' draws k-turn windows; it needs turns_per_agent")
+        if self.trace_requests is not None:
+            _require_int("trace_requests", self.trace_requests)
+            if self.trace_requests <= 0:
+                raise ValueError(f"trace_requests: {self.trace_requests} must be > 0 (or None for the whole trace)")
+        _require_positive("trace_speed", self.trace_speed)
 
     @property
     def max_len_tokens(self) -> int:
@@ -144,7 +154,7 @@ class WorkloadSpec:
 
     @property
     def offline(self) -> bool:
-        return self.arrival_rate_per_s is None
+        return self.arrival_rate_per_s is None and self.trace_file is None
 
 
 def _require_int(name: str, value) -> None:

@@ -97,3 +97,40 @@ def test_real_mooncake_trace(capsys):
     assert ratio == pytest.approx(0.37, abs=0.03)
     assert 3000 < requests[-1].arrival_s < 3600, "about 59 minutes"
     assert load_mooncake(REAL_TRACE, limit=100) == requests[:100]
+
+
+def test_replay_makes_one_turn_agents_with_their_prefix_hit_in_storage(tmp_path):
+    from traffic.traces import play, replay
+    from traffic.workload import WorkloadSpec
+
+    rows = [req(0, 1500, 10, [1, 2, 3]), req(2000, 1024, 0, [1, 2]), req(4000, 2000, 5, [1, 2, 9, 3])]
+    trajectories, starts = replay(load_mooncake(write_jsonl(tmp_path, rows)), speed=2.0)
+    assert starts == [0.0, 1.0, 2.0]  # timestamps / speed
+    turns = [t.turns[0] for t in trajectories]
+    assert [(u.context_before_tokens, u.append_tokens, u.gen_tokens) for u in turns] == [
+        (0, 1500, 10),     # cold
+        (1023, 1, 1),      # all 2 blocks hit: one token is still prefilled; an empty output decodes one token
+        (1024, 976, 5)]    # blocks 1, 2 hit, 9 is new
+    assert [t.preloaded_tokens for t in trajectories] == [0, 1023, 1024]
+    spec = WorkloadSpec(trace_file=str(write_jsonl(tmp_path, rows)), trace_requests=2, trace_speed=1.0)
+    assert not spec.offline
+    played, starts = play(spec)
+    assert len(played) == 2 and starts == [0.0, 2.0]
+    generated, zero = play(WorkloadSpec(agents=3, turns_per_agent=2))  # no trace: the workload model, offline
+    assert len(generated) == 3 and zero == [0.0, 0.0, 0.0]
+
+
+def test_a_scenario_trace_is_read_and_checked_before_anything_is_built(tmp_path):
+    from emulator.errors import ConfigError
+    from scenarios import schema
+
+    good = write_jsonl(tmp_path, [req(0, 1500, 10, [1, 2, 3])])
+    sc = schema.load("default", [f"serving.workload.trace={{file: {good}, requests: 1, speed: 4}}"])
+    assert sc.serving.workload.trace.speed == 4
+    bad = write_jsonl(tmp_path, [req(0, 1500, 10, [1, "x"])], name="bad.jsonl")
+    with pytest.raises(ConfigError, match=r"serving.workload.trace: .*bad.jsonl:1: hash_ids\[1\] is 'x'"):
+        schema.load("default", [f"serving.workload.trace={{file: {bad}}}"])
+    with pytest.raises(ConfigError, match="cannot read trace .*missing.jsonl"):
+        schema.load("default", [f"serving.workload.trace={{file: {tmp_path}/missing.jsonl}}"])
+    with pytest.raises(ConfigError, match="a trace brings its own arrival times"):
+        schema.load("default", [f"serving.workload.trace={{file: {good}}}", "serving.workload.arrival_rate=2"])
