@@ -274,53 +274,52 @@ def _axis(groups: list[dict], varied: list[str]) -> tuple[str, list, bool]:
     return "point", labels, False
 
 
+def _errorbar(ax, xs: list, stats: list[dict], **style) -> None:
+    """Means with min-max bars over seeds."""
+    ax.errorbar(xs, [s["mean"] for s in stats], yerr=[[s["mean"] - s["min"] for s in stats],
+                                                     [s["max"] - s["mean"] for s in stats]],
+                marker="o", capsize=3, **style)
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ticks: tuple[list, list] | None) -> str:
+    ax.set_xlabel(xlabel)
+    if ticks is not None:
+        ax.set_xticks(*ticks, rotation=20, fontsize=7)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _sweep_plots(sweep_dir: Path, groups: list[dict], varied: list[str], expected: list[float | None],
                  paper: float | None) -> list[str]:
     plt = _plt()
     name, xs, numeric = _axis(groups, varied)
     pos = xs if numeric else list(range(len(xs)))
-    made = []
+    ticks = None if numeric else (pos, xs)
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode in MODES:
         pts = [(x, g["stats"][f"jct_s.{mode}"]) for x, g in zip(pos, groups, strict=True)
                if f"jct_s.{mode}" in g["stats"]]
         if pts:
-            ax.errorbar([p for p, _ in pts], [s["mean"] for _, s in pts],
-                        yerr=[[s["mean"] - s["min"] for _, s in pts], [s["max"] - s["mean"] for _, s in pts]],
-                        marker="o", capsize=3, label=mode, color=COLORS[mode])
+            _errorbar(ax, [p for p, _ in pts], [s for _, s in pts], label=mode, color=COLORS[mode])
     ax.set_ylabel("JCT (real s), mean and min-max over seeds")
-    ax.set_xlabel(name)
-    if not numeric:
-        ax.set_xticks(pos, xs, rotation=20, fontsize=7)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "jct.png", dpi=110)
-    plt.close(fig)
-    made.append("jct.png")
+    made = [_save(plt, fig, ax, sweep_dir / "jct.png", name, ticks)]
     pts = [(x, g["stats"]["speedup.dualpath_vs_basic"], e) for x, g, e in zip(pos, groups, expected, strict=True)
            if "speedup.dualpath_vs_basic" in g["stats"]]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.errorbar([p for p, _, _ in pts], [s["mean"] for _, s, _ in pts],
-                    yerr=[[s["mean"] - s["min"] for _, s, _ in pts], [s["max"] - s["mean"] for _, s, _ in pts]],
-                    marker="o", capsize=3, label="measured", color=COLORS["dualpath"])
+        _errorbar(ax, [p for p, _, _ in pts], [s for _, s, _ in pts], label="measured", color=COLORS["dualpath"])
         if any(e is not None for _, _, e in pts):
             ax.plot([p for p, _, e in pts if e is not None], [e for _, _, e in pts if e is not None], "k--",
                     marker="x", label="analytic: min((P+D)/P, basic/oracle)")
         if paper:
             ax.axhline(paper, color="tab:purple", linestyle=":", label=f"paper {paper:g}x")
         ax.set_ylabel("DualPath / Basic JCT")
-        ax.set_xlabel(name)
-        if not numeric:
-            ax.set_xticks(pos, xs, rotation=20, fontsize=7)
         ax.set_ylim(bottom=0)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(sweep_dir / "speedup.png", dpi=110)
-        plt.close(fig)
-        made.append("speedup.png")
+        made.append(_save(plt, fig, ax, sweep_dir / "speedup.png", name, ticks))
     return made
 
 
