@@ -139,15 +139,18 @@ class Trace(_Model):
     file: str = Field(description="Mooncake JSONL; relative paths are from the repository root")
     requests: StrictInt | None = Field(None, ge=1, description="the first N requests; None: all")
     speed: Number = Field(1.0, gt=0, description="arrival times divided by this")
+    skip: StrictInt = Field(0, ge=0, description="requests before the replayed ones: they only warm the cache")
 
     @model_validator(mode="after")
     def _readable(self) -> "Trace":
         from traffic.traces import load_mooncake  # validated here, before anything is built
 
         try:
-            load_mooncake(trace_path(self.file), self.requests)
+            got = load_mooncake(trace_path(self.file), None if self.requests is None else self.skip + self.requests)
         except OSError as exc:
             raise ValueError(f"cannot read trace {trace_path(self.file)}: {exc.strerror}") from None
+        if len(got) <= self.skip:
+            raise ValueError(f"the trace has {len(got)} requests: none left after skipping {self.skip}")
         return self
 
 

@@ -134,7 +134,8 @@ def workload_spec(plan) -> WorkloadSpec:
     return WorkloadSpec(set_name=w.set, seed=w.seed, agents=w.agents, turns_per_agent=w.turns_per_agent,
                         append_scale=w.append_scale, gen_scale=w.gen_scale, arrival_rate_per_s=w.arrival_rate,
                         sampling=w.sampling, trace_file=None if t is None else str(trace_path(t.file)),
-                        trace_requests=None if t is None else t.requests, trace_speed=1.0 if t is None else t.speed)
+                        trace_requests=None if t is None else t.requests, trace_speed=1.0 if t is None else t.speed,
+                        trace_skip=0 if t is None else t.skip)
 
 
 def _workload_json(spec: WorkloadSpec) -> dict:

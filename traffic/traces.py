@@ -126,20 +126,24 @@ def hit_ratio(requests: list[TraceRequest], block_tokens: int = BLOCK_TOKENS) ->
     return sum(prefix_hits(requests, block_tokens)) / total if total else 0.0
 
 
-def replay(requests: list[TraceRequest], speed: float = 1.0,
+def replay(requests: list[TraceRequest], speed: float = 1.0, skip: int = 0,
            block_tokens: int = BLOCK_TOKENS) -> tuple[list[Trajectory], list[float]]:
-    """Trace requests as one-turn agents: agent ``i`` has the request's prefix hit (``prefix_hits``, whole
+    """Trace requests from the ``skip``-th on as one-turn agents: agent ``i`` has the request's prefix hit
+    (``prefix_hits`` over the whole trace so far, so the skipped requests warm the cache; whole
     ``block_tokens`` blocks) in storage, prefills the rest of its input and decodes its output (at least one
-    token); it arrives at its timestamp / ``speed``."""
+    token); it arrives at (its timestamp - the first replayed one's) / ``speed``."""
     if not speed > 0:
         raise ValueError(f"speed: {speed!r} must be > 0")
+    hits = prefix_hits(requests, block_tokens)[skip:]
+    requests = requests[skip:]
     trajectories = []
-    for i, (req, hit) in enumerate(zip(requests, prefix_hits(requests, block_tokens), strict=True)):
+    for i, (req, hit) in enumerate(zip(requests, hits, strict=True)):
         hit = min(hit, max(0, req.input_tokens - 1))  # a turn prefills at least one token
         turn = Turn(agent=i, index=0, context_before_tokens=hit, append_tokens=req.input_tokens - hit,
                     gen_tokens=max(1, req.output_tokens))
         trajectories.append(Trajectory(agent=i, initial_prompt_tokens=req.input_tokens, turns=(turn,)))
-    return trajectories, [r.arrival_s / speed for r in requests]
+    t0 = requests[0].arrival_s if requests else 0.0
+    return trajectories, [(r.arrival_s - t0) / speed for r in requests]
 
 
 def play(spec: WorkloadSpec) -> tuple[list[Trajectory], list[float]]:
@@ -147,4 +151,5 @@ def play(spec: WorkloadSpec) -> tuple[list[Trajectory], list[float]]:
     workload model or replayed from ``spec.trace_file``."""
     if spec.trace_file is None:
         return generate(spec), arrivals(spec)
-    return replay(load_mooncake(spec.trace_file, spec.trace_requests), spec.trace_speed)
+    limit = None if spec.trace_requests is None else spec.trace_skip + spec.trace_requests
+    return replay(load_mooncake(spec.trace_file, limit), spec.trace_speed, spec.trace_skip)

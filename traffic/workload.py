@@ -122,6 +122,7 @@ class WorkloadSpec:
     trace_file: str | None = None
     trace_requests: int | None = None
     trace_speed: float = 1.0
+    trace_skip: int = 0  # requests before the replayed ones: they warm the prefix cache, and are not played
 
     def __post_init__(self):
         if self.set_name not in SETS:
@@ -147,6 +148,9 @@ class WorkloadSpec:
             if self.trace_requests <= 0:
                 raise ValueError(f"trace_requests: {self.trace_requests} must be > 0 (or None for the whole trace)")
         _require_positive("trace_speed", self.trace_speed)
+        _require_int("trace_skip", self.trace_skip)
+        if self.trace_skip < 0:
+            raise ValueError(f"trace_skip: {self.trace_skip} must be >= 0")
 
     @property
     def max_len_tokens(self) -> int:

@@ -134,3 +134,12 @@ def test_a_scenario_trace_is_read_and_checked_before_anything_is_built(tmp_path)
         schema.load("default", [f"serving.workload.trace={{file: {tmp_path}/missing.jsonl}}"])
     with pytest.raises(ConfigError, match="a trace brings its own arrival times"):
         schema.load("default", [f"serving.workload.trace={{file: {good}}}", "serving.workload.arrival_rate=2"])
+
+
+def test_skipped_requests_warm_the_cache_and_are_not_played(tmp_path):
+    from traffic.traces import replay
+
+    rows = [req(0, 1024, 1, [1, 2]), req(1000, 1536, 1, [1, 2, 3]), req(3000, 2048, 1, [1, 2, 3, 4])]
+    trajectories, starts = replay(load_mooncake(write_jsonl(tmp_path, rows)), skip=1)
+    assert starts == [0.0, 2.0]  # from the first replayed request
+    assert [t.turns[0].context_before_tokens for t in trajectories] == [1024, 1536]  # hits on the skipped one's
