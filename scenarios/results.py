@@ -127,8 +127,10 @@ def _serving_summary(serving: dict) -> dict:
     return out
 
 
-def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float,
-                      serving: dict | None = None) -> dict:
+def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float | None,
+                      serving: dict | None = None, shared_by: int = 1) -> dict:
+    """summary.json of a run. `teardown_s` is None until the emulation is gone (a run of a group is summarized
+    as it ends, and again with the teardown time); `shared_by` runs used the same build and calibration."""
     net = plan.net
     with open(run_dir / "calibration.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CAL_COLUMNS)
@@ -160,7 +162,8 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
         "cluster": {"hosts": len(net.hosts), "bridges": len(net.switches), "links": len(net.links),
                     "control_links": len(net.control), "tc_ops": len(plan.tc_ops)},
         "invariants": {"configured": plan.invariants, "achieved": achieved_invariants(rows, plan)},
-        "build_s": round(build_s, 3), "teardown_s": round(teardown_s, 3),
+        "build_s": round(build_s, 3), "teardown_s": None if teardown_s is None else round(teardown_s, 3),
+        "build_shared_by": shared_by,
         "calibration": {"mode": sc.calibration.mode, "rounds": calib.rounds,
                         "duration_s": round(calib.duration_s, 2), "classes": rows},
         **serving_part,

@@ -65,39 +65,70 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print,
         progress: Callable[[str, int, int], None] = lambda *_: None, run_dir: Path | None = None) -> RunOutcome:
     """Execute `plan` into `run_dir` (default: a new ``out_root/<scenario>/<run id>``). Raises DpemuError
     subclasses; never leaves objects behind."""
-    plan.check()
+    return run_group([(plan, run_dir)], out_root, say, progress)[0]
+
+
+def same_network(a: Plan, b: Plan) -> bool:
+    """Runs of these plans can share one build and one calibration."""
+    return a.net == b.net and a.tests == b.tests and a.scenario.calibration == b.scenario.calibration
+
+
+def run_group(items: list[tuple[Plan, Path | None]], out_root: Path, say: Callable[[str], None] = print,
+              progress: Callable[[str, int, int], None] = lambda *_: None,
+              started: Callable[[int], None] = lambda _: None,
+              done: Callable[[int, RunOutcome], None] = lambda *_: None) -> list[RunOutcome]:
+    """Runs whose plans build the same network (``same_network``), on one build and one calibration: each
+    run's serving in its own run directory (made when it starts), with the shared calibration and build in
+    its summary. `started(i)` and `done(i, outcome)` are told as each run starts and finishes. The teardown time, known at the end, is
+    written into every summary then. Raises DpemuError subclasses; never leaves objects behind."""
+    first = items[0][0]
+    for plan, _ in items:
+        plan.check()
+        if not same_network(first, plan):
+            raise ValueError(f"{plan.scenario.name}: not the same network as {first.scenario.name}")
     platform.require_root()
     platform.require_tools()
-    sc = plan.scenario
+    sc = first.scenario
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    outcomes: list[RunOutcome] = []
+    pending: list[tuple[Plan, Path, dict | None]] = []  # finished runs, their summary written again at the end
     old = {s: signal.signal(s, _raise_on_signal) for s in STOP_SIGNALS}
     try:
         with Registry() as reg:
-            if run_dir is None:
-                run_dir = results.make_run_dir(out_root, sc.name, run_id)
-            else:
-                run_dir.mkdir(parents=True, exist_ok=False)
-            results.write_provenance(run_dir, plan)
             if reg.leftover():
                 report = cleanup.clean(reg)
                 say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
                     f"{len(report.links)} interfaces, {len(report.procs)} processes")
-            emu = Emulation(plan.net, reg, run_id)
+            emu = Emulation(first.net, reg, run_id)
             try:
-                say(f"building {len(plan.net.hosts)} hosts, {len(plan.net.switches)} bridges, "
-                    f"{len(plan.net.links)} shaped links ({len(plan.tc_ops)} tc operations) "
-                    f"+ {len(plan.net.control)} management links")
+                say(f"building {len(first.net.hosts)} hosts, {len(first.net.switches)} bridges, "
+                    f"{len(first.net.links)} shaped links ({len(first.tc_ops)} tc operations) "
+                    f"+ {len(first.net.control)} management links")
                 emu.build()
                 _fault("after_build")
-                say(f"built in {emu.build_s:.1f}s; calibrating {len(plan.tests)} test(s) in "
-                    f"{len(plan.rounds)} round(s) of {sc.calibration.duration:g}s")
-                rounds = len(plan.rounds)
-                calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
+                say(f"built in {emu.build_s:.1f}s; calibrating {len(first.tests)} test(s) in "
+                    f"{len(first.rounds)} round(s) of {sc.calibration.duration:g}s")
+                rounds = len(first.rounds)
+                calib = calibrate.run(emu, list(first.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
                                       progress=lambda i, rnd: progress(
                                           f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
                 progress("calibration", rounds, rounds)
                 _fault("after_calibration")
-                serving = _serve(emu, plan, run_dir, say, progress) if sc.serving else None
+                for i, (plan, run_dir) in enumerate(items):
+                    started(i)
+                    if run_dir is None:
+                        run_dir = results.make_run_dir(out_root, plan.scenario.name,
+                                                       run_id if len(items) == 1 else f"{run_id}-{i}")
+                    else:
+                        run_dir.mkdir(parents=True, exist_ok=False)
+                    results.write_provenance(run_dir, plan)
+                    serving = _serve(emu, plan, run_dir, say, progress) if plan.scenario.serving else None
+                    if emu.reshape(first.net):  # a run that re-shaped the fabric leaves it as built
+                        say("compute fabric re-shaped back to the plan")
+                    summary = results.write_summary(run_dir, plan, calib, emu.build_s, None, serving, len(items))
+                    pending.append((plan, run_dir, serving))
+                    outcomes.append(RunOutcome(run_dir, summary, calib))
+                    done(i, outcomes[-1])
             finally:
                 left = _teardown_shielded(emu, say)
                 if left:
@@ -105,8 +136,9 @@ def run(plan: Plan, out_root: Path, say: Callable[[str], None] = print,
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving)
-    return RunOutcome(run_dir, summary, calib)
+    for o, (plan, run_dir, serving) in zip(outcomes, pending, strict=True):
+        o.summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving, len(items))
+    return outcomes
 
 
 def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:

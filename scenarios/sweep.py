@@ -76,7 +76,9 @@ def _write(path: Path, index: dict) -> None:
 
 def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = print,
               progress: Callable[[str, int, int], None] = lambda *_: None) -> SweepOutcome:
-    """Run every point in order. Every plan is checked before the first is built."""
+    """Run every point in order. Every plan is checked before the first is built; consecutive points whose
+    networks are the same (``runner.same_network``: only serving settings or the seed differ) share one
+    build and one calibration."""
     plans = [make_plan(p.scenario) for p in points]
     for plan in plans:
         plan.check()
@@ -87,20 +89,37 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
                              "varied": sorted({k for p in points for k in p.values if k != SEED_KEY}),
                              "points": [{"label": p.label, "values": p.values, "status": "pending"} for p in points]}
     _write(sweep_dir / "sweep.json", index)
-    for i, (point, plan, entry) in enumerate(zip(points, plans, index["points"], strict=True), 1):
-        say(f"[bold]point {i}/{len(points)}: {point.label}[/]")
-        entry["status"] = "running"
-        _write(sweep_dir / "sweep.json", index)
+    groups: list[list[int]] = []
+    for i, plan in enumerate(plans):
+        if groups and runner.same_network(plans[groups[-1][0]], plan):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        entries = [index["points"][i] for i in group]
+
+        def started(k: int) -> None:
+            i = group[k]
+            say(f"[bold]point {i + 1}/{len(points)}: {points[i].label}[/]")
+            entries[k]["status"] = "running"
+            _write(sweep_dir / "sweep.json", index)
+
+        def finished(k: int, outcome: runner.RunOutcome) -> None:
+            s = outcome.summary
+            entries[k].update(status="done", run_dir=points[group[k]].label, trustworthy=s["fidelity"]["ok"],
+                              metrics=metrics(s))
+            _write(sweep_dir / "sweep.json", index)
+
         try:
-            outcome = runner.run(plan, out_root, say=say, progress=progress, run_dir=sweep_dir / point.label)
+            runner.run_group([(plans[i], sweep_dir / points[i].label) for i in group], out_root, say=say,
+                             progress=progress, started=started, done=finished)
         except BaseException as exc:
-            entry["status"] = "interrupted" if isinstance(exc, (runner.Interrupted, KeyboardInterrupt)) else "failed"
-            entry["error"] = str(exc)
+            status = "interrupted" if isinstance(exc, (runner.Interrupted, KeyboardInterrupt)) else "failed"
+            for e in entries:
+                if e["status"] == "running":
+                    e.update(status=status, error=str(exc))
             _write(sweep_dir / "sweep.json", index)
             raise
-        s = outcome.summary
-        entry.update(status="done", run_dir=point.label, trustworthy=s["fidelity"]["ok"], metrics=metrics(s))
-        _write(sweep_dir / "sweep.json", index)
     return SweepOutcome(sweep_dir, index)
 
 

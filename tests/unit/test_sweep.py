@@ -186,3 +186,14 @@ def test_the_sweep_table_of_an_online_sweep_shows_ttft_and_slo_seeds():
     console.print(_sweep_table({"points": [point(3, 0, 1.0, True), point(3, 1, 5.0, False)]}))
     text = console.export_text()
     assert "arrival_rate=3" in text and "3.0+-2.8" in text and "dualpath 1/2" in text
+
+
+def test_points_that_only_change_serving_share_a_network_and_others_do_not():
+    from scenarios.plan import make_plan
+    from scenarios.runner import same_network
+
+    fig7 = [make_plan(p.scenario) for p in schema.sweep_points("fig7_agents")]
+    assert all(same_network(fig7[0], p) for p in fig7)  # agents and seeds: one build for the sweep
+    fig8 = [make_plan(p.scenario) for p in schema.sweep_points("fig8_pd_ratio")]
+    assert not same_network(fig8[0], fig8[1])  # 1P1D and 2P1D are different clusters
+    assert same_network(fig8[0], fig8[3])  # the same ratio, another seed
