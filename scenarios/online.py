@@ -76,11 +76,12 @@ def steady_state(rows: list[dict]) -> dict:
     return out
 
 
-def capacity(results: dict[float, bool]) -> float | None:
-    """Highest rate meeting the SLO with every lower rate meeting it too; None if the lowest fails."""
+def capacity(results: dict[float, bool]) -> tuple[float | None, bool]:
+    """(highest rate meeting the SLO with every lower rate meeting it too, whether a higher swept rate missed
+    it). Not bracketed, the capacity is only known to be at least that rate; None: the lowest rate missed."""
     best = None
     for rate in sorted(results):
         if not results[rate]:
-            break
+            return best, True
         best = rate
-    return best
+    return best, False

@@ -182,8 +182,9 @@ def _head(paper: dict, what: str, samples: list[float], ref, analytic: float | N
 RATE_KEY = "serving.workload.arrival_rate"
 
 
-def capacities(points: list[dict]) -> dict[str, dict[int, float | None]]:
-    """mode -> seed -> capacity (agents/s) from the trustworthy finished points of an arrival-rate sweep."""
+def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bool]]]:
+    """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
+    trustworthy finished points of an arrival-rate sweep (``online.capacity``)."""
     passed: dict[str, dict[int, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
     for p in points:
         if p.get("status") != "done" or not p.get("trustworthy"):
@@ -202,12 +203,18 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
              "steady state (turns submitted between a quarter of the arrival span and the last arrival).", "",
              "| mode | per seed (agents/s) | mean |", "|---|---|---|"]
     for mode, by_seed in caps.items():
-        vals = [v for v in by_seed.values() if v is not None]
-        per_seed = ", ".join(f"seed {s}: {'-' if v is None else f'{v:g}'}" for s, v in sorted(by_seed.items()))
+        vals = [v for v, bracketed in by_seed.values() if v is not None and bracketed]
+        per_seed = ", ".join(f"seed {s}: {'below the lowest rate' if v is None else (f'{v:g}' if b else f'>= {v:g}')}"
+                             for s, (v, b) in sorted(by_seed.items()))
         lines.append(f"| {mode} | {per_seed} | {_fmt(statistics.fmean(vals)) if vals else '-'} |")
+    unbracketed = sorted({m for m, by_seed in caps.items() for v, b in by_seed.values() if v is not None and not b})
+    if unbracketed:
+        lines += ["", f"**Not bracketed** ({', '.join(unbracketed)}): every swept rate met the SLO, so the capacity "
+                      "is only known to be at least the highest one; sweep higher rates. No ratio is formed from it."]
     if "basic" in caps and "dualpath" in caps:
-        ratios = [caps["dualpath"][s] / caps["basic"][s] for s in caps["basic"]
-                  if caps["basic"][s] and caps["dualpath"].get(s)]
+        ratios = [caps["dualpath"][s][0] / caps["basic"][s][0] for s in caps["basic"]
+                  if caps["basic"][s][0] and caps["basic"][s][1] and s in caps["dualpath"]
+                  and caps["dualpath"][s][0] and caps["dualpath"][s][1]]
         if ratios:
             lines += ["", f"DualPath / Basic capacity: {statistics.fmean(ratios):.2f}x "
                           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)}); the paper: "

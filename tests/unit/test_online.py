@@ -46,9 +46,9 @@ def test_single_token_turns_have_no_tpot_or_ttst():
 
 
 def test_capacity_is_the_highest_rate_with_every_lower_rate_passing():
-    assert online.capacity({1.0: True, 2.0: True, 3.0: False, 4.0: True}) == 2.0
-    assert online.capacity({1.0: False, 2.0: True}) is None
-    assert online.capacity({0.5: True}) == 0.5
+    assert online.capacity({1.0: True, 2.0: True, 3.0: False, 4.0: True}) == (2.0, True)
+    assert online.capacity({1.0: False, 2.0: True}) == (None, True)
+    assert online.capacity({0.5: True, 1.0: True}) == (1.0, False)  # never missed: at least 1.0
 
 
 def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
@@ -60,7 +60,7 @@ def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
 
     pts = [point(1, 0, True, True), point(2, 0, True, True), point(3, 0, False, True), point(4, 0, False, False),
            point(1, 1, True, True), point(2, 1, False, True), point(3, 1, True, True, trusted=False)]
-    assert capacities(pts) == {"basic": {0: 2, 1: 1}, "dualpath": {0: 3, 1: 2}}
+    assert capacities(pts) == {"basic": {0: (2, True), 1: (1, True)}, "dualpath": {0: (3, True), 1: (2, False)}}
 
 
 def test_snic_balance_is_the_busiest_snic_over_the_mean_per_window():
