@@ -29,6 +29,7 @@ from emulator.units import format_rate
 
 from . import bench, platform, report, reproduce, runner, schema, sweep
 from .plan import make_plan, plan_text
+from .schema import label_of
 
 # Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -202,7 +203,7 @@ def _sweep_table(index: dict) -> Table:
         return "-" if st is None else f"{fmt.format(st['mean'])}+-{fmt.format(st['sd'])}"
 
     for g in groups:
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+        label = label_of(g["values"])
         seeds = f"{len(g['seeds'])}" + (f" ({len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
         if online_run:
             slo = " ".join(f"{m} {round(st['mean'] * st['n'])}/{st['n']}" for m in modes

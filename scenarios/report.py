@@ -26,6 +26,7 @@ import yaml
 from emulator.errors import ConfigError
 
 from . import online
+from .schema import label_of
 from .sweep import SEED_KEY, aggregate
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
@@ -261,7 +262,7 @@ def _balance_lines(groups: list[dict], paper: dict, heads: list[dict] | None = N
     for g in groups:
         st = g["stats"].get("snic_balance.dualpath")
         if st:
-            label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+            label = label_of(g["values"])
             ref = paper.get(f"snic_balance.{g['values'].get(POLICY_KEY)}", "-")
             lines.append(f"| {label} | {st['mean']:.2f} +- {st['sd']:.2f} | {st['min']:.2f}-{st['max']:.2f} "
                          f"| {ref} |")
@@ -277,7 +278,7 @@ def _axis(groups: list[dict], varied: list[str]) -> tuple[str, list, bool]:
     """The x axis: the one varied key if numeric, else the point labels."""
     if len(varied) == 1 and all(isinstance(g["values"].get(varied[0]), (int, float)) for g in groups):
         return varied[0].rsplit(".", 1)[-1], [g["values"][varied[0]] for g in groups], True
-    labels = [",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-" for g in groups]
+    labels = [label_of(g["values"]) for g in groups]
     return "point", labels, False
 
 
@@ -365,7 +366,7 @@ def _sweep_report(sweep_dir: Path) -> Path:
             exp = expected_speedup(cl, {m: st[f"jct_s.{m}"]["mean"] for m in MODES if f"jct_s.{m}" in st})[2]
         expected.append(exp)
         sp = st.get("speedup.dualpath_vs_basic")
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["values"].items()) or "-"
+        label = label_of(g["values"])
         seeds = f"{len(g['seeds'])}" + (f" (+{len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
         spread = "-" if sp is None else f"{sp['min']:.2f}-{sp['max']:.2f}"
         jcts = "".join(f"| {cell(f'jct_s.{m}')} " for m in modes)

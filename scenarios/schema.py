@@ -345,12 +345,14 @@ class Point:
     scenario: Scenario
 
 
-def _label(values: dict[str, Any]) -> str:
+def label_of(values: dict[str, Any]) -> str:
+    """A point's name, from the values it sets: ``agents=48,modes=basic+dualpath,seed=1`` (the last
+    component of each dotted key; safe as a directory name); "-" for none."""
     def text(v: Any) -> str:
         return "+".join(map(str, v)) if isinstance(v, list) else str(v)
 
     raw = ",".join(f"{k.rsplit('.', 1)[-1]}={text(v)}" for k, v in values.items())
-    return "".join(c if c.isalnum() or c in "=,.+-_" else "_" for c in raw)
+    return "".join(c if c.isalnum() or c in "=,.+-_" else "_" for c in raw) or "-"
 
 
 def sweep_points(name_or_path: str, sets: list[str] | None = None) -> list[Point]:
@@ -369,7 +371,7 @@ def sweep_points(name_or_path: str, sets: list[str] | None = None) -> list[Point
     for seed in sw.seeds:  # seed-major: an interrupted sweep has whole curves for the first seeds
         for combo in combos:
             values = {**combo, "serving.workload.seed": seed}
-            label = _label(values)
+            label = label_of(values)
             if label in labels:
                 raise ConfigError(f"{path.name}: sweep", f"two points are both {label}")
             labels.add(label)
