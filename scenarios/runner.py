@@ -150,7 +150,9 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     flipped = extra = None
     try:
         for mode in plan.scenario.serving.modes:
-            say(f"serving mode {mode}: {plan.scenario.serving.workload.agents} agents")
+            w = plan.scenario.serving.workload
+            say(f"serving mode {mode}: " + (f"{w.agents} agents" if w.trace is None else
+                                             f"trace replay, {w.trace.requests or 'all'} requests"))
             modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
             windows.append(window)
             say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
