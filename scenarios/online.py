@@ -70,7 +70,7 @@ def steady_state(rows: list[dict]) -> dict:
         if out["tpot_s"]["mean"] is not None and out["tpot_s"]["mean"] > SLO_TPOT_S:
             why.append(f"mean TPOT {out['tpot_s']['mean'] * 1e3:.1f} ms > {SLO_TPOT_S * 1e3:g} ms")
         if out["ttft_s"]["last_third_mean"] > SLO_TTFT_S:
-            why.append(f"TTFT still growing: last third's mean {out['ttft_s']['last_third_mean']:.2f} s")
+            why.append(f"the last third of the window has mean TTFT {out['ttft_s']['last_third_mean']:.2f} s")
     out["slo_ok"] = not why
     out["why"] = "; ".join(why)
     return out
