@@ -29,6 +29,7 @@ from emulator.units import format_rate
 
 from . import bench, platform, report, reproduce, runner, schema, sweep
 from .plan import make_plan, plan_text
+from .report import fmt_ms, fmt_num
 from .schema import label_of
 
 # Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
@@ -57,14 +58,6 @@ def _calibration_table(summary: dict) -> Table:
     return t
 
 
-def _num(x: float | None, fmt: str = "{:.2f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
 def _serving_table(summary: dict) -> Table:
     """One row per mode, within 80 columns: JCT and latencies in real seconds (TPOT in ms), utilizations 0..1;
     turns are counted by the reads per side (pe/de; oracle reads nothing) and in the lines printed per mode."""
@@ -75,11 +68,11 @@ def _serving_table(summary: dict) -> Table:
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
     for mode, m in summary["modes"].items():
-        t.add_row(mode, _num(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
-                  _num(m["snic_util"]["pe"]), _num(m["snic_util"]["de"]), _num(m["cnic_util"]["pe"]),
-                  _num(m["cnic_util"]["de"]),
-                  f"{_num(m['ttft_s']['p50'], '{:.1f}')}/{_num(m['ttft_s']['p99'], '{:.1f}')}",
-                  f"{_ms(m['tpot_s']['p50'])}/{_ms(m['tpot_s']['p99'])}")
+        t.add_row(mode, fmt_num(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
+                  fmt_num(m["snic_util"]["pe"]), fmt_num(m["snic_util"]["de"]), fmt_num(m["cnic_util"]["pe"]),
+                  fmt_num(m["cnic_util"]["de"]),
+                  f"{fmt_num(m['ttft_s']['p50'], '{:.1f}')}/{fmt_num(m['ttft_s']['p99'], '{:.1f}')}",
+                  f"{fmt_ms(m['tpot_s']['p50'])}/{fmt_ms(m['tpot_s']['p99'])}")
     return t
 
 
@@ -95,8 +88,8 @@ def _collectives_table(summary: dict) -> Table | None:
 
     for mode, c in rows:
         p, d = c["prefill"], c["decode"]
-        t.add_row(mode, str(p["count"]), f"{_ms(p['p50_s'])}/{_ms(p['p99_s'])}", str(d["count"]),
-                  f"{_ms(d['p50_s'])}/{_ms(d['p99_s'])}")
+        t.add_row(mode, str(p["count"]), f"{fmt_ms(p['p50_s'])}/{fmt_ms(p['p99_s'])}", str(d["count"]),
+                  f"{fmt_ms(d['p50_s'])}/{fmt_ms(d['p99_s'])}")
     return t
 
 
@@ -115,12 +108,12 @@ def _isolation_table(summary: dict) -> Table | None:
     for run, label in (("reference", "reference"), ("on", "isolation on"), ("off", "isolation off")):
         r = iso[run]
         c, sd = r["collective_s"], r.get("slowdown_p99", {})
-        t.add_row(label, f"{_ms(c['prefill']['p50'])}/{_ms(c['prefill']['p99'])}",
-                  _num(sd.get("prefill"), "{:.2f}x"),
-                  f"{_ms(c['decode']['p50'])}/{_ms(c['decode']['p99'])}", _num(sd.get("decode"), "{:.2f}x"),
-                  f"{_ms(r['tpot_s']['p50'])}/{_ms(r['tpot_s']['p99'])}",
+        t.add_row(label, f"{fmt_ms(c['prefill']['p50'])}/{fmt_ms(c['prefill']['p99'])}",
+                  fmt_num(sd.get("prefill"), "{:.2f}x"),
+                  f"{fmt_ms(c['decode']['p50'])}/{fmt_ms(c['decode']['p99'])}", fmt_num(sd.get("decode"), "{:.2f}x"),
+                  f"{fmt_ms(r['tpot_s']['p50'])}/{fmt_ms(r['tpot_s']['p99'])}",
                   "-" if r["ttft_s"]["p50"] is None else f"{r['ttft_s']['p50']:.1f}",
-                  _num(r.get("cnic_kv_gbps"), "{:.0f}"))
+                  fmt_num(r.get("cnic_kv_gbps"), "{:.0f}"))
     return t
 
 
@@ -137,9 +130,9 @@ def _online_table(summary: dict) -> Table | None:
     for mode, o in rows.items():
         b = o.get("ttft_breakdown_s", {})
         t.add_row(mode, f"{o['arrival_rate']:g}", str(o["turns"]),
-                  f"{_num(o['ttft_s']['mean'], '{:.1f}')}/{_num(o['ttft_s']['p99'], '{:.1f}')}",
-                  _num(o["ttst_s"]["mean"], "{:.1f}"), _ms(o["tpot_s"]["mean"]),
-                  "/".join(_num(b.get(k), "{:.1f}") for k in ("wait", "alloc", "read", "prefill")),
+                  f"{fmt_num(o['ttft_s']['mean'], '{:.1f}')}/{fmt_num(o['ttft_s']['p99'], '{:.1f}')}",
+                  fmt_num(o["ttst_s"]["mean"], "{:.1f}"), fmt_ms(o["tpot_s"]["mean"]),
+                  "/".join(fmt_num(b.get(k), "{:.1f}") for k in ("wait", "alloc", "read", "prefill")),
                   "[green]ok[/]" if o["slo_ok"] else "[red]missed[/]")
     return t
 

@@ -26,11 +26,19 @@ def _mean(xs: list[float]) -> float | None:
     return round(statistics.fmean(xs), 6) if xs else None
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (q in 0..100, inclusive method) of `values`; None if empty. The one definition
+    every serving figure uses."""
+    if not values:
         return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 6)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    p = percentile(xs, q * 100)
+    return None if p is None else round(p, 6)
 
 
 def steady_state(rows: list[dict]) -> dict:

@@ -55,11 +55,12 @@ def expected_speedup(cluster: dict, jct: dict[str, float]) -> tuple[float, float
     return storage, compute, min(storage, compute) if compute else storage
 
 
-def _fmt(x: float | None, spec: str = "{:.2f}") -> str:
+def fmt_num(x: float | None, spec: str = "{:.2f}") -> str:
+    """A figure for a table: "-" when there is none."""
     return "-" if x is None else spec.format(x)
 
 
-def _ms(seconds: float | None) -> str:
+def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
@@ -144,25 +145,25 @@ def _run_report(run: Path) -> Path:
              f"scale bytes x{summary['scale']['bytes']:g}, time x{summary['scale']['time']:g}; "
              f"seed {summary.get('seed')}.", "",
              ("**Trustworthy** " if trusted else "**NOT TRUSTWORTHY** ")
-             + f"(CPU max {_fmt(summary['fidelity']['cpu_util_max'], '{:.0%}')}, worst link error "
-               f"{_fmt(summary['fidelity']['link_rate_error_max'], '{:.2%}')})"
+             + f"(CPU max {fmt_num(summary['fidelity']['cpu_util_max'], '{:.0%}')}, worst link error "
+               f"{fmt_num(summary['fidelity']['link_rate_error_max'], '{:.2%}')})"
              + "".join(f"\n- {r}" for r in summary["fidelity"]["reasons"]), ""]
     if "modes" in summary:
         lines += ["| mode | JCT s | SNIC pe | SNIC de | CNIC pe | CNIC de | TTFT p50/p99 s | TPOT p50/p99 ms |",
                   "|---|---|---|---|---|---|---|---|"]
         for mode, m in summary["modes"].items():
-            lines.append(f"| {mode} | {m['jct_s']:.1f} | {_fmt(m['snic_util']['pe'])} | {_fmt(m['snic_util']['de'])} "
-                         f"| {_fmt(m['cnic_util']['pe'])} | {_fmt(m['cnic_util']['de'])} "
-                         f"| {_fmt(m['ttft_s']['p50'], '{:.1f}')}/{_fmt(m['ttft_s']['p99'], '{:.1f}')} "
-                         f"| {_ms(m['tpot_s']['p50'])}/{_ms(m['tpot_s']['p99'])} |")
+            lines.append(f"| {mode} | {m['jct_s']:.1f} | {fmt_num(m['snic_util']['pe'])} | {fmt_num(m['snic_util']['de'])} "
+                         f"| {fmt_num(m['cnic_util']['pe'])} | {fmt_num(m['cnic_util']['de'])} "
+                         f"| {fmt_num(m['ttft_s']['p50'], '{:.1f}')}/{fmt_num(m['ttft_s']['p99'], '{:.1f}')} "
+                         f"| {fmt_ms(m['tpot_s']['p50'])}/{fmt_ms(m['tpot_s']['p99'])} |")
         jct = {k: v["jct_s"] for k, v in summary["modes"].items()}
         measured = summary["speedup"].get("dualpath_vs_basic")
         storage, compute, expect = expected_speedup(cl, jct)
         paper = scenario.get("paper", {}).get("speedup.dualpath_vs_basic")
         lines += ["", "| figure | measured | paper | analytic |", "|---|---|---|---|",
-                  f"| DualPath / Basic JCT | {_fmt(measured)}x | {_fmt(paper)}{'x' if paper else ''} "
+                  f"| DualPath / Basic JCT | {fmt_num(measured)}x | {fmt_num(paper)}{'x' if paper else ''} "
                   f"| {expect:.2f}x (storage-bound (P+D)/P = {storage:.2f}, compute-bound basic/oracle = "
-                  f"{_fmt(compute)}) |", ""]
+                  f"{fmt_num(compute)}) |", ""]
         rates = {c["link_class"]: c["configured_bps"] for c in summary["calibration"]["classes"]}
         for png in _run_plots(run, summary, rates):
             lines += [f"![{png}]({png})", ""]
@@ -207,7 +208,7 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
         vals = [v for v, bracketed in by_seed.values() if v is not None and bracketed]
         per_seed = ", ".join(f"seed {s}: {'below the lowest rate' if v is None else (f'{v:g}' if b else f'>= {v:g}')}"
                              for s, (v, b) in sorted(by_seed.items()))
-        lines.append(f"| {mode} | {per_seed} | {_fmt(statistics.fmean(vals)) if vals else '-'} |")
+        lines.append(f"| {mode} | {per_seed} | {fmt_num(statistics.fmean(vals)) if vals else '-'} |")
     unbracketed = sorted({m for m, by_seed in caps.items() for v, b in by_seed.values() if v is not None and not b})
     if unbracketed:
         lines += ["", f"**Not bracketed** ({', '.join(unbracketed)}): every swept rate met the SLO, so the capacity "
@@ -371,7 +372,7 @@ def _sweep_report(sweep_dir: Path) -> Path:
         spread = "-" if sp is None else f"{sp['min']:.2f}-{sp['max']:.2f}"
         jcts = "".join(f"| {cell(f'jct_s.{m}')} " for m in modes)
         lines.append(f"| {label} | {seeds} {jcts}| {cell('speedup.dualpath_vs_basic', '{:.2f}')} "
-                     f"| {spread} | {_fmt(exp)} | {paper.get('speedup.dualpath_vs_basic', '-')} |")
+                     f"| {spread} | {fmt_num(exp)} | {paper.get('speedup.dualpath_vs_basic', '-')} |")
         if sp is not None and RATE_KEY not in index["varied"] and POLICY_KEY not in index["varied"]:
             heads.append({**_head(paper, f"DualPath / Basic JCT, {label}", [sp["mean"]],
                                   paper.get("speedup.dualpath_vs_basic"), exp),

@@ -235,10 +235,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
-    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger)
-    span = t1 - t0
-    summary["snic_balance"] = snic_balance(sampler, keys, t0 + 0.1 * span, t0 + 0.9 * span,
-                                           BALANCE_WINDOW_S * sc.scale.time)
+    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time)
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
         summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}
@@ -281,7 +278,7 @@ def _merge_collectives(mode_dir: Path, nodes: list[str]) -> dict:
     out = {}
     for phase in ("prefill", "decode"):
         times = sorted(float(r["completion_s"]) for r in rows if r["phase"] == phase)
-        out[phase] = {"count": len(times), "p50_s": _pct(times, 50), "p99_s": _pct(times, 99),
+        out[phase] = {"count": len(times), "p50_s": online.percentile(times, 50), "p99_s": online.percentile(times, 99),
                       "bytes": sum(int(r["bytes"]) for r in rows if r["phase"] == phase)}
     return out
 
@@ -294,14 +291,6 @@ def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: fl
             link, cls, side, direction, tclass, _ = keys[s.key]
             w.writerow([round((s.t_s - t0) / time_scale, 4), link, cls, side, direction, tclass, s.bytes, s.packets,
                         s.drops, s.backlog_bytes])
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(values)
 
 
 def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
@@ -344,7 +333,7 @@ def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) 
             "windows": len(ratios), "window_s": window_s}
 
 
-def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger) -> dict:
+def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: float) -> dict:
     span = t1 - t0
     a, b = t0 + 0.1 * span, t0 + 0.9 * span  # the middle 80% of the mode's JCT
     ttft = sorted(float(r["ttft_s"]) for r in rows)
@@ -354,7 +343,8 @@ def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger) -> dict:
         "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "none")},
         "snic_util": _utils(sampler, keys, a, b, "snic", "down"),  # storage -> node: reads
         "cnic_util": _utils(sampler, keys, a, b, "cnic", "down"),  # KV arriving at PE GPUs / DE buffers
-        "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
-        "tpot_s": {"p50": _pct(tpot, 50), "p99": _pct(tpot, 99)},
+        "ttft_s": {"p50": online.percentile(ttft, 50), "p99": online.percentile(ttft, 99)},
+        "tpot_s": {"p50": online.percentile(tpot, 50), "p99": online.percentile(tpot, 99)},
         "ledger": ledger,
+        "snic_balance": snic_balance(sampler, keys, a, b, BALANCE_WINDOW_S * time_scale),
     }

@@ -18,6 +18,7 @@ skipped (a trailing newline is not an error).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,18 @@ def load_mooncake(path: str | Path, limit: int | None = None) -> list[TraceReque
     Raises ``ValueError`` (file, line, problem) on malformed input, including a
     timestamp earlier than the previous request's, and ``OSError`` if the file
     cannot be read. Every line read is validated before any request is built.
+    A file is parsed once per process (a sweep validates every point's scenario,
+    then plays it): the result is kept while the file's size and mtime stay.
     """
     if limit is not None and (not _is_int(limit) or limit < 0):
         raise ValueError(f"limit: {limit!r} must be an integer >= 0 (or None for the whole trace)")
-    path = Path(path)
+    st = Path(path).stat()
+    return list(_load(str(path), limit, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path_str: str, limit: int | None, _size: int, _mtime_ns: int) -> tuple[TraceRequest, ...]:
+    path = Path(path_str)
     rows, prev_s = [], 0.0
     with path.open(encoding="utf-8") as fh:
         for lineno, text in enumerate(fh, start=1):
@@ -94,7 +103,7 @@ def load_mooncake(path: str | Path, limit: int | None = None) -> list[TraceReque
                                  f"(previous request at {prev_s * 1000:g} ms)")
             prev_s = row[0]
             rows.append(row)
-    return [TraceRequest(*row) for row in rows]
+    return tuple(TraceRequest(*row) for row in rows)
 
 
 def prefix_hits(requests: list[TraceRequest], block_tokens: int = BLOCK_TOKENS) -> list[int]:
