@@ -225,7 +225,11 @@ def cmd_run(args) -> int:
 
 
 def _run_sweep(points: list, args) -> int:
-    console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
+    if points[0].search:
+        console.print(f"capacity search from {len(points)} points, up to {points[0].search.probes} runs each: "
+                      f"{', '.join(p.label for p in points)}")
+    else:
+        console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
     with _progress_bar() as bar:
         task = bar.add_task("starting", total=1)
 
@@ -249,7 +253,9 @@ def _run_sweep(points: list, args) -> int:
 def cmd_plan(args) -> int:
     points = schema.sweep_points(args.scenario, args.set)
     if len(points) > 1 or points[0].label:
-        sys.stdout.write(f"# sweep of {len(points)} runs, each planned as below with its values set:\n"
+        what = (f"capacity search from {len(points)} points, up to {points[0].search.probes} runs each"
+                if points[0].search else f"sweep of {len(points)} runs")
+        sys.stdout.write(f"# {what}, each planned as below with its values set:\n"
                          + "".join(f"#   {p.label}\n" for p in points) + "# the first run:\n")
     plans = [make_plan(p.scenario) for p in points]
     sys.stdout.write(plan_text(plans[0]))

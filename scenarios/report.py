@@ -25,9 +25,9 @@ import yaml
 
 from emulator.errors import ConfigError
 
-from . import online
+from . import fabric, online
 from .schema import label_of
-from .sweep import SEED_KEY, aggregate
+from .sweep import SEED_KEY, aggregate, metrics
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
 COLORS = {"basic": "tab:red", "layerwise": "tab:orange", "dualpath": "tab:blue", "oracle": "tab:gray"}
@@ -257,8 +257,9 @@ def _ablation_lines(groups: list[dict], paper: dict, heads: list[dict] | None = 
 
 
 def _balance_lines(groups: list[dict], paper: dict, heads: list[dict] | None = None) -> list[str]:
-    """The paper's Fig. 13: DualPath's SNIC balance (busiest SNIC's reads / mean SNIC's, 1 s windows)."""
-    lines = ["## SNIC load balance under DualPath (max / mean SNIC read traffic per 1 s window; 1 = even)", "",
+    """The paper's Fig. 13: DualPath's SNIC balance (busiest SNIC's reads / mean SNIC's, per window)."""
+    lines = ["## SNIC load balance under DualPath (max / mean SNIC read traffic per window of "
+             "`serving.balance_window`; 1 = even)", "",
              "| point | max/mean | spread | paper |", "|---|---|---|---|"]
     for g in groups:
         st = g["stats"].get("snic_balance.dualpath")
@@ -332,8 +333,18 @@ def _sweep_plots(sweep_dir: Path, groups: list[dict], varied: list[str], expecte
     return made
 
 
+def _refresh(sweep_dir: Path, index: dict) -> None:
+    """Each finished point's figures again from its summary.json, so a report made by a newer dpemu has
+    every figure it knows of (sweep.json holds those of the dpemu that ran the sweep)."""
+    for p in index["points"]:
+        summary = sweep_dir / p.get("run_dir", "-") / "summary.json"
+        if p.get("status") == "done" and summary.is_file():
+            p["metrics"] = metrics(json.loads(summary.read_text()))
+
+
 def _sweep_report(sweep_dir: Path) -> Path:
     index = json.loads((sweep_dir / "sweep.json").read_text())
+    _refresh(sweep_dir, index)
     groups = aggregate(index)
     paper = index.get("paper", {})
     done = [p for p in index["points"] if p.get("status") == "done"]
@@ -388,6 +399,11 @@ def _sweep_report(sweep_dir: Path) -> Path:
         lines += _balance_lines(groups, paper, heads)
     if POLICY_KEY in index["varied"] and any("jct_s.layerwise" in g["stats"] for g in groups):
         lines += _ablation_lines(groups, paper, heads)
+    if {"cluster.prefill_nodes", "cluster.decode_nodes"} & set(index["varied"]):
+        lines += fabric.report_lines(groups)
+        png = fabric.plot(_plt(), groups, sweep_dir / "fabric.png") if len(groups) > 1 else None
+        if png:
+            lines += [f"![{png}]({png})", ""]
     lines += ["Runs: " + ", ".join(f"[{p['label']}]({p['label']}/)" for p in done), ""]
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")

@@ -38,7 +38,7 @@ SUITE = (
                                "sweep.grid={serving.workload.append_scale: [1, 2, 3]}"), 13),
     Experiment("online_capacity", (), 12),
     Experiment("ablation", ("serving.workload.agents=64", "serving.workload.turns_per_agent=3"), 6),
-    Experiment("fig13_balance", ("serving.workload.agents=64", "serving.workload.turns_per_agent=3"), 4),
+    Experiment("fig13_balance", (), 4),
     Experiment("isolation", (), 3),
 )
 

@@ -128,9 +128,10 @@ def _serving_summary(serving: dict) -> dict:
 
 
 def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float, teardown_s: float | None,
-                      serving: dict | None = None, shared_by: int = 1) -> dict:
+                      serving: dict | None = None, shared_by: int | None = 1) -> dict:
     """summary.json of a run. `teardown_s` is None until the emulation is gone (a run of a group is summarized
-    as it ends, and again with the teardown time); `shared_by` runs used the same build and calibration."""
+    as it ends, and again with the teardown time); `shared_by` runs used the same build and calibration
+    (None while a group of runs is still going)."""
     net = plan.net
     with open(run_dir / "calibration.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CAL_COLUMNS)

@@ -12,12 +12,13 @@ Results go to ``results/<scenario>/<run-id>/`` (see docs/results.md).
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from emulator import calibrate, cleanup, fidelity
 from emulator.monitor import CpuSampler
@@ -73,19 +74,26 @@ def same_network(a: Plan, b: Plan) -> bool:
     return a.net == b.net and a.tests == b.tests and a.scenario.calibration == b.scenario.calibration
 
 
-def run_group(items: list[tuple[Plan, Path | None]], out_root: Path, say: Callable[[str], None] = print,
+def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Callable[[str], None] = print,
               progress: Callable[[str, int, int], None] = lambda *_: None,
               started: Callable[[int], None] = lambda _: None,
               done: Callable[[int, RunOutcome], None] = lambda *_: None) -> list[RunOutcome]:
     """Runs whose plans build the same network (``same_network``), on one build and one calibration: each
     run's serving in its own run directory (made when it starts), with the shared calibration and build in
-    its summary. `started(i)` and `done(i, outcome)` are told as each run starts and finishes. The teardown time, known at the end, is
-    written into every summary then. Raises DpemuError subclasses; never leaves objects behind."""
-    first = items[0][0]
-    for plan, _ in items:
-        plan.check()
-        if not same_network(first, plan):
-            raise ValueError(f"{plan.scenario.name}: not the same network as {first.scenario.name}")
+    its summary. `started(i)` and `done(i, outcome)` are told as each run starts and finishes. `items` may be
+    a generator that decides the next run from the outcomes so far (a capacity search); a list is checked
+    whole before the build. The teardown time, known at the end, is written into every summary then.
+    Raises DpemuError subclasses; never leaves objects behind."""
+    if isinstance(items, list):
+        for plan, _ in items:
+            _check_same(items[0][0], plan)
+    items_it = iter(items)
+    try:
+        head = next(items_it)
+    except StopIteration:
+        return []
+    first = head[0]
+    _check_same(first, first)
     platform.require_root()
     platform.require_tools()
     sc = first.scenario
@@ -114,18 +122,19 @@ def run_group(items: list[tuple[Plan, Path | None]], out_root: Path, say: Callab
                                           f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
                 progress("calibration", rounds, rounds)
                 _fault("after_calibration")
-                for i, (plan, run_dir) in enumerate(items):
+                for i, (plan, run_dir) in enumerate(itertools.chain([head], items_it)):
+                    _check_same(first, plan)
                     started(i)
                     if run_dir is None:
                         run_dir = results.make_run_dir(out_root, plan.scenario.name,
-                                                       run_id if len(items) == 1 else f"{run_id}-{i}")
+                                                       run_id if i == 0 else f"{run_id}-{i}")
                     else:
                         run_dir.mkdir(parents=True, exist_ok=False)
                     results.write_provenance(run_dir, plan)
                     serving = _serve(emu, plan, run_dir, say, progress) if plan.scenario.serving else None
                     if emu.reshape(first.net):  # a run that re-shaped the fabric leaves it as built
                         say("compute fabric re-shaped back to the plan")
-                    summary = results.write_summary(run_dir, plan, calib, emu.build_s, None, serving, len(items))
+                    summary = results.write_summary(run_dir, plan, calib, emu.build_s, None, serving, None)
                     pending.append((plan, run_dir, serving))
                     outcomes.append(RunOutcome(run_dir, summary, calib))
                     done(i, outcomes[-1])
@@ -137,8 +146,14 @@ def run_group(items: list[tuple[Plan, Path | None]], out_root: Path, say: Callab
         for s, h in old.items():
             signal.signal(s, h)
     for o, (plan, run_dir, serving) in zip(outcomes, pending, strict=True):
-        o.summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving, len(items))
+        o.summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving, len(outcomes))
     return outcomes
+
+
+def _check_same(first: Plan, plan: Plan) -> None:
+    plan.check()
+    if not same_network(first, plan):
+        raise ValueError(f"{plan.scenario.name}: not the same network as {first.scenario.name}")
 
 
 def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:

@@ -14,6 +14,8 @@ scenario a run stores reads like the file a user wrote.
 from __future__ import annotations
 
 import itertools
+import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -187,6 +189,8 @@ class Serving(_Model):
     isolation_compare: bool = Field(False, description="after the modes, re-shape the compute fabric with "
                                                        "traffic_classes.isolation flipped and run dualpath again")
     block_tokens: StrictInt = Field(64, ge=1)
+    balance_window: Duration = Field(1.0, gt=0, description="real seconds per window of the SNIC load-balance "
+                                                            "figure (max / mean SNIC reads per window)")
     workload: Workload = Workload()
 
     @model_validator(mode="after")
@@ -207,6 +211,19 @@ class Serving(_Model):
 SweepValue = StrictInt | float | str | bool | list
 
 
+class Search(_Model):
+    """A capacity search (online runs): for each point and seed, probe arrival rates starting at the point's
+    own ``serving.workload.arrival_rate``, up by ``factor`` while the SLO holds and down while it fails, then
+    halve the gap (geometrically) between the highest passing and the lowest failing rate until they are
+    within ``resolution`` of each other or ``probes`` runs were made. Every probe lets agents arrive for
+    ``window`` seconds of real time (agents = ceil(rate x window))."""
+
+    window: Duration = Field(gt=0, description="seconds of real time during which agents arrive, per probe")
+    factor: Number = Field(1.25, gt=1, le=4, description="step up or down until the SLO verdict flips")
+    resolution: Number = Field(1.1, gt=1, description="stop when lowest failing / highest passing <= this")
+    probes: StrictInt = Field(4, ge=2, le=12, description="runs per point and seed, at most")
+
+
 class Sweep(_Model):
     """Many runs of one scenario: every combination of ``grid`` (or each of ``points``), times every seed.
     Keys are dotted paths as for ``--set``; each run is the scenario with those values set."""
@@ -214,6 +231,7 @@ class Sweep(_Model):
     grid: dict[str, list[SweepValue]] = Field({}, description="key -> values: every combination is a point")
     points: list[dict[str, SweepValue]] = Field([], description="explicit points, key -> value each")
     seeds: list[StrictInt] = Field([0], min_length=1, description="serving.workload.seed of each repeat")
+    search: Search | None = Field(None, description="capacity search from each point instead of one run each")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Sweep":
@@ -343,6 +361,10 @@ class Point:
     label: str
     values: dict[str, Any]
     scenario: Scenario
+    search: Search | None = None  # the first run of a capacity search: the sweep decides the next ones
+
+
+RATE_KEY, AGENTS_KEY, SEED_KEY = "serving.workload.arrival_rate", "serving.workload.agents", "serving.workload.seed"
 
 
 def label_of(values: dict[str, Any]) -> str:
@@ -380,8 +402,31 @@ def sweep_points(name_or_path: str, sets: list[str] | None = None) -> list[Point
             sc = from_dict(apply_overrides(data, sets_, path.name), f"{path.name} [{label}]")
             if sc.serving is None:
                 raise ConfigError(f"{path.name}: sweep", "a sweep varies serving runs: add a serving section")
-            points.append(Point(label, values, sc))
+            point = Point(label, values, sc)
+            if sw.search is not None:
+                if sc.serving.workload.arrival_rate is None:
+                    raise ConfigError(f"{path.name}: sweep.search [{label}]", "a capacity search needs online "
+                                      "runs: set serving.workload.arrival_rate (the first rate probed)")
+                point = dataclasses.replace(probe(point, sc.serving.workload.arrival_rate, sw.search.window),
+                                            search=sw.search)
+                if point.label in labels:
+                    raise ConfigError(f"{path.name}: sweep", f"two searches both start at {point.label}")
+                labels.add(point.label)
+            points.append(point)
     return points
+
+
+def probe(start: Point, rate: float, window: float) -> Point:
+    """The run of a capacity search at `rate`: the start point with that arrival rate and ceil(rate x window)
+    agents (its values and label say both)."""
+    rate = round(rate, 3)
+    rate = int(rate) if rate == int(rate) else rate
+    agents = math.ceil(rate * window - 1e-9)
+    w = start.scenario.serving.workload.model_copy(update={"arrival_rate": rate, "agents": agents})
+    serving = start.scenario.serving.model_copy(update={"workload": w})
+    values = {**{k: v for k, v in start.values.items() if k not in (RATE_KEY, AGENTS_KEY, SEED_KEY)},
+              RATE_KEY: rate, AGENTS_KEY: agents, SEED_KEY: start.values[SEED_KEY]}
+    return Point(label_of(values), values, start.scenario.model_copy(update={"serving": serving}))
 
 
 def list_shipped() -> list[Path]:

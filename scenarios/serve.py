@@ -41,10 +41,9 @@ from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import online
+from . import fabric, online
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
-BALANCE_WINDOW_S = 1.0  # real seconds per window of the SNIC load-balance figure
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
 READY_TIMEOUT_S = 60.0
 LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
@@ -235,7 +234,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)
     _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
-    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time)
+    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time,
+                         sc.serving.balance_window)
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
         summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}
@@ -303,6 +303,38 @@ def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: st
     return out
 
 
+def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float) -> dict | None:
+    """The compute fabric between a and b (the whole run: every byte read then crosses the wire inside it,
+    even when reads run ahead of a compute-bound prefill) beside the paper's section 3
+    (``scenarios.fabric``): mean wire utilization of the CNICs per link type (side x direction), the formula
+    at the reads measured, and ``peak_wire``: the busiest CNIC of each type in its busiest window."""
+    links = {v[0]: v for v in keys.values() if v[4] == "link"}  # one entry per link (keys: per direction)
+    snics = {side: [v for v in links.values() if v[1] == "snic" and v[2] == side] for side in ("pe", "de")}
+    cnics = [v for v in links.values() if v[1] == "cnic"]
+    if not snics["pe"] or not snics["de"] or not cnics:
+        return None
+    up, down = _utils(sampler, keys, a, b, "cnic", "up"), _utils(sampler, keys, a, b, "cnic", "down")
+    measured = {"pe_up": up["pe"], "pe_down": down["pe"], "de_up": up["de"], "de_down": down["de"]}
+    reads = {}
+    for side in ("pe", "de"):
+        rates = [sampler.rate_bps(k, a, b) for k, v in keys.items()
+                 if v[1] == "snic" and v[2] == side and v[3] == "down" and v[4] == "link"]
+        reads[side] = sum(r for r in rates if r is not None)
+    p, d = len(snics["pe"]), len(snics["de"])  # one SNIC per node
+    g = sum(1 for v in cnics if v[2] == "pe") // p
+    out = fabric.compare(measured, reads["pe"], reads["de"], p, d, g, cnics[0][5], snics["pe"][0][5])
+    peak: dict[str, float | None] = {}
+    edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
+    for lt in fabric.LINK_TYPES:
+        side, direction = lt.split("_")
+        utils = [r / v[5] for k, v in keys.items() if v[1] == "cnic" and v[2] == side and v[3] == direction
+                 and v[4] == "link" for lo, hi in itertools.pairwise(edges)
+                 if (r := sampler.rate_bps(k, lo, hi)) is not None]
+        peak[lt] = round(max(utils), 4) if utils else None
+    out["peak_wire"] = peak
+    return out
+
+
 def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) -> dict | None:
     """SNIC load balance (the paper's Fig. 13): over windows of `window_s` (wall) between a and b, the
     busiest compute-node SNIC's read bytes over the mean of all of them; mean and max over the windows
@@ -333,7 +365,8 @@ def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) 
             "windows": len(ratios), "window_s": window_s}
 
 
-def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: float) -> dict:
+def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: float,
+               window_s: float) -> dict:
     span = t1 - t0
     a, b = t0 + 0.1 * span, t0 + 0.9 * span  # the middle 80% of the mode's JCT
     ttft = sorted(float(r["ttft_s"]) for r in rows)
@@ -346,5 +379,6 @@ def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: 
         "ttft_s": {"p50": online.percentile(ttft, 50), "p99": online.percentile(ttft, 99)},
         "tpot_s": {"p50": online.percentile(tpot, 50), "p99": online.percentile(tpot, 99)},
         "ledger": ledger,
-        "snic_balance": snic_balance(sampler, keys, a, b, BALANCE_WINDOW_S * time_scale),
+        "snic_balance": snic_balance(sampler, keys, a, b, window_s * time_scale),
+        "fabric": fabric_figures(sampler, keys, t0, t1, window_s * time_scale),
     }

@@ -23,18 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import runner
+from . import online, runner
 from .plan import make_plan
-from .schema import Point
-
-SEED_KEY = "serving.workload.seed"
+from .schema import RATE_KEY, SEED_KEY, Point, Search, probe
 
 
 def metrics(summary: dict) -> dict[str, float]:
     """The figures of one run, flat: ``jct_s.<mode>``, ``speedup.<ratio>``, ``snic_util.<side>.<mode>``,
     ``cnic_util.<side>.<mode>``, ``ttft_s.<q>.<mode>``, ``tpot_s.<q>.<mode>``, ``cpu_util_max``; online runs add
     ``online.slo_ok.<mode>`` (1 or 0) and ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>``;
-    ``snic_balance.<mode>``: the mean over 1 s windows of the busiest SNIC's reads over the mean SNIC's."""
+    ``snic_balance.<mode>``: the mean over windows (``serving.balance_window``) of the busiest SNIC's reads over the mean SNIC's;
+    ``fabric.<kind>.<link type>.<mode>`` (kind: measured_wire, predicted_wire, with_loopback, saturated,
+    peak_wire) and ``fabric.<de_dram|de_read_share|p_over_d|g|s>.<mode>``: the compute fabric beside
+    section 3 (``scenarios.fabric``)."""
     out: dict[str, float] = {}
     for mode, m in summary.get("modes", {}).items():
         out[f"jct_s.{mode}"] = m["jct_s"]
@@ -48,6 +49,17 @@ def metrics(summary: dict) -> dict[str, float]:
                     out[f"{lat}.{q}.{mode}"] = v
         if m.get("snic_balance"):
             out[f"snic_balance.{mode}"] = m["snic_balance"]["max_over_mean"]
+        fab = m.get("fabric")
+        if fab:
+            for kind in ("measured_wire", "predicted_wire", "with_loopback", "saturated", "peak_wire"):
+                for lt, v in fab.get(kind, {}).items():
+                    if v is not None:
+                        out[f"fabric.{kind}.{lt}.{mode}"] = v
+            for k in ("de_dram", "de_read_share"):
+                if fab.get(k) is not None:
+                    out[f"fabric.{k}.{mode}"] = fab[k]
+            out[f"fabric.p_over_d.{mode}"] = fab["p"] / fab["d"]
+            out[f"fabric.g.{mode}"], out[f"fabric.s.{mode}"] = fab["g"], fab["s"]
         on = m.get("online")
         if on:
             out[f"online.slo_ok.{mode}"] = 1.0 if on["slo_ok"] else 0.0
@@ -78,7 +90,9 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
               progress: Callable[[str, int, int], None] = lambda *_: None) -> SweepOutcome:
     """Run every point in order. Every plan is checked before the first is built; consecutive points whose
     networks are the same (``runner.same_network``: only serving settings or the seed differ) share one
-    build and one calibration."""
+    build and one calibration. Points of a capacity search (``Point.search``) each start one
+    (``Searcher``), its probes added to the sweep as they run."""
+    search = points[0].search
     plans = [make_plan(p.scenario) for p in points]
     for plan in plans:
         plan.check()
@@ -88,6 +102,8 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
     index: dict[str, Any] = {"scenario": name, "paper": points[0].scenario.paper,
                              "varied": sorted({k for p in points for k in p.values if k != SEED_KEY}),
                              "points": [{"label": p.label, "values": p.values, "status": "pending"} for p in points]}
+    if search is not None:
+        index["search"] = {**search.model_dump(), "searches": []}
     _write(sweep_dir / "sweep.json", index)
     groups: list[list[int]] = []
     for i, plan in enumerate(plans):
@@ -96,31 +112,102 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
         else:
             groups.append([i])
     for group in groups:
-        entries = [index["points"][i] for i in group]
+        # the runs of this group, as they come: a point, or every probe of the search it starts
+        running: list[tuple[Point, dict]] = []
 
-        def started(k: int) -> None:
-            i = group[k]
-            say(f"[bold]point {i + 1}/{len(points)}: {points[i].label}[/]")
-            entries[k]["status"] = "running"
+        def items(group=group, running=running):
+            for i in group:
+                if search is None:
+                    running.append((points[i], index["points"][i]))
+                    yield make_plan(points[i].scenario), sweep_dir / points[i].label
+                    continue
+                s = Searcher(points[i], search, index["points"][i])
+                index["search"]["searches"].append(s.record)
+                while (nxt := s.next_probe()) is not None:
+                    pt, entry = nxt
+                    if entry not in index["points"]:
+                        index["points"].append(entry)
+                    running.append((pt, entry))
+                    yield make_plan(pt.scenario), sweep_dir / pt.label
+
+        def started(k: int, running=running) -> None:
+            pt, entry = running[k]
+            say(f"[bold]point {len(running)}: {pt.label}[/]")
+            entry["status"] = "running"
             _write(sweep_dir / "sweep.json", index)
 
-        def finished(k: int, outcome: runner.RunOutcome) -> None:
+        def finished(k: int, outcome: runner.RunOutcome, running=running) -> None:
             s = outcome.summary
-            entries[k].update(status="done", run_dir=points[group[k]].label, trustworthy=s["fidelity"]["ok"],
-                              metrics=metrics(s))
+            pt, entry = running[k]
+            entry.update(status="done", run_dir=pt.label, trustworthy=s["fidelity"]["ok"], metrics=metrics(s))
             _write(sweep_dir / "sweep.json", index)
 
         try:
-            runner.run_group([(plans[i], sweep_dir / points[i].label) for i in group], out_root, say=say,
-                             progress=progress, started=started, done=finished)
+            runner.run_group(items(), out_root, say=say, progress=progress, started=started, done=finished)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (runner.Interrupted, KeyboardInterrupt)) else "failed"
-            for e in entries:
+            for _, e in running:
                 if e["status"] == "running":
                     e.update(status=status, error=str(exc))
             _write(sweep_dir / "sweep.json", index)
             raise
     return SweepOutcome(sweep_dir, index)
+
+
+class Searcher:
+    """One capacity search: from a start point, the next rate to probe given every verdict so far (the
+    SLO verdict of the point's mode(s), from the finished entries of sweep.json)."""
+
+    def __init__(self, start: Point, cfg: Search, entry: dict):
+        self.start, self.cfg = start, cfg
+        self.entries: list[dict] = []
+        self._first = entry
+        self.record: dict[str, Any] = {"start": start.label, "probes": {}, "capacity": None, "bracketed": False,
+                                       "stopped": None}
+
+    def _verdicts(self) -> dict[float, bool]:
+        out = {}
+        for e in self.entries:
+            oks = [v for k, v in e.get("metrics", {}).items() if k.startswith("online.slo_ok.")]
+            if e.get("status") == "done" and e.get("trustworthy") and oks:
+                out[e["values"][RATE_KEY]] = all(v == 1.0 for v in oks)
+        return out
+
+    def next_probe(self) -> tuple[Point, dict] | None:
+        """(the next probe's point, its sweep.json entry), or None: the search is over (``record`` says how)."""
+        if not self.entries:
+            rate = self.start.values[RATE_KEY]
+        else:
+            last = self.entries[-1]
+            if last.get("status") != "done":
+                return self._stop(f"the run at {last['values'][RATE_KEY]:g}/s did not finish")
+            if not last.get("trustworthy"):
+                return self._stop(f"the run at {last['values'][RATE_KEY]:g}/s was not trustworthy")
+            verdicts = self._verdicts()
+            self.record["probes"] = {f"{r:g}": ok for r, ok in sorted(verdicts.items())}
+            cap, bracketed = online.capacity(verdicts)
+            self.record.update(capacity=cap, bracketed=bracketed)
+            above = [r for r, ok in verdicts.items() if not ok and (cap is None or r > cap)]
+            if cap is None:
+                rate = min(verdicts) / self.cfg.factor
+            elif not bracketed:
+                rate = max(verdicts) * self.cfg.factor
+            elif min(above) / cap <= self.cfg.resolution:
+                return self._stop("resolved")
+            else:
+                rate = (cap * min(above)) ** 0.5
+            if len(self.entries) >= self.cfg.probes:
+                return self._stop("probes used up")
+        pt = probe(self.start, rate, self.cfg.window)
+        entry = self._first if not self.entries else {"label": pt.label, "values": pt.values, "status": "pending"}
+        if pt.label != entry["label"] or any(e["label"] == pt.label for e in self.entries):
+            return self._stop(f"rate {rate:g}/s rounds to a probe already made")
+        self.entries.append(entry)
+        return pt, entry
+
+    def _stop(self, why: str) -> None:
+        self.record["stopped"] = why
+        return None
 
 
 def aggregate(index: dict) -> list[dict]:

@@ -197,3 +197,65 @@ def test_points_that_only_change_serving_share_a_network_and_others_do_not():
     fig8 = [make_plan(p.scenario) for p in schema.sweep_points("fig8_pd_ratio")]
     assert not same_network(fig8[0], fig8[1])  # 1P1D and 2P1D are different clusters
     assert same_network(fig8[0], fig8[3])  # the same ratio, another seed
+
+
+# -- capacity search ------------------------------------------------------------------------------------------
+def _search_points(serving_tiny, write_scenario, **search):
+    serving_tiny["serving"]["workload"]["arrival_rate"] = 1
+    serving_tiny["sweep"] = {"points": [{"serving.modes": ["basic"], "serving.workload.arrival_rate": 2.4}],
+                             "search": {"window": "30s", **search}}
+    return schema.sweep_points(write_scenario(serving_tiny, "cap.yaml"))
+
+
+def _play(searcher, capacity: float, trusted=lambda rate: True) -> list[float]:
+    """Drive a search against a mode whose true capacity is `capacity`: the rates it probed."""
+    rates = []
+    while (nxt := searcher.next_probe()) is not None:
+        pt, entry = nxt
+        rate = pt.values[schema.RATE_KEY]
+        assert pt.scenario.serving.workload.arrival_rate == rate
+        assert pt.scenario.serving.workload.agents == pt.values[schema.AGENTS_KEY]
+        rates.append(rate)
+        entry.update(status="done", trustworthy=trusted(rate),
+                     metrics={"online.slo_ok.basic": 1.0 if rate <= capacity else 0.0})
+    return rates
+
+
+def test_a_search_starts_at_the_points_rate_with_agents_for_the_window(serving_tiny, write_scenario):
+    (start,) = _search_points(serving_tiny, write_scenario)
+    assert start.label == "modes=basic,arrival_rate=2.4,agents=72,seed=0"
+    assert start.search.window == 30 and start.scenario.serving.workload.agents == 72
+
+
+def test_a_search_steps_up_until_the_slo_fails_then_halves_the_gap(serving_tiny, write_scenario):
+    (start,) = _search_points(serving_tiny, write_scenario, factor=1.25, resolution=1.05, probes=6)
+    s = sweep.Searcher(start, start.search, {"label": start.label, "values": start.values, "status": "pending"})
+    rates = _play(s, capacity=3.2)
+    assert rates[:3] == [2.4, 3, 3.75]  # up by 1.25 while it passes
+    assert rates[3] == pytest.approx((3 * 3.75) ** 0.5, abs=1e-3)  # then the geometric middle
+    assert s.record["bracketed"] and 3 <= s.record["capacity"] <= 3.2
+    assert s.record["stopped"] in ("resolved", "probes used up") and len(rates) <= 6
+
+
+def test_a_search_steps_down_when_the_first_rate_fails(serving_tiny, write_scenario):
+    (start,) = _search_points(serving_tiny, write_scenario, factor=1.25, resolution=1.3, probes=4)
+    s = sweep.Searcher(start, start.search, {"label": start.label, "values": start.values, "status": "pending"})
+    assert _play(s, capacity=1.5) == [2.4, 1.92, 1.536, 1.229]
+    assert s.record["capacity"] == 1.229 and s.record["bracketed"] and s.record["stopped"] == "resolved"
+    s2 = sweep.Searcher(start, start.search, {"label": start.label, "values": start.values, "status": "pending"})
+    assert _play(s2, capacity=2.0) == [2.4, 1.92]
+    assert s2.record == {"start": start.label, "probes": {"1.92": True, "2.4": False}, "capacity": 1.92,
+                         "bracketed": True, "stopped": "resolved"}
+
+
+def test_a_search_stops_at_an_untrustworthy_run(serving_tiny, write_scenario):
+    (start,) = _search_points(serving_tiny, write_scenario, probes=5)
+    s = sweep.Searcher(start, start.search, {"label": start.label, "values": start.values, "status": "pending"})
+    assert _play(s, capacity=9, trusted=lambda rate: rate < 3) == [2.4, 3]
+    assert "not trustworthy" in s.record["stopped"] and s.record["capacity"] == 2.4
+
+
+def test_a_search_needs_online_runs(serving_tiny, write_scenario):
+    serving_tiny["sweep"] = {"points": [{"serving.modes": ["basic"]}], "search": {"window": "30s"}}
+    with pytest.raises(ConfigError, match="arrival_rate"):
+        schema.sweep_points(write_scenario(serving_tiny, "cap.yaml"))
