@@ -213,11 +213,16 @@ class Engine:
         self.loop_task: asyncio.Task | None = None
 
 
+PUSH_BYTES = 16 << 20  # KV bytes per PushKv call at most: well inside gRPC's message limit (runtime.py)
+
+
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, role: str, geom: KvGeometry, engines: int, storage: StorageClient,
                  compute: Compute, buffer_bytes: int, dscp_kv: int | None = None,
-                 prefill_quota_s: float = PREFILL_QUOTA_S, collectives: Collectives | None = None):
+                 prefill_quota_s: float = PREFILL_QUOTA_S, collectives: Collectives | None = None,
+                 push_bytes: int = PUSH_BYTES):
         self.name, self.role, self.geom = name, role, geom
+        self.push_bytes = push_bytes
         self.engines = [Engine(i) for i in range(engines)]
         self.storage = storage
         self.compute = compute
@@ -304,21 +309,38 @@ class NodeService(pb_grpc.NodeServicer):
     def _new_blocks(self, spec: pb.RequestSpec) -> int:
         return self.geom.blocks_for_tokens(spec.new_tokens)
 
-    def _kv_msg(self, spec: pb.RequestSpec, full: bytes, first_block: int, blocks: int,
-                chunk: tuple[int, int]) -> pb.KvData:
-        """One layer chunk of `blocks` Full Blocks this node holds (`full`), as a KV message."""
+    def _kv_msgs(self, spec: pb.RequestSpec, full: bytes, first_block: int, blocks: int,
+                 chunk: tuple[int, int]) -> list[pb.KvData]:
+        """One layer chunk of `blocks` Full Blocks this node holds (`full`), as KV messages: pieces of whole
+        blocks of at most ``push_bytes`` each (a long context at a large byte scale would otherwise exceed
+        gRPC's message limit), in block order; the last piece ends at the chunk's last block."""
         lf, n = chunk
-        return pb.KvData(request_id=spec.request_id, data=layer_slices(self.geom, full, blocks, lf, n),
-                         span=pb.BlockSpan(trajectory=spec.trajectory, first_block=first_block, blocks=blocks,
-                                           layer_first=lf, layers=n))
+        lo, hi = self.geom.layer_range(lf, n)
+        step = max(1, self.push_bytes // max(1, hi - lo))
+        bb, view, out = self.geom.block_bytes, memoryview(full), []
+        for b0 in range(0, max(blocks, 1), step):  # a chunk of no blocks is still one (empty) message
+            k = min(step, blocks - b0)
+            out.append(pb.KvData(request_id=spec.request_id,
+                                 data=layer_slices(self.geom, view[b0 * bb:(b0 + k) * bb], k, lf, n),
+                                 span=pb.BlockSpan(trajectory=spec.trajectory, first_block=first_block + b0,
+                                                   blocks=k, layer_first=lf, layers=n)))
+        return out
 
     async def _push(self, address: str, msgs: list[pb.KvData]) -> None:
-        if not msgs:
-            return
-        ack = await self._stub(address, kv=True).PushKv(pb.KvBatch(items=msgs))
-        self.ledger.blocks_forwarded += sum(m.span.blocks for m in msgs)
-        if ack.corrupt_blocks:
-            raise RuntimeError(f"{address} received {ack.corrupt_blocks} corrupt blocks")
+        """The messages to `address` in order, in calls of at most ``push_bytes`` (one call if they fit:
+        a gRPC call costs ~1 ms of CPU whatever its size)."""
+        call: list[pb.KvData] = []
+        size = 0
+        for m in [*msgs, None]:
+            if call and (m is None or size + len(m.data) > self.push_bytes):
+                ack = await self._stub(address, kv=True).PushKv(pb.KvBatch(items=call))
+                self.ledger.blocks_forwarded += sum(c.span.blocks for c in call)
+                if ack.corrupt_blocks:
+                    raise RuntimeError(f"{address} received {ack.corrupt_blocks} corrupt blocks")
+                call, size = [], 0
+            if m is not None:
+                call.append(m)
+                size += len(m.data)
 
     # -- compute fabric ----------------------------------------------------------
     async def PushKv(self, request: pb.KvBatch, context):  # noqa: N802 - gRPC's name
@@ -501,8 +523,9 @@ class NodeService(pb_grpc.NodeServicer):
         if job.arrivals is None or job.computed:
             return
         while job.chunks_in < chunks:
-            await self._next_chunk(job.arrivals, job.fetch)
-            job.chunks_in += 1
+            _, _, first_block, blocks = await self._next_chunk(job.arrivals, job.fetch)
+            if first_block + blocks >= job.spec.hit_blocks:  # the piece that ends a layer chunk
+                job.chunks_in += 1
 
     def _send(self, live: list[tuple[_PrefillJob, int]], chunk: tuple[int, int], last: bool) -> None:
         """Start sending a computed layer chunk of each request's KV PE -> DE, one call per request.
@@ -513,13 +536,13 @@ class NodeService(pb_grpc.NodeServicer):
             spec, msgs = job.spec, []
             final_part = job.computed + n == spec.new_tokens
             if job.path == pb.READ_PATH_PE and job.computed == 0 and spec.hit_blocks:
-                msgs.append(self._kv_msg(spec, job.hit, 0, spec.hit_blocks, chunk))
+                msgs += self._kv_msgs(spec, job.hit, 0, spec.hit_blocks, chunk)
             if final_part and (job.path == pb.READ_PATH_PE or (job.path == pb.READ_PATH_DE and last)):
                 nb = self._new_blocks(spec)
                 if not job.new_full:
                     job.new_full = span_content(self.geom, spec.trajectory, spec.hit_blocks, nb)
-                msgs.append(self._kv_msg(spec, job.new_full, spec.hit_blocks, nb,
-                                         chunk if job.path == pb.READ_PATH_PE else (0, 0)))
+                msgs += self._kv_msgs(spec, job.new_full, spec.hit_blocks, nb,
+                                      chunk if job.path == pb.READ_PATH_PE else (0, 0))
             if msgs:
                 job.kv_bytes += sum(len(m.data) for m in msgs)
                 job.pushes.append(self._spawn(self._push(job.request.de_cnic, msgs)))
@@ -547,7 +570,7 @@ class NodeService(pb_grpc.NodeServicer):
         alloc_s = time.monotonic() - t0
         data, _, read_s = await self._read(spec, reserve=False)
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
-            await self._push(request.pe_cnic, [self._kv_msg(spec, data, 0, spec.hit_blocks, chunk)])
+            await self._push(request.pe_cnic, self._kv_msgs(spec, data, 0, spec.hit_blocks, chunk))
         return pb.FetchReply(read_s=read_s, alloc_s=alloc_s)
 
     async def Decode(self, request: pb.DecodeRequest, context):  # noqa: N802
@@ -683,7 +706,8 @@ async def serve(args) -> None:
         await collectives.start()
     service = NodeService(args.name, args.role, geom, len(cnics), storage,
                           CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv,
-                          prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives)
+                          prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
+                          push_bytes=args.push_bytes)
     server = grpc.aio.server(options=grpc_options(args.dscp_kv))
     pb_grpc.add_NodeServicer_to_server(service, server)
     async def stop() -> None:
@@ -710,6 +734,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prefill-quota-s", type=float, default=PREFILL_QUOTA_S,
                    help="compute quota of one PE batch, real GPU seconds (default: %(default)s, the paper's)")
     p.add_argument("--dscp-kv", type=int, default=None)
+    p.add_argument("--push-bytes", type=int, default=PUSH_BYTES,
+                   help="KV bytes per compute-fabric push call at most (default: %(default)s)")
     p.add_argument("--collective-group", default="",
                    help="ADDR:PORT of every engine of this role (this node's included): MoE AllToAll per layer "
                         "chunk / decode step; empty = no collectives")

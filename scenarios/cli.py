@@ -270,7 +270,7 @@ def cmd_reproduce(args) -> int:
     total = sum(e.minutes for e in experiments)
     planned = reproduce.plan(experiments)  # every point validated before anything is built
     for e, points in planned:
-        console.print(f"  {e.scenario:16s} {len(points):2d} run(s) ~{e.minutes:g} min  "
+        console.print(f"  {e.scenario:18s} {reproduce.runs_text(points):>30s} ~{e.minutes:g} min  "
                       f"{' '.join('--set ' + s for s in e.sets)}", markup=False)
     console.print(f"{len(experiments)} experiment(s), about {total:g} minutes")
     if args.list:

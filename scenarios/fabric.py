@@ -194,3 +194,36 @@ def plot(plt, groups: list[dict], path, mode: str = "dualpath") -> str | None:
     plt.close(fig)
     return path.name
 
+
+
+def headlines(groups: list[dict], paper: dict, mode: str = "dualpath") -> list[dict]:
+    """For ``dpemu reproduce``: the P/D range of the sweep's points in which no CNIC (with the copies) and no
+    DE DRAM is over-loaded at the measured reads, and how well the measured wire matches the accounting."""
+    pts = sorted((g["stats"] for g in groups if f"fabric.p_over_d.{mode}" in g["stats"]),
+                 key=lambda st: st[f"fabric.p_over_d.{mode}"]["mean"])
+    if not pts:
+        return []
+
+    def m(st: dict, key: str) -> float | None:
+        return st.get(f"fabric.{key}.{mode}", {}).get("mean")
+
+    over = {m(st, "p_over_d"): max(m(st, f"with_loopback.{lt}") or 0 for lt in LINK_TYPES) > 1
+            or (m(st, "de_dram") or 0) > 1 for st in pts}
+    lo, hi = region(round(m(pts[0], "g")), m(pts[0], "s"))["all"]
+    ratios = []
+    for st in pts:  # the busiest link type of each point: measured wire over the formula at its reads
+        lt = max(LINK_TYPES, key=lambda t: m(st, f"predicted_wire.{t}") or 0)
+        if m(st, f"predicted_wire.{lt}") and m(st, f"measured_wire.{lt}") is not None:
+            ratios.append(m(st, f"measured_wire.{lt}") / m(st, f"predicted_wire.{lt}"))
+    fig = paper.get("figure", "")
+    ours = "; ".join(f"{what} at {', '.join(_ratio(r) for r, o in over.items() if o == flag)}"
+                     for what, flag in (("fits", False), ("over", True)) if flag in over.values())
+    heads = [{"figure": fig, "what": "P/D: a CNIC (copies included) or the DE DRAM over 100% at the measured reads?",
+              "ours": ours, "paper": "fits 1/7 to 7/2",
+              "analytic": f"{_ratio(lo)} to {_ratio(hi)}", "seeds": None}]
+    if ratios:
+        mean = sum(ratios) / len(ratios)
+        heads.append({"figure": fig, "what": "busiest CNIC type: measured wire / section 3 at the measured reads",
+                      "ours": f"{mean:.2f} ({min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} P/D points)",
+                      "paper": None, "analytic": 1.0, "seeds": None})
+    return heads

@@ -26,7 +26,7 @@ import yaml
 from emulator.errors import ConfigError
 
 from . import fabric, online
-from .schema import label_of
+from .schema import RATE_KEY, label_of
 from .sweep import SEED_KEY, aggregate, metrics
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
@@ -181,7 +181,6 @@ def _head(paper: dict, what: str, samples: list[float], ref, analytic: float | N
 
 
 # -- online capacity ----------------------------------------------------------------------------------------
-RATE_KEY = "serving.workload.arrival_rate"
 
 
 def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bool]]]:
@@ -223,6 +222,32 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
                           f"{paper.get('capacity.dualpath_vs_basic', '-')}"]
             heads.append(_head(paper, "online capacity, DualPath / Basic", ratios,
                                paper.get("capacity.dualpath_vs_basic")))
+    return lines + [""]
+
+
+def _online_lines(groups: list[dict], paper: dict, heads: list[dict] | None = None) -> list[str]:
+    """Per point the steady state's mean TTFT of each mode (and TPOT), and Basic's over DualPath's."""
+    modes = [m for m in MODES if any(f"online.ttft_s.mean.{m}" in g["stats"] for g in groups)]
+    if not modes:
+        return []
+    lines = ["## Online latency (steady state; mean over seeds of each run's mean)", "",
+             "| point | " + " | ".join(f"TTFT {m} s" for m in modes) + " | "
+             + " | ".join(f"TPOT {m} ms" for m in modes) + " | TTFT Basic / DualPath |",
+             "|" + "---|" * (2 * len(modes) + 2)]
+    for g in groups:
+        st = g["stats"]
+
+        def mean(key: str) -> float | None:
+            return st[key]["mean"] if key in st else None
+        ttft = {m: mean(f"online.ttft_s.mean.{m}") for m in modes}
+        tpot = {m: mean(f"online.tpot_s.mean.{m}") for m in modes}
+        ratio = ttft["basic"] / ttft["dualpath"] if ttft.get("basic") and ttft.get("dualpath") else None
+        lines.append(f"| {label_of(g['values'])} | " + " | ".join(fmt_num(ttft[m]) for m in modes) + " | "
+                     + " | ".join(fmt_ms(tpot[m]) for m in modes) + f" | {fmt_num(ratio)} |")
+        if ratio is not None and heads is not None and RATE_KEY not in g["values"]:
+            heads.append({"figure": paper.get("figure", ""), "what": f"Basic / DualPath mean TTFT, "
+                          f"{label_of(g['values'])}", "ours": f"{ratio:.2f}", "paper": None, "analytic": None,
+                          "seeds": len(g["seeds"])})
     return lines + [""]
 
 
@@ -395,12 +420,15 @@ def _sweep_report(sweep_dir: Path) -> Path:
         lines += [f"![{png}]({png})", ""]
     if RATE_KEY in index["varied"]:
         lines += _capacity_lines(done, paper, heads)
+    else:
+        lines += _online_lines(groups, paper, heads)
     if any("snic_balance.dualpath" in g["stats"] for g in groups) and POLICY_KEY in index["varied"]:
         lines += _balance_lines(groups, paper, heads)
     if POLICY_KEY in index["varied"] and any("jct_s.layerwise" in g["stats"] for g in groups):
         lines += _ablation_lines(groups, paper, heads)
     if {"cluster.prefill_nodes", "cluster.decode_nodes"} & set(index["varied"]):
         lines += fabric.report_lines(groups)
+        heads += fabric.headlines(groups, paper)
         png = fabric.plot(_plt(), groups, sweep_dir / "fabric.png") if len(groups) > 1 else None
         if png:
             lines += [f"![{png}]({png})", ""]

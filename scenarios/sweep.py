@@ -32,7 +32,8 @@ def metrics(summary: dict) -> dict[str, float]:
     """The figures of one run, flat: ``jct_s.<mode>``, ``speedup.<ratio>``, ``snic_util.<side>.<mode>``,
     ``cnic_util.<side>.<mode>``, ``ttft_s.<q>.<mode>``, ``tpot_s.<q>.<mode>``, ``cpu_util_max``; online runs add
     ``online.slo_ok.<mode>`` (1 or 0) and ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>``;
-    ``snic_balance.<mode>``: the mean over windows (``serving.balance_window``) of the busiest SNIC's reads over the mean SNIC's;
+    ``snic_balance.<mode>``: the mean over windows (``serving.balance_window``) of the busiest SNIC's reads
+    over the mean SNIC's;
     ``fabric.<kind>.<link type>.<mode>`` (kind: measured_wire, predicted_wire, with_loopback, saturated,
     peak_wire) and ``fabric.<de_dram|de_read_share|p_over_d|g|s>.<mode>``: the compute fabric beside
     section 3 (``scenarios.fabric``)."""
@@ -88,10 +89,10 @@ def _write(path: Path, index: dict) -> None:
 
 def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = print,
               progress: Callable[[str, int, int], None] = lambda *_: None) -> SweepOutcome:
-    """Run every point in order. Every plan is checked before the first is built; consecutive points whose
-    networks are the same (``runner.same_network``: only serving settings or the seed differ) share one
-    build and one calibration. Points of a capacity search (``Point.search``) each start one
-    (``Searcher``), its probes added to the sweep as they run."""
+    """Run every point. Every plan is checked before the first is built; points whose networks are the same
+    (``runner.same_network``: only serving settings or the seed differ) run one after the other on one
+    build and one calibration, in the order of the first of them (seed-major within). Points of a capacity
+    search (``Point.search``) each start one (``Searcher``), its probes added to the sweep as they run."""
     search = points[0].search
     plans = [make_plan(p.scenario) for p in points]
     for plan in plans:
@@ -105,12 +106,13 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
     if search is not None:
         index["search"] = {**search.model_dump(), "searches": []}
     _write(sweep_dir / "sweep.json", index)
-    groups: list[list[int]] = []
+    groups: list[list[int]] = []  # points on the same network run together, on one build
     for i, plan in enumerate(plans):
-        if groups and runner.same_network(plans[groups[-1][0]], plan):
-            groups[-1].append(i)
-        else:
+        group = next((g for g in groups if runner.same_network(plans[g[0]], plan)), None)
+        if group is None:
             groups.append([i])
+        else:
+            group.append(i)
     for group in groups:
         # the runs of this group, as they come: a point, or every probe of the search it starts
         running: list[tuple[Point, dict]] = []
@@ -132,7 +134,8 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
 
         def started(k: int, running=running) -> None:
             pt, entry = running[k]
-            say(f"[bold]point {len(running)}: {pt.label}[/]")
+            n = len(running) if search else f"{len(running)}/{len(points)}"
+            say(f"[bold]point {n}: {pt.label}[/]")
             entry["status"] = "running"
             _write(sweep_dir / "sweep.json", index)
 

@@ -38,11 +38,11 @@ class Procs:
         return f"127.0.0.1:{port}"
 
     def node(self, name: str, role: str, storage: str, engines: int = 2, time_scale: float = 0.01,
-             buffer_bytes: int = 1 << 20) -> dict:
+             buffer_bytes: int = 1 << 20, extra: tuple[str, ...] = ()) -> dict:
         ports = self.start(["-m", "daemons.node", "--name", name, "--role", role, "--mgmt", "127.0.0.1:0",
                             "--cnic", ",".join(["127.0.0.1:0"] * engines), "--storage", storage,
                             "--model", "ds660b", *GEOM_ARGS, "--dram-buffer-bytes", str(buffer_bytes),
-                            "--time-scale", str(time_scale)])
+                            "--time-scale", str(time_scale), *extra])
         return {"name": name, "role": role, "mgmt": f"127.0.0.1:{ports[0]}",
                 "cnics": [f"127.0.0.1:{p}" for p in ports[1:]]}
 

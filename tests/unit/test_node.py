@@ -19,14 +19,15 @@ from daemons.node import layer_chunks
 HIT, NEW, GEN, CHUNKS = 40, 100, 70, 4
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(params=[None], ids=["one-call-per-push"])
+def cluster(tmp_path, request):
     procs = Procs()
+    extra = () if request.param is None else ("--push-bytes", str(request.param))
     try:
         st = procs.storage(tmp_path, [{"trajectory": "t1", "blocks": HIT}, {"trajectory": "t2", "blocks": HIT}])
         nodes = {}
         for name, role in (("pe1", "pe"), ("de1", "de")):
-            info = procs.node(name, role, st)
+            info = procs.node(name, role, st, extra=extra)
             nodes[name] = {**info, "cnic": info["cnics"], "stub": pb_grpc.NodeStub(grpc.insecure_channel(info["mgmt"]))}
         nodes["st"] = pb_grpc.StorageStub(grpc.insecure_channel(st))
         yield nodes
@@ -101,6 +102,21 @@ def test_de_read_path_moves_hit_kv_over_the_compute_fabric(cluster):
     assert status.buffer_bytes == (HIT + NEW_BLOCKS) * BB
     _decode(cluster, spec)
     assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
+
+
+# a layer chunk of the 40 hit blocks is ~40 x 64 bytes (15 of 61 layers of 256-byte blocks); pushes of at most
+# 1000 bytes cut every chunk into pieces of 15 blocks and every call into one piece
+@pytest.mark.parametrize("cluster", [1000], ids=["pieces"], indirect=True)
+def test_chunks_larger_than_a_push_go_in_pieces_and_count_once(cluster):
+    spec = _spec("r-big", "t2")
+    _prefill(cluster, spec, pb.READ_PATH_DE)
+    pe, de = _ledger(cluster, "pe1"), _ledger(cluster, "de1")
+    assert de.blocks_forwarded == CHUNKS * HIT == pe.blocks_verified  # every block once, in pieces
+    assert de.blocks_verified == HIT + NEW_BLOCKS and pe.blocks_corrupt == de.blocks_corrupt == 0
+    _decode(cluster, spec)
+    spec = _spec("r-big-pe", "t1")
+    _prefill(cluster, spec, pb.READ_PATH_PE)
+    assert _ledger(cluster, "de1").blocks_verified == HIT + NEW_BLOCKS + CHUNKS * (HIT + NEW_BLOCKS)
 
 
 def test_oracle_moves_no_kv(cluster):

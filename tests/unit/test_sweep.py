@@ -259,3 +259,40 @@ def test_a_search_needs_online_runs(serving_tiny, write_scenario):
     serving_tiny["sweep"] = {"points": [{"serving.modes": ["basic"]}], "search": {"window": "30s"}}
     with pytest.raises(ConfigError, match="arrival_rate"):
         schema.sweep_points(write_scenario(serving_tiny, "cap.yaml"))
+
+
+def _group(values: dict, stats: dict) -> dict:
+    return {"values": values, "seeds": [0], "untrusted": [],
+            "stats": {k: {"mean": v, "sd": 0.0, "min": v, "max": v, "n": 1} for k, v in stats.items()}}
+
+
+def test_online_lines_set_basics_ttft_over_dualpaths_per_point():
+    groups = [_group({"cluster.snic_rate": "625Mbit"},
+                     {"online.ttft_s.mean.basic": 9.0, "online.ttft_s.mean.dualpath": 3.0,
+                      "online.tpot_s.mean.basic": 0.02, "online.tpot_s.mean.dualpath": 0.021})]
+    heads: list[dict] = []
+    text = "\n".join(report._online_lines(groups, {"figure": "trace"}, heads))
+    assert "| snic_rate=625Mbit | 9.00 | 3.00 | 20.0 | 21.0 | 3.00 |" in text
+    assert heads[0]["ours"] == "3.00" and heads[0]["figure"] == "trace"
+
+
+def test_the_fabric_section_flags_the_points_the_paper_would_overload():
+    from scenarios import fabric
+
+    def point(p, d, over):
+        stats = {"fabric.p_over_d.dualpath": p / d, "fabric.g.dualpath": 1, "fabric.s.dualpath": 0.125,
+                 "fabric.de_dram.dualpath": 0.5, "snic_util.pe.dualpath": 1.0, "snic_util.de.dualpath": 1.0}
+        for lt in fabric.LINK_TYPES:
+            stats |= {f"fabric.measured_wire.{lt}.dualpath": 0.22, f"fabric.predicted_wire.{lt}.dualpath": 0.2,
+                      f"fabric.with_loopback.{lt}.dualpath": 1.4 if over else 0.4,
+                      f"fabric.saturated.{lt}.dualpath": 0.5}
+        return _group({"cluster.prefill_nodes": p, "cluster.decode_nodes": d}, stats)
+
+    groups = [point(8, 1, True), point(1, 1, False)]
+    text = "\n".join(fabric.report_lines(groups))
+    assert "no link over-loaded for 1/7 <= P/D <= 3.5" in text
+    assert text.index("| 1 |") < text.index("| 8 |")  # sorted by P/D
+    assert "| 8 | **140% / 50%** |" in text and "| 1 | 40% / 50% |" in text
+    heads = fabric.headlines(groups, {"figure": "Sec. 3"})
+    assert heads[0]["ours"] == "fits at 1; over at 8" and heads[0]["analytic"] == "1/7 to 3.5"
+    assert heads[1]["ours"].startswith("1.10 (1.10-1.10 over 2")
