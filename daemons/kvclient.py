@@ -47,11 +47,28 @@ class Ledger:
         return self.blocks_corrupt == 0 and self.blocks_lost == 0
 
 
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    """[3, 4, 5, 9] -> [(3, 3), (9, 1)]: (first block, count) of consecutive runs."""
+WRITE_BYTES = 16 << 20  # KV bytes per storage Write call at most: well inside gRPC's message limit
+
+
+def _calls(msgs: list[pb.KvData], limit: int) -> list[list[pb.KvData]]:
+    """The messages in order, grouped into calls of at most `limit` bytes (a message larger than that alone)."""
+    out: list[list[pb.KvData]] = []
+    size = 0
+    for m in msgs:
+        if not out or size + len(m.data) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(m)
+        size += len(m.data)
+    return out
+
+
+def _runs(blocks: list[int], longest: int = 1 << 30) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 3), (9, 1)]: (first block, count) of consecutive runs, none longer than
+    `longest` blocks."""
     out: list[tuple[int, int]] = []
     for b in blocks:
-        if out and out[-1][0] + out[-1][1] == b:
+        if out and out[-1][0] + out[-1][1] == b and out[-1][1] < longest:
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
             out.append((b, 1))
@@ -135,16 +152,21 @@ class StorageClient:
             by_traj: dict[str, list[int]] = {}
             for traj, b in wanted:
                 by_traj.setdefault(traj, []).append(b)
+            longest = max(1, WRITE_BYTES // self.geom.block_bytes)
             msgs = [pb.KvData(request_id=request_id, span=pb.BlockSpan(trajectory=traj, first_block=f, blocks=c),
                               data=span_content(self.geom, traj, f, c))
-                    for traj, bs in by_traj.items() for f, c in _runs(sorted(bs))]
-            try:
-                ack = await self._stubs[server].Write(pb.KvBatch(items=msgs))
-            except grpc.aio.AioRpcError:
-                ledger.blocks_lost += len(wanted)
-                return 0
-            ledger.blocks_written += ack.blocks
-            ledger.blocks_lost += len(wanted) - ack.blocks
-            return ack.bytes
+                    for traj, bs in by_traj.items() for f, c in _runs(sorted(bs), longest)]
+            sent = 0
+            for call in _calls(msgs, WRITE_BYTES):  # usually one call; a long request's blocks in several
+                blocks = sum(m.span.blocks for m in call)
+                try:
+                    ack = await self._stubs[server].Write(pb.KvBatch(items=call))
+                except grpc.aio.AioRpcError:
+                    ledger.blocks_lost += blocks
+                    continue
+                ledger.blocks_written += ack.blocks
+                ledger.blocks_lost += blocks - ack.blocks
+                sent += ack.bytes
+            return sent
 
         return sum(await asyncio.gather(*(one(s, w) for s, w in per.items())))

@@ -65,12 +65,18 @@ def fmt_ms(seconds: float | None) -> str:
 
 
 def report(path: Path) -> Path:
-    """Write DIR/report.md (and plots); return the report's path."""
+    """Write DIR/report.md (and plots); return the report's path. DIR is a run, a sweep, or a
+    ``dpemu reproduce`` directory (every experiment's report again, then the suite's)."""
+    if (path / "suite.json").is_file():
+        from . import reproduce  # it reports through this module
+
+        return reproduce.report_again(path)
     if (path / "sweep.json").is_file():
         return _sweep_report(path)
     if (path / "summary.json").is_file():
         return _run_report(path)
-    raise ConfigError(str(path), "neither a run directory (summary.json) nor a sweep directory (sweep.json)")
+    raise ConfigError(str(path), "neither a run directory (summary.json), a sweep directory (sweep.json) nor a "
+                                 "reproduce directory (suite.json)")
 
 
 # -- one run ------------------------------------------------------------------------------------------------
@@ -222,6 +228,13 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
                           f"{paper.get('capacity.dualpath_vs_basic', '-')}"]
             heads.append(_head(paper, "online capacity, DualPath / Basic", ratios,
                                paper.get("capacity.dualpath_vs_basic")))
+        else:  # still a line in the suite's table: what is known, and that no ratio is formed
+            known = "; ".join(f"{mode} " + ", ".join("-" if v is None else (f"{v:g}" if b else f">= {v:g}")
+                                                    for v, b in by_seed.values())
+                              for mode, by_seed in caps.items() if mode in ("basic", "dualpath"))
+            heads.append({"figure": paper.get("figure", ""), "what": "online capacity, DualPath / Basic",
+                          "ours": f"not bracketed (agents/s per seed: {known})",
+                          "paper": paper.get("capacity.dualpath_vs_basic"), "analytic": None, "seeds": None})
     return lines + [""]
 
 

@@ -113,6 +113,7 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
             groups.append([i])
         else:
             group.append(i)
+    started_runs = 0
     for group in groups:
         # the runs of this group, as they come: a point, or every probe of the search it starts
         running: list[tuple[Point, dict]] = []
@@ -133,8 +134,10 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
                     yield make_plan(pt.scenario), sweep_dir / pt.label
 
         def started(k: int, running=running) -> None:
+            nonlocal started_runs
             pt, entry = running[k]
-            n = len(running) if search else f"{len(running)}/{len(points)}"
+            started_runs += 1
+            n = started_runs if search else f"{started_runs}/{len(points)}"
             say(f"[bold]point {n}: {pt.label}[/]")
             entry["status"] = "running"
             _write(sweep_dir / "sweep.json", index)

@@ -28,6 +28,32 @@ def servers(tmp_path):
 def test_runs():
     assert _runs([3, 4, 5, 9, 10, 12]) == [(3, 3), (9, 2), (12, 1)]
     assert _runs([]) == []
+    assert _runs([3, 4, 5, 6, 7], longest=2) == [(3, 2), (5, 2), (7, 1)]
+
+
+def test_writes_go_in_calls_of_bounded_size():
+    from daemons import dualpath_pb2 as pb
+    from daemons.kvclient import _calls
+
+    msgs = [pb.KvData(data=b"x" * n) for n in (6, 5, 4, 12, 1)]
+    assert [[len(m.data) for m in c] for c in _calls(msgs, limit=10)] == [[6], [5, 4], [12], [1]]
+
+
+def test_a_long_write_back_is_split_but_every_block_lands(servers, monkeypatch):
+    import daemons.kvclient as kvclient
+
+    monkeypatch.setattr(kvclient, "WRITE_BYTES", 3 * GEOM.block_bytes)  # 3 blocks a call at most
+    addrs, _ = servers
+
+    async def go():
+        client, ledger = StorageClient(addrs, GEOM), Ledger()
+        await client.write("w1", "a1", N, 40, ledger)
+        await client.read("r2", "a1", N, 40, ledger)
+        await client.close()
+        return ledger
+
+    ledger = asyncio.run(go())
+    assert ledger.blocks_written == 40 and ledger.blocks_verified == 40 and ledger.clean
 
 
 def test_read_whole_context_from_all_servers(servers):
