@@ -267,12 +267,14 @@ def cmd_plan(args) -> int:
 
 def cmd_reproduce(args) -> int:
     experiments = reproduce.select(args.only)
-    total = sum(e.minutes for e in experiments)
     planned = reproduce.plan(experiments)  # every point validated before anything is built
     for e, points in planned:
         console.print(f"  {e.scenario:18s} {reproduce.runs_text(points):>30s} ~{e.minutes:g} min  "
                       f"{' '.join('--set ' + s for s in e.sets)}", markup=False)
-    console.print(f"{len(experiments)} experiment(s), about {total:g} minutes")
+    for e in experiments:
+        if reproduce.missing(e):
+            console.print(f"  {e.scenario:18s} not run: {reproduce.missing(e)}", markup=False)
+    console.print(f"{len(planned)} experiment(s), about {sum(e.minutes for e, _ in planned):g} minutes")
     if args.list:
         return EXIT_OK
     with _progress_bar() as bar:

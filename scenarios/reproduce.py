@@ -30,6 +30,10 @@ class Experiment:
     sets: tuple[str, ...] = ()
     minutes: float = 0.0  # measured on the 2-core VM, for the plan printed before the suite starts
     seeded: bool = True  # its headline is a ratio over seeded workloads: 3 seeds (a trace replay has no seed)
+    needs: tuple[str, ...] = ()  # input files (relative to the repository root) it cannot run without
+
+
+MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
 
 
 SUITE = (
@@ -55,7 +59,7 @@ SUITE = (
                                       "cluster.storage.nic_rate: 200Gbit, scale.bytes: 0.0005}, "
                                       "{cluster.snic_rate: 1250Mbit, cluster.cnic_rate: 10Gbit, "
                                       "cluster.storage.nic_rate: 5Gbit, scale.bytes: 0.02}]"), 6,
-               seeded=False),  # the trace's arrivals and hits are fixed: no seed to vary
+               seeded=False, needs=(MOONCAKE_TRACE,)),  # the trace's arrivals and hits are fixed: no seed to vary
 )
 
 
@@ -69,10 +73,21 @@ def select(only: list[str] | None) -> list[Experiment]:
     return [e for e in SUITE if e.scenario in only]
 
 
+def missing(e: Experiment) -> str | None:
+    """Why `e` cannot run here (an input file it needs is not there), or None."""
+    for f in e.needs:
+        if not schema.trace_path(f).is_file():
+            return f"needs {schema.trace_path(f)}, which is not there"
+    return None
+
+
 def plan(experiments: list[Experiment]) -> list[tuple[Experiment, list[schema.Point]]]:
-    """Every point of every experiment, validated (and planned) before anything is built."""
+    """Every point of every experiment that can run here (``missing``), validated (and planned) before
+    anything is built."""
     out = []
     for e in experiments:
+        if missing(e):
+            continue
         points = schema.sweep_points(e.scenario, list(e.sets))
         for p in points:
             make_plan(p.scenario).check()
@@ -110,7 +125,8 @@ def run(experiments: list[Experiment], out_root: Path, say: Callable[[str], None
     planned = plan(experiments)
     root = out_root / "reproduce" / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True)
-    done: list[dict] = []
+    done: list[dict] = [{"scenario": e.scenario, "sets": list(e.sets), "dir": e.scenario, "heads": [],
+                         "error": f"not run: {missing(e)}", "minutes": 0.0} for e in experiments if missing(e)]
     for i, (e, points) in enumerate(planned, 1):
         say(f"[bold]experiment {i}/{len(planned)}: {e.scenario}[/] ({runs_text(points)}, ~{e.minutes:g} min)")
         t0 = time.monotonic()
