@@ -436,7 +436,8 @@ def _sweep_report(sweep_dir: Path) -> Path:
     else:
         lines += _online_lines(groups, paper, heads)
     if any("snic_balance.dualpath" in g["stats"] for g in groups) and POLICY_KEY in index["varied"]:
-        lines += _balance_lines(groups, paper, heads)
+        # a headline only where the paper has the figure (Fig. 13), not in every sweep of the policy
+        lines += _balance_lines(groups, paper, heads if any(k.startswith("snic_balance.") for k in paper) else None)
     if POLICY_KEY in index["varied"] and any("jct_s.layerwise" in g["stats"] for g in groups):
         lines += _ablation_lines(groups, paper, heads)
     if {"cluster.prefill_nodes", "cluster.decode_nodes"} & set(index["varied"]):

@@ -41,8 +41,8 @@ SUITE = (
     Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 7),
     # x1 and x3 of the append length, and x3 of the generation length (fig9_gen ships all four of each)
     Experiment("fig9_append", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3",
-                               "sweep.grid={}", "sweep.points=[{serving.workload.append_scale: 1}, {serving.workload.append_scale: 3}, "
-                               "{serving.workload.gen_scale: 0.75}]"), 8.5),
+                               "sweep.grid={}", "sweep.points=[{serving.workload.append_scale: 1}, "
+                               "{serving.workload.append_scale: 3}, {serving.workload.gen_scale: 0.75}]"), 8.5),
     # 2 probes per search from rates near the capacities: the start, then 1.25x up or down
     Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.5),
     Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 4.5),
