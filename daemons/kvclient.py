@@ -50,7 +50,7 @@ class Ledger:
 WRITE_BYTES = 16 << 20  # KV bytes per storage Write call at most: well inside gRPC's message limit
 
 
-def _calls(msgs: list[pb.KvData], limit: int) -> list[list[pb.KvData]]:
+def calls_of(msgs: list[pb.KvData], limit: int) -> list[list[pb.KvData]]:
     """The messages in order, grouped into calls of at most `limit` bytes (a message larger than that alone)."""
     out: list[list[pb.KvData]] = []
     size = 0
@@ -157,7 +157,7 @@ class StorageClient:
                               data=span_content(self.geom, traj, f, c))
                     for traj, bs in by_traj.items() for f, c in _runs(sorted(bs), longest)]
             sent = 0
-            for call in _calls(msgs, WRITE_BYTES):  # usually one call; a long request's blocks in several
+            for call in calls_of(msgs, WRITE_BYTES):  # usually one call; a long request's blocks in several
                 blocks = sum(m.span.blocks for m in call)
                 try:
                     ack = await self._stubs[server].Write(pb.KvBatch(items=call))

@@ -46,7 +46,7 @@ from daemons import costmodel
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
-from daemons.kvclient import Ledger, StorageClient
+from daemons.kvclient import Ledger, StorageClient, calls_of
 from daemons.runtime import grpc_options, serve_until_stopped
 from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
 
@@ -329,18 +329,11 @@ class NodeService(pb_grpc.NodeServicer):
     async def _push(self, address: str, msgs: list[pb.KvData]) -> None:
         """The messages to `address` in order, in calls of at most ``push_bytes`` (one call if they fit:
         a gRPC call costs ~1 ms of CPU whatever its size)."""
-        call: list[pb.KvData] = []
-        size = 0
-        for m in [*msgs, None]:
-            if call and (m is None or size + len(m.data) > self.push_bytes):
-                ack = await self._stub(address, kv=True).PushKv(pb.KvBatch(items=call))
-                self.ledger.blocks_forwarded += sum(c.span.blocks for c in call)
-                if ack.corrupt_blocks:
-                    raise RuntimeError(f"{address} received {ack.corrupt_blocks} corrupt blocks")
-                call, size = [], 0
-            if m is not None:
-                call.append(m)
-                size += len(m.data)
+        for call in calls_of(msgs, self.push_bytes):
+            ack = await self._stub(address, kv=True).PushKv(pb.KvBatch(items=call))
+            self.ledger.blocks_forwarded += sum(c.span.blocks for c in call)
+            if ack.corrupt_blocks:
+                raise RuntimeError(f"{address} received {ack.corrupt_blocks} corrupt blocks")
 
     # -- compute fabric ----------------------------------------------------------
     async def PushKv(self, request: pb.KvBatch, context):  # noqa: N802 - gRPC's name

@@ -84,7 +84,8 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     a generator that decides the next run from the outcomes so far (a capacity search); a list is checked
     whole before the build. The teardown time, known at the end, is written into every summary then.
     Raises DpemuError subclasses; never leaves objects behind."""
-    if isinstance(items, list):
+    checked = isinstance(items, list)  # a list is checked whole before the build; a generator run by run
+    if checked:
         for plan, _ in items:
             _check_same(items[0][0], plan)
     items_it = iter(items)
@@ -93,7 +94,6 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     except StopIteration:
         return []
     first = head[0]
-    _check_same(first, first)
     platform.require_root()
     platform.require_tools()
     sc = first.scenario
@@ -123,7 +123,8 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                 progress("calibration", rounds, rounds)
                 _fault("after_calibration")
                 for i, (plan, run_dir) in enumerate(itertools.chain([head], items_it)):
-                    _check_same(first, plan)
+                    if not checked:
+                        _check_same(first, plan)
                     started(i)
                     if run_dir is None:
                         run_dir = results.make_run_dir(out_root, plan.scenario.name,

@@ -33,10 +33,10 @@ def test_runs():
 
 def test_writes_go_in_calls_of_bounded_size():
     from daemons import dualpath_pb2 as pb
-    from daemons.kvclient import _calls
+    from daemons.kvclient import calls_of
 
     msgs = [pb.KvData(data=b"x" * n) for n in (6, 5, 4, 12, 1)]
-    assert [[len(m.data) for m in c] for c in _calls(msgs, limit=10)] == [[6], [5, 4], [12], [1]]
+    assert [[len(m.data) for m in c] for c in calls_of(msgs, limit=10)] == [[6], [5, 4], [12], [1]]
 
 
 def test_a_long_write_back_is_split_but_every_block_lands(servers, monkeypatch):
