@@ -105,21 +105,32 @@ def _ratio(x: float) -> str:
     return f"{x:g}" if x >= 1 else f"1/{1 / x:g}"
 
 
+def _points(groups: list[dict], mode: str) -> list[dict]:
+    """The stats of the sweep's points that have section 3 figures, in increasing P/D."""
+    return sorted((g["stats"] for g in groups if f"fabric.p_over_d.{mode}" in g["stats"]),
+                  key=lambda st: st[f"fabric.p_over_d.{mode}"]["mean"])
+
+
+def _mean(st: dict, key: str, mode: str) -> float | None:
+    """The mean over seeds of ``fabric.<key>.<mode>`` at one point, or None when it has no such figure."""
+    return st.get(f"fabric.{key}.{mode}", {}).get("mean")
+
+
 def report_lines(groups: list[dict], mode: str = "dualpath") -> list[str]:
     """Markdown for a P/D sweep: per point the CNIC utilization per link type, measured on the wire beside
     the formula at the measured reads, then with the host <-> GPU copies beside the paper's saturated
     value; fractions of a CNIC (of the DRAM for the DE DRAM)."""
-    pts = sorted((g for g in groups if f"fabric.p_over_d.{mode}" in g["stats"]),
-                 key=lambda g: g["stats"][f"fabric.p_over_d.{mode}"]["mean"])
+    pts = _points(groups, mode)
     if not pts:
         return []
+
     def m(st: dict, key: str) -> float | None:
-        return st.get(f"fabric.{key}.{mode}", {}).get("mean")
+        return _mean(st, key, mode)
 
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    first = pts[0]["stats"]  # g and s do not vary in a P/D sweep
+    first = pts[0]  # g and s do not vary in a P/D sweep
     bounds = region(round(m(first, "g")), m(first, "s"))
     lo, hi = bounds["all"]
     wlo, whi = bounds["wire"]
@@ -131,8 +142,7 @@ def report_lines(groups: list[dict], mode: str = "dualpath") -> list[str]:
              "the whole run: every byte read crosses it within) / the formula at the reads the run made. "
              "SNIC: read utilization PE side / DE side; DE share: the DE path's part of the reads.", "",
              "| P/D | SNIC PE / DE | DE share | PE up | PE down | DE up | DE down |", "|---|---|---|---|---|---|---|"]
-    for g in pts:
-        st = g["stats"]
+    for st in pts:
         r = m(st, "p_over_d")
         cells = " | ".join(f"{pct(m(st, f'measured_wire.{lt}'))} / {pct(m(st, f'predicted_wire.{lt}'))}"
                            for lt in LINK_TYPES)
@@ -148,8 +158,7 @@ def report_lines(groups: list[dict], mode: str = "dualpath") -> list[str]:
         cell = f"{pct(at)} / {pct(sat)}"
         return f"**{cell}**" if (sat or 0) > 1 or (at or 0) > 1 else cell
 
-    for g in pts:
-        st = g["stats"]
+    for st in pts:
         cells = " | ".join(both(st, lt, "with_loopback") for lt in LINK_TYPES)
         lines.append(f"| {_ratio(m(st, 'p_over_d'))} | {cells} | {both(st, 'de_dram', '')} |")
     return lines + [""]
@@ -159,12 +168,11 @@ def plot(plt, groups: list[dict], path, mode: str = "dualpath") -> str | None:
     """fabric.png: per link type the measured wire utilization (markers) and its busiest window (open
     markers) against P/D, beside the paper's utilization with every SNIC saturated (dashed: wire +
     loopback; dotted: the wire alone), with the congestion-free region shaded."""
-    pts = sorted((g["stats"] for g in groups if f"fabric.p_over_d.{mode}" in g["stats"]),
-                 key=lambda st: st[f"fabric.p_over_d.{mode}"]["mean"])
+    pts = _points(groups, mode)
     if not pts:
         return None
-    xs = [st[f"fabric.p_over_d.{mode}"]["mean"] for st in pts]
-    g, s = round(pts[0][f"fabric.g.{mode}"]["mean"]), pts[0][f"fabric.s.{mode}"]["mean"]
+    xs = [_mean(st, "p_over_d", mode) for st in pts]
+    g, s = round(_mean(pts[0], "g", mode)), _mean(pts[0], "s", mode)
     dense = [xs[0] * (xs[-1] / xs[0]) ** (i / 100) for i in range(101)]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = dict(zip(LINK_TYPES, ("tab:red", "tab:orange", "tab:blue", "tab:green"), strict=True))
@@ -174,12 +182,12 @@ def plot(plt, groups: list[dict], path, mode: str = "dualpath") -> str | None:
         ax.plot(dense, [cnic_loads(r * s, s, r, 1.0, g)["wire"][lt] for r in dense], color=colors[lt],
                 linestyle=":", linewidth=0.8, alpha=0.7,
                 label="its inter-node part (dpemu's wire)" if lt == LINK_TYPES[-1] else None)
-        meas = [(x, st.get(f"fabric.measured_wire.{lt}.{mode}")) for x, st in zip(xs, pts, strict=True)]
-        ax.plot([x for x, v in meas if v], [v["mean"] for _, v in meas if v], color=colors[lt], marker="o",
-                label=f"{NAMES[lt]}: measured wire")
-        peak = [(x, st.get(f"fabric.peak_wire.{lt}.{mode}")) for x, st in zip(xs, pts, strict=True)]
-        ax.plot([x for x, v in peak if v], [v["mean"] for _, v in peak if v], color=colors[lt], marker="o",
-                fillstyle="none", linestyle="none")
+        meas = [(x, _mean(st, f"measured_wire.{lt}", mode)) for x, st in zip(xs, pts, strict=True)]
+        ax.plot([x for x, v in meas if v is not None], [v for _, v in meas if v is not None], color=colors[lt],
+                marker="o", label=f"{NAMES[lt]}: measured wire")
+        peak = [(x, _mean(st, f"peak_wire.{lt}", mode)) for x, st in zip(xs, pts, strict=True)]
+        ax.plot([x for x, v in peak if v is not None], [v for _, v in peak if v is not None], color=colors[lt],
+                marker="o", fillstyle="none", linestyle="none")
     lo, hi = region(g, s)["all"]
     ax.axvspan(lo, hi, color="tab:gray", alpha=0.12, label="section 3: no link over-loaded")
     ax.axhline(1.0, color="k", linewidth=0.8)
@@ -195,17 +203,15 @@ def plot(plt, groups: list[dict], path, mode: str = "dualpath") -> str | None:
     return path.name
 
 
-
 def headlines(groups: list[dict], paper: dict, mode: str = "dualpath") -> list[dict]:
     """For ``dpemu reproduce``: the P/D range of the sweep's points in which no CNIC (with the copies) and no
     DE DRAM is over-loaded at the measured reads, and how well the measured wire matches the accounting."""
-    pts = sorted((g["stats"] for g in groups if f"fabric.p_over_d.{mode}" in g["stats"]),
-                 key=lambda st: st[f"fabric.p_over_d.{mode}"]["mean"])
+    pts = _points(groups, mode)
     if not pts:
         return []
 
     def m(st: dict, key: str) -> float | None:
-        return st.get(f"fabric.{key}.{mode}", {}).get("mean")
+        return _mean(st, key, mode)
 
     over = {m(st, "p_over_d"): max(m(st, f"with_loopback.{lt}") or 0 for lt in LINK_TYPES) > 1
             or (m(st, "de_dram") or 0) > 1 for st in pts}

@@ -27,7 +27,7 @@ from emulator.errors import ConfigError
 
 from . import fabric, online
 from .schema import RATE_KEY, label_of
-from .sweep import SEED_KEY, aggregate, metrics
+from .sweep import SEED_KEY, aggregate, metrics, slo_verdicts
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
 COLORS = {"basic": "tab:red", "layerwise": "tab:orange", "dualpath": "tab:blue", "oracle": "tab:gray"}
@@ -197,9 +197,8 @@ def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bo
         if p.get("status") != "done" or not p.get("trustworthy"):
             continue
         rate, seed = p["values"].get(RATE_KEY), p["values"].get(SEED_KEY)
-        for key, ok in p["metrics"].items():
-            if key.startswith("online.slo_ok."):
-                passed[key.removeprefix("online.slo_ok.")][seed][rate] = bool(ok)
+        for mode, ok in slo_verdicts(p["metrics"]).items():
+            passed[mode][seed][rate] = ok
     return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()} for mode, by_seed in passed.items()}
 
 
@@ -214,6 +213,8 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
         per_seed = ", ".join(f"seed {s}: {'below the lowest rate' if v is None else (f'{v:g}' if b else f'>= {v:g}')}"
                              for s, (v, b) in sorted(by_seed.items()))
         lines.append(f"| {mode} | {per_seed} | {fmt_num(statistics.fmean(vals)) if vals else '-'} |")
+    for mode in sorted({m for p in done for m in slo_verdicts(p.get("metrics", {}))} - set(caps)):
+        lines.append(f"| {mode} | no trustworthy run: no capacity | - |")
     unbracketed = sorted({m for m, by_seed in caps.items() for v, b in by_seed.values() if v is not None and not b})
     if unbracketed:
         lines += ["", f"**Not bracketed** ({', '.join(unbracketed)}): every swept rate met the SLO, so the capacity "

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from daemons import costmodel
 from daemons.kvbytes import KvGeometry
@@ -141,9 +142,18 @@ def _workload_json(spec: WorkloadSpec) -> dict:
     return dataclasses.asdict(spec)
 
 
-def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:
-    """HTB classes of every SNIC and CNIC, both ends: key -> (link, link class, side, direction, traffic
-    class, link rate). Traffic class "link" is the link's root class 1:1 (all its traffic), "default" its
+class LinkKey(NamedTuple):
+    """What one sampled HTB class measures."""
+    link: str        # "<host>-<nic>", e.g. "pe1-cnic0"
+    link_class: str  # "snic" or "cnic"
+    side: str        # the host's role: "pe" or "de"
+    direction: str   # "up" (host -> switch) or "down" (switch -> host)
+    tclass: str      # "link", "default" or a traffic class name (below)
+    rate_bps: float  # the link's configured rate
+
+
+def _link_keys(plan) -> dict[ClassKey, LinkKey]:
+    """HTB classes of every SNIC and CNIC, both ends. Traffic class "link" is the link's root class 1:1 (all its traffic), "default" its
     leaf 1:10 (everything without traffic classes, unmarked traffic with them), then e.g. "collective", "kv"."""
     keys = {}
     for lk in plan.net.links:
@@ -155,8 +165,8 @@ def _link_keys(plan) -> dict[ClassKey, tuple[str, str, str, str, str, float]]:
         for direction, netns, dev in (("up", plan.net.host(lk.host).netns, lk.host_intf),
                                       ("down", None, lk.switch_intf)):
             for tclass, handle in leaves:
-                keys[ClassKey(netns, dev, handle)] = (f"{lk.host}-{lk.nic}", lk.link_class, side, direction, tclass,
-                                                      lk.rate_bps)
+                keys[ClassKey(netns, dev, handle)] = LinkKey(f"{lk.host}-{lk.nic}", lk.link_class, side, direction,
+                                                             tclass, lk.rate_bps)
     return keys
 
 
@@ -253,8 +263,8 @@ def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_byt
     """KV throughput over the compute fabric, real Gbit/s, averaged over the mode's JCT: every byte that
     crosses the fabric leaves one CNIC upwards, so it is the CNICs' upward wire bytes less the collectives'
     payload (what remains is KV, plus TCP/IP headers and gRPC framing: a few %). Isolation on or off alike."""
-    moved = [sampler.delta(k, t0, t1) for k, (_, c, _, d, tc, _) in keys.items()
-             if c == "cnic" and d == "up" and tc == "link"]
+    moved = [sampler.delta(k, t0, t1) for k, v in keys.items()
+             if (v.link_class, v.direction, v.tclass) == ("cnic", "up", "link")]
     moved = [m for m in moved if m is not None]
     if not moved:
         return None
@@ -288,17 +298,17 @@ def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: fl
         w = csv.writer(f)
         w.writerow(LINK_COLUMNS)
         for s in sampler.samples:
-            link, cls, side, direction, tclass, _ = keys[s.key]
-            w.writerow([round((s.t_s - t0) / time_scale, 4), link, cls, side, direction, tclass, s.bytes, s.packets,
-                        s.drops, s.backlog_bytes])
+            lk = keys[s.key]
+            w.writerow([round((s.t_s - t0) / time_scale, 4), lk.link, lk.link_class, lk.side, lk.direction,
+                        lk.tclass, s.bytes, s.packets, s.drops, s.backlog_bytes])
 
 
 def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
     out = {}
     for side in ("pe", "de"):
-        vals = [sampler.rate_bps(k, a, b) / rate for k, (_, c, sd, d, tc, rate) in keys.items()
-                if c == cls and sd == side and d == direction and tc == "link"
-                and sampler.rate_bps(k, a, b) is not None]
+        vals = [r / lk.rate_bps for k, lk in keys.items()
+                if (lk.link_class, lk.side, lk.direction, lk.tclass) == (cls, side, direction, "link")
+                and (r := sampler.rate_bps(k, a, b)) is not None]
         out[side] = round(sum(vals) / len(vals), 4) if vals else None
     return out
 
@@ -308,9 +318,9 @@ def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float
     even when reads run ahead of a compute-bound prefill) beside the paper's section 3
     (``scenarios.fabric``): mean wire utilization of the CNICs per link type (side x direction), the formula
     at the reads measured, and ``peak_wire``: the busiest CNIC of each type in its busiest window."""
-    links = {v[0]: v for v in keys.values() if v[4] == "link"}  # one entry per link (keys: per direction)
-    snics = {side: [v for v in links.values() if v[1] == "snic" and v[2] == side] for side in ("pe", "de")}
-    cnics = [v for v in links.values() if v[1] == "cnic"]
+    links = {v.link: v for v in keys.values() if v.tclass == "link"}  # one per link (keys: per direction)
+    snics = {side: [v for v in links.values() if v.link_class == "snic" and v.side == side] for side in ("pe", "de")}
+    cnics = [v for v in links.values() if v.link_class == "cnic"]
     if not snics["pe"] or not snics["de"] or not cnics:
         return None
     up, down = _utils(sampler, keys, a, b, "cnic", "up"), _utils(sampler, keys, a, b, "cnic", "down")
@@ -318,17 +328,18 @@ def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float
     reads = {}
     for side in ("pe", "de"):
         rates = [sampler.rate_bps(k, a, b) for k, v in keys.items()
-                 if v[1] == "snic" and v[2] == side and v[3] == "down" and v[4] == "link"]
+                 if (v.link_class, v.side, v.direction, v.tclass) == ("snic", side, "down", "link")]
         reads[side] = sum(r for r in rates if r is not None)
     p, d = len(snics["pe"]), len(snics["de"])  # one SNIC per node
-    g = sum(1 for v in cnics if v[2] == "pe") // p
-    out = fabric.compare(measured, reads["pe"], reads["de"], p, d, g, cnics[0][5], snics["pe"][0][5])
+    g = sum(1 for v in cnics if v.side == "pe") // p
+    out = fabric.compare(measured, reads["pe"], reads["de"], p, d, g, cnics[0].rate_bps, snics["pe"][0].rate_bps)
     peak: dict[str, float | None] = {}
     edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
     for lt in fabric.LINK_TYPES:
         side, direction = lt.split("_")
-        utils = [r / v[5] for k, v in keys.items() if v[1] == "cnic" and v[2] == side and v[3] == direction
-                 and v[4] == "link" for lo, hi in itertools.pairwise(edges)
+        utils = [r / v.rate_bps for k, v in keys.items()
+                 if (v.link_class, v.side, v.direction, v.tclass) == ("cnic", side, direction, "link")
+                 for lo, hi in itertools.pairwise(edges)
                  if (r := sampler.rate_bps(k, lo, hi)) is not None]
         peak[lt] = round(max(utils), 4) if utils else None
     out["peak_wire"] = peak
@@ -340,8 +351,8 @@ def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) 
     busiest compute-node SNIC's read bytes over the mean of all of them; mean and max over the windows
     (windows in which the SNICs read nothing are skipped). 1.0 is perfect balance."""
     series = []
-    for k, (_, c, _, d, tc, _) in keys.items():
-        if c == "snic" and d == "down" and tc == "link":
+    for k, v in keys.items():
+        if (v.link_class, v.direction, v.tclass) == ("snic", "down", "link"):
             pts = sorted((s.t_s, s.bytes) for s in sampler.samples if s.key == k)
             if pts:
                 series.append(pts)

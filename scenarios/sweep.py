@@ -75,6 +75,11 @@ def metrics(summary: dict) -> dict[str, float]:
     return out
 
 
+def slo_verdicts(metrics: dict[str, float]) -> dict[str, bool]:
+    """mode -> whether that mode of an online run met the SLO (``online.slo_ok.<mode>`` of ``metrics``)."""
+    return {k.removeprefix("online.slo_ok."): v == 1.0 for k, v in metrics.items() if k.startswith("online.slo_ok.")}
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
     sweep_dir: Path
@@ -174,9 +179,9 @@ class Searcher:
     def _verdicts(self) -> dict[float, bool]:
         out = {}
         for e in self.entries:
-            oks = [v for k, v in e.get("metrics", {}).items() if k.startswith("online.slo_ok.")]
+            oks = slo_verdicts(e.get("metrics", {}))
             if e.get("status") == "done" and e.get("trustworthy") and oks:
-                out[e["values"][RATE_KEY]] = all(v == 1.0 for v in oks)
+                out[e["values"][RATE_KEY]] = all(oks.values())
         return out
 
     def next_probe(self) -> tuple[Point, dict] | None:

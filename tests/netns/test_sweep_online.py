@@ -64,5 +64,9 @@ def test_an_online_sweep_writes_one_run_per_point_and_a_capacity_report(online_s
     assert rep.returncode == 0, describe(rep)
     text = (sweep_dir / "report.md").read_text()
     assert "## Capacity" in text and "| layerwise |" in text and "| dualpath |" in text
+    for mode in ("layerwise", "dualpath"):  # a mode's row has its capacity, or says no run could be trusted
+        row = next(line for line in text.splitlines() if line.startswith(f"| {mode} |"))
+        trusted = any(p["trustworthy"] for p in index["points"])
+        assert ("seed 0:" in row) if trusted else ("no trustworthy run" in row), row
     assert (sweep_dir / "jct.png").is_file()
     assert_nothing_left("after the online sweep")

@@ -179,12 +179,12 @@ def test_plan_lists_the_serving_daemons_of_every_mode(capsys):
 
 def test_kv_throughput_on_the_compute_fabric_is_upward_cnic_bytes_less_collectives():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import _cnic_kv_gbps
+    from scenarios.serve import LinkKey, _cnic_kv_gbps
 
     up, down, snic = ClassKey("dp-pe1", "pe1-cnic0", 1), ClassKey(None, "dp-pe1-cnic0", 1), ClassKey("x", "s", 1)
-    keys = {up: ("pe1-cnic0", "cnic", "pe", "up", "link", 160e6),
-            down: ("pe1-cnic0", "cnic", "pe", "down", "link", 160e6),
-            snic: ("pe1-snic", "snic", "pe", "up", "link", 20e6)}
+    keys = {up: LinkKey("pe1-cnic0", "cnic", "pe", "up", "link", 160e6),
+            down: LinkKey("pe1-cnic0", "cnic", "pe", "down", "link", 160e6),
+            snic: LinkKey("pe1-snic", "snic", "pe", "up", "link", 20e6)}
     sampler = TcSampler(list(keys))
     for t, n in ((10.0, 0), (12.0, 10_000_000)):  # 10 MB up in 2 s; the other links' bytes do not count
         sampler.samples += [ClassSample(t, k, n * (1 + i), 0, 0, 0) for i, k in enumerate(keys)]

@@ -48,7 +48,7 @@ def test_wire_and_loopback_split_each_byte_once_per_crossing():
 
 def test_a_run_is_compared_at_the_reads_it_made():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import fabric_figures
+    from scenarios.serve import LinkKey, fabric_figures
 
     snic, cnic = 20e6, 160e6  # dpemu's scaled 1:8
     keys, series = {}, {}
@@ -57,7 +57,7 @@ def test_a_run_is_compared_at_the_reads_it_made():
         nic = cls + ("0" if cls == "cnic" else "")
         for direction, bps in (("up", up_bps), ("down", down_bps)):
             k = ClassKey(host if direction == "up" else None, f"{host}-{nic}-{direction}", 1)
-            keys[k] = (f"{host}-{nic}", cls, side, direction, "link", rate)
+            keys[k] = LinkKey(f"{host}-{nic}", cls, side, direction, "link", rate)
             series[k] = bps
     # 1P2D, reads balanced: the PE's SNIC 20 Mbit/s, each DE's 20 Mbit/s
     link("pe1", "snic", "pe", snic, 0, 20e6)

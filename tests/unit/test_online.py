@@ -63,13 +63,24 @@ def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
     assert capacities(pts) == {"basic": {0: (2, True), 1: (1, True)}, "dualpath": {0: (3, True), 1: (2, False)}}
 
 
+def test_a_capacity_table_names_the_modes_whose_every_run_was_untrusted():
+    from scenarios.report import RATE_KEY, SEED_KEY, _capacity_lines
+
+    pts = [{"status": "done", "trustworthy": trusted, "values": {RATE_KEY: rate, SEED_KEY: 0},
+            "metrics": {f"online.slo_ok.{mode}": 1.0}} for mode, rate, trusted in
+           (("basic", 1, True), ("basic", 2, False), ("dualpath", 1, False), ("dualpath", 2, False))]
+    rows = [line for line in _capacity_lines(pts, {}, []) if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ["| basic | seed 0: >= 1 | - |", "| dualpath | no trustworthy run: no capacity | - |"]
+
+
 def test_snic_balance_is_the_busiest_snic_over_the_mean_per_window():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import snic_balance
+    from scenarios.serve import LinkKey, snic_balance
 
     k1, k2, up = ClassKey("a", "pe1-snic", 1), ClassKey("b", "de1-snic", 1), ClassKey("a", "pe1-snic-up", 1)
-    keys = {k1: ("pe1-snic", "snic", "pe", "down", "link", 20e6), k2: ("de1-snic", "snic", "de", "down", "link", 20e6),
-            up: ("pe1-snic", "snic", "pe", "up", "link", 20e6)}
+    keys = {k1: LinkKey("pe1-snic", "snic", "pe", "down", "link", 20e6),
+            k2: LinkKey("de1-snic", "snic", "de", "down", "link", 20e6),
+            up: LinkKey("pe1-snic", "snic", "pe", "up", "link", 20e6)}
     sampler = TcSampler(list(keys))
     # window [0, 1): pe1 reads 300, de1 100 -> 300 / 200 = 1.5; window [1, 2): both 200 -> 1.0; [2, 3): nothing
     for t, b1, b2 in ((0.0, 0, 0), (0.5, 200, 50), (1.0, 300, 100), (2.0, 500, 300), (3.0, 500, 300)):
