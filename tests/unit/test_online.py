@@ -73,7 +73,7 @@ def test_a_capacity_table_names_the_modes_whose_every_run_was_untrusted():
     assert rows[1:] == ["| basic | seed 0: >= 1 | - |", "| dualpath | no trustworthy run: no capacity | - |"]
 
 
-def test_snic_balance_is_the_busiest_snic_over_the_mean_per_window():
+def test_snic_balance_is_the_busiest_snic_over_the_mean_weighted_by_each_windows_traffic():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
     from scenarios.serve import LinkKey, snic_balance
 
@@ -82,10 +82,13 @@ def test_snic_balance_is_the_busiest_snic_over_the_mean_per_window():
             k2: LinkKey("de1-snic", "snic", "de", "down", "link", 20e6),
             up: LinkKey("pe1-snic", "snic", "pe", "up", "link", 20e6)}
     sampler = TcSampler(list(keys))
-    # window [0, 1): pe1 reads 300, de1 100 -> 300 / 200 = 1.5; window [1, 2): both 200 -> 1.0; [2, 3): nothing
-    for t, b1, b2 in ((0.0, 0, 0), (0.5, 200, 50), (1.0, 300, 100), (2.0, 500, 300), (3.0, 500, 300)):
+    # [0, 1): pe1 reads 300, de1 100 -> busiest 300, mean 200; [1, 2): both 200 -> 200, 200; [2, 3): pe1 10,
+    # de1 0 (the drain) -> 10, 5, a ratio of 2 that weighs 5 bytes' worth; [3, 4): nothing read, skipped
+    for t, b1, b2 in ((0.0, 0, 0), (0.5, 200, 50), (1.0, 300, 100), (2.0, 500, 300), (3.0, 510, 300),
+                      (4.0, 510, 300)):
         sampler.samples += [ClassSample(t, k1, b1, 0, 0, 0), ClassSample(t, k2, b2, 0, 0, 0),
                             ClassSample(t, up, 10**9, 0, 0, 0)]
-    bal = snic_balance(sampler, keys, 0.0, 3.0, 1.0)
-    assert bal == {"max_over_mean": 1.25, "worst": 1.5, "windows": 2, "window_s": 1.0}
-    assert snic_balance(sampler, {k1: keys[k1]}, 0.0, 3.0, 1.0) is None  # one SNIC: nothing to balance
+    bal = snic_balance(sampler, keys, 0.0, 4.0, 1.0)
+    assert bal == {"max_over_mean": round(510 / 405, 4), "unweighted": 1.5, "worst": 2.0, "windows": 3,
+                   "window_s": 1.0}
+    assert snic_balance(sampler, {k1: keys[k1]}, 0.0, 4.0, 1.0) is None  # one SNIC: nothing to balance
