@@ -155,6 +155,7 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
 
         try:
             runner.run_group(items(), out_root, say=say, progress=progress, started=started, done=finished)
+            _write(sweep_dir / "sweep.json", index)  # a search's record ends after its last run has finished
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (runner.Interrupted, KeyboardInterrupt)) else "failed"
             for _, e in running:

@@ -255,6 +255,27 @@ def test_a_search_stops_at_an_untrustworthy_run(serving_tiny, write_scenario):
     assert "not trustworthy" in s.record["stopped"] and s.record["capacity"] == 2.4
 
 
+def test_a_searching_sweep_writes_each_searchs_final_record(serving_tiny, write_scenario, tmp_path, monkeypatch):
+    """The last probe's verdict reaches sweep.json's search record (it is decided after the run finished)."""
+    (start,) = _search_points(serving_tiny, write_scenario, factor=1.25, probes=2)
+
+    def fake_run_group(items, out_root, say, progress, started, done):  # the SLO holds up to 2.8 agents/s
+        for i, (plan, run_dir) in enumerate(items):
+            started(i)
+            rate = plan.scenario.serving.workload.arrival_rate
+            summary = {"fidelity": {"ok": True}, "modes": {"basic": {
+                "jct_s": 1.0, "snic_util": {}, "cnic_util": {}, "ttft_s": {}, "tpot_s": {},
+                "online": {"slo_ok": rate <= 2.8, **{k: {"mean": 1.0} for k in
+                                                     ("ttft_s", "ttst_s", "tpot_s", "trajectory_jct_s")}}}}}
+            done(i, sweep.runner.RunOutcome(run_dir, summary, None))
+
+    monkeypatch.setattr(sweep.runner, "run_group", fake_run_group)
+    out = sweep.run_sweep([start], tmp_path, say=lambda _: None)
+    (rec,) = json.loads((out.sweep_dir / "sweep.json").read_text())["search"]["searches"]
+    assert rec == {"start": start.label, "probes": {"2.4": True, "3": False}, "capacity": 2.4, "bracketed": True,
+                   "stopped": "probes used up"}
+
+
 def test_a_search_needs_online_runs(serving_tiny, write_scenario):
     serving_tiny["sweep"] = {"points": [{"serving.modes": ["basic"]}], "search": {"window": "30s"}}
     with pytest.raises(ConfigError, match="arrival_rate"):
