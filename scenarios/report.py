@@ -189,9 +189,8 @@ def _head(paper: dict, what: str, samples: list[float], ref, analytic: float | N
 # -- online capacity ----------------------------------------------------------------------------------------
 
 
-def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bool]]]:
-    """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
-    trustworthy finished points of an arrival-rate sweep (``online.capacity``)."""
+def _verdicts(points: list[dict]) -> dict[str, dict[int, dict[float, bool]]]:
+    """mode -> seed -> rate -> whether the SLO held, from the trustworthy finished points of a sweep."""
     passed: dict[str, dict[int, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
     for p in points:
         if p.get("status") != "done" or not p.get("trustworthy"):
@@ -199,14 +198,63 @@ def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bo
         rate, seed = p["values"].get(RATE_KEY), p["values"].get(SEED_KEY)
         for mode, ok in slo_verdicts(p["metrics"]).items():
             passed[mode][seed][rate] = ok
-    return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()} for mode, by_seed in passed.items()}
+    return passed
+
+
+def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bool]]]:
+    """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
+    trustworthy finished points of an arrival-rate sweep (``online.capacity``)."""
+    return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()}
+            for mode, by_seed in _verdicts(points).items()}
+
+
+def ratio_bounds(points: list[dict], seed: int) -> tuple[float, float] | None:
+    """The range the DualPath / Basic capacity ratio of one seed lies in, given each search's bracket (the
+    capacity met, the lowest rate missed): (DualPath's met / Basic's missed, DualPath's missed / Basic's met);
+    None unless both are bracketed."""
+    v = _verdicts(points)
+    ends = []
+    for mode in ("dualpath", "basic"):
+        rates = v.get(mode, {}).get(seed, {})
+        cap, bracketed = online.capacity(rates)
+        if cap is None or not bracketed:
+            return None
+        ends.append((cap, min(r for r, ok in rates.items() if not ok and r > cap)))
+    (d_met, d_miss), (b_met, b_miss) = ends
+    return d_met / b_miss, d_miss / b_met
+
+
+def _latency_vs_rate(groups: list[dict]) -> list[str]:
+    """The paper's Fig. 10-11 shape: per mode and arrival rate, the steady state's mean TTFT, TTST and TPOT
+    (mean over seeds of each run's mean) and on how many seeds the SLO held."""
+    rows = []
+    for g in groups:
+        for mode in MODES:
+            st = g["stats"]
+            if f"online.slo_ok.{mode}" not in st:
+                continue
+
+            def mean(key: str, st=st, mode=mode) -> float | None:
+                return st.get(f"online.{key}.{mode}", {}).get("mean")
+            ok, rate = st[f"online.slo_ok.{mode}"], g["values"][RATE_KEY]
+            rows.append((MODES.index(mode), rate, f"| {mode} | {rate:g} | {fmt_num(mean('ttft_s.mean'))} "
+                         f"| {fmt_num(mean('ttft_s.last_third'))} | {fmt_num(mean('ttst_s.mean'))} "
+                         f"| {fmt_ms(mean('tpot_s.mean'))} "
+                         f"| {round(ok['mean'] * ok['n'])} of {ok['n']} |"))
+    if not rows:
+        return []
+    return (["## Online latency against the arrival rate (steady state; mean over seeds)", "",
+             "| mode | agents/s | TTFT s | TTFT last third s | TTST s | TPOT ms | SLO met |",
+             "|---|---|---|---|---|---|---|"]
+            + [line for *_, line in sorted(rows)] + [""])
 
 
 def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[str]:
     caps = capacities(done)
     lines = ["## Capacity (highest swept arrival rate meeting the SLO, every lower rate meeting it too)", "",
              f"SLO: mean TTFT <= {online.SLO_TTFT_S:g} s and mean TPOT <= {online.SLO_TPOT_S * 1e3:g} ms in the "
-             "steady state (turns submitted between a quarter of the arrival span and the last arrival).", "",
+             "steady state (turns submitted between a quarter of the arrival span and the last arrival), and mean "
+             "TTFT within it in the steady state's last third of turns too (a queue still growing misses it).", "",
              "| mode | per seed (agents/s) | mean |", "|---|---|---|"]
     for mode, by_seed in caps.items():
         vals = [v for v, bracketed in by_seed.values() if v is not None and bracketed]
@@ -224,9 +272,15 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
                   if caps["basic"][s][0] and caps["basic"][s][1] and s in caps["dualpath"]
                   and caps["dualpath"][s][0] and caps["dualpath"][s][1]]
         if ratios:
+            bounds = [b for seed in sorted(caps["basic"]) if (b := ratio_bounds(done, seed))]
             lines += ["", f"DualPath / Basic capacity: {statistics.fmean(ratios):.2f}x "
                           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)}); the paper: "
-                          f"{paper.get('capacity.dualpath_vs_basic', '-')}"]
+                          f"{paper.get('capacity.dualpath_vs_basic', '-')}."]
+            if bounds:
+                lines += ["", "Between the rates probed, the ratio lies in "
+                              + ", ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in bounds)
+                              + " (per seed: DualPath's capacity over the rate Basic missed, to the rate DualPath "
+                              "missed over Basic's capacity); finer probes narrow it."]
             heads.append(_head(paper, "online capacity, DualPath / Basic", ratios,
                                paper.get("capacity.dualpath_vs_basic")))
         else:  # still a line in the suite's table: what is known, and that no ratio is formed
@@ -433,7 +487,7 @@ def _sweep_report(sweep_dir: Path) -> Path:
                                 paper.get("speedup.dualpath_vs_basic"), (int, float)) else None):
         lines += [f"![{png}]({png})", ""]
     if RATE_KEY in index["varied"]:
-        lines += _capacity_lines(done, paper, heads)
+        lines += _latency_vs_rate(groups) + _capacity_lines(done, paper, heads)
     else:
         lines += _online_lines(groups, paper, heads)
     if any("snic_balance.dualpath" in g["stats"] for g in groups) and POLICY_KEY in index["varied"]:

@@ -153,8 +153,9 @@ class LinkKey(NamedTuple):
 
 
 def _link_keys(plan) -> dict[ClassKey, LinkKey]:
-    """HTB classes of every SNIC and CNIC, both ends. Traffic class "link" is the link's root class 1:1 (all its traffic), "default" its
-    leaf 1:10 (everything without traffic classes, unmarked traffic with them), then e.g. "collective", "kv"."""
+    """HTB classes of every SNIC and CNIC, both ends. Traffic class "link" is the link's root class 1:1 (all
+    its traffic), "default" its leaf 1:10 (everything without traffic classes, unmarked traffic with them),
+    then e.g. "collective", "kv"."""
     keys = {}
     for lk in plan.net.links:
         if lk.link_class not in ("snic", "cnic"):

@@ -31,7 +31,8 @@ from .schema import RATE_KEY, SEED_KEY, Point, Search, probe
 def metrics(summary: dict) -> dict[str, float]:
     """The figures of one run, flat: ``jct_s.<mode>``, ``speedup.<ratio>``, ``snic_util.<side>.<mode>``,
     ``cnic_util.<side>.<mode>``, ``ttft_s.<q>.<mode>``, ``tpot_s.<q>.<mode>``, ``cpu_util_max``; online runs add
-    ``online.slo_ok.<mode>`` (1 or 0) and ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>``;
+    ``online.slo_ok.<mode>`` (1 or 0), ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>`` and
+    ``online.ttft_s.last_third.<mode>`` (the mean TTFT of the steady state's last third of turns);
     ``snic_balance.<mode>``: the mean over windows (``serving.balance_window``) of the busiest SNIC's reads
     over the mean SNIC's;
     ``fabric.<kind>.<link type>.<mode>`` (kind: measured_wire, predicted_wire, with_loopback, saturated,
@@ -67,6 +68,8 @@ def metrics(summary: dict) -> dict[str, float]:
             for k in ("ttft_s", "ttst_s", "tpot_s", "trajectory_jct_s"):
                 if on[k]["mean"] is not None:
                     out[f"online.{k}.mean.{mode}"] = on[k]["mean"]
+            if on.get("ttft_s", {}).get("last_third_mean") is not None:
+                out[f"online.ttft_s.last_third.{mode}"] = on["ttft_s"]["last_third_mean"]
     for ratio, v in summary.get("speedup", {}).items():
         if v is not None:
             out[f"speedup.{ratio}"] = v

@@ -92,3 +92,31 @@ def test_snic_balance_is_the_busiest_snic_over_the_mean_weighted_by_each_windows
     assert bal == {"max_over_mean": round(510 / 405, 4), "unweighted": 1.5, "worst": 2.0, "windows": 3,
                    "window_s": 1.0}
     assert snic_balance(sampler, {k1: keys[k1]}, 0.0, 4.0, 1.0) is None  # one SNIC: nothing to balance
+
+
+def test_the_capacity_ratio_is_bounded_by_each_searchs_bracket():
+    from scenarios.report import RATE_KEY, SEED_KEY, ratio_bounds
+
+    def point(mode, rate, ok, seed=0):
+        return {"status": "done", "trustworthy": True, "values": {RATE_KEY: rate, SEED_KEY: seed},
+                "metrics": {f"online.slo_ok.{mode}": float(ok)}}
+
+    pts = [point("basic", 3, True), point("basic", 3.75, False), point("basic", 5, False),
+           point("dualpath", 8.5, True), point("dualpath", 10.625, False), point("dualpath", 8.5, True, seed=1)]
+    assert ratio_bounds(pts, 0) == (8.5 / 3.75, 10.625 / 3)
+    assert ratio_bounds(pts, 1) is None  # seed 1: neither search bracketed
+
+
+def test_a_capacity_sweep_reports_latency_against_the_rate_per_mode():
+    from scenarios.report import RATE_KEY, _latency_vs_rate
+
+    def group(rate, mode, ttft, ok, n=3):
+        return {"values": {RATE_KEY: rate}, "stats": {
+            f"online.slo_ok.{mode}": {"mean": ok / n, "n": n}, f"online.ttft_s.mean.{mode}": {"mean": ttft},
+            f"online.ttft_s.last_third.{mode}": {"mean": ttft * 1.5}, f"online.tpot_s.mean.{mode}": {"mean": 0.015}}}
+
+    lines = _latency_vs_rate([group(8.5, "dualpath", 2.0, 3), group(3.75, "basic", 3.8, 0), group(3, "basic", 2.0, 3)])
+    assert lines[4:7] == ["| basic | 3 | 2.00 | 3.00 | - | 15.0 | 3 of 3 |",  # basic first, rates ascending
+                          "| basic | 3.75 | 3.80 | 5.70 | - | 15.0 | 0 of 3 |",
+                          "| dualpath | 8.5 | 2.00 | 3.00 | - | 15.0 | 3 of 3 |"]
+    assert _latency_vs_rate([{"values": {RATE_KEY: 1}, "stats": {}}]) == []
