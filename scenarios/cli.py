@@ -27,7 +27,7 @@ from emulator.errors import DpemuError
 from emulator.registry import Registry
 from emulator.units import format_rate
 
-from . import bench, platform, report, reproduce, runner, schema, sweep
+from . import bench, platform, report, reproduce, runner, schema, sweep, tables
 from .plan import make_plan, plan_text
 from .report import fmt_ms, fmt_num
 from .schema import label_of
@@ -76,64 +76,15 @@ def _serving_table(summary: dict) -> Table:
     return t
 
 
-def _collectives_table(summary: dict) -> Table | None:
-    """Per mode: AllToAll completion times of the prefill and decode groups (real ms), if collectives ran."""
-    rows = [(mode, m["collectives"]) for mode, m in summary["modes"].items() if m.get("collectives")]
-    if not rows:
-        return None
-    t = Table(title="collectives (MoE AllToAll completion, real ms)", box=box.SIMPLE_HEAD, pad_edge=False,
-              collapse_padding=True, title_justify="left")
-    for col in ("mode", "prefill\ncount", "prefill\np50/p99", "decode\ncount", "decode\np50/p99"):
-        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
-
-    for mode, c in rows:
-        p, d = c["prefill"], c["decode"]
-        t.add_row(mode, str(p["count"]), f"{fmt_ms(p['p50_s'])}/{fmt_ms(p['p99_s'])}", str(d["count"]),
-                  f"{fmt_ms(d['p50_s'])}/{fmt_ms(d['p99_s'])}")
-    return t
-
-
-def _isolation_table(summary: dict) -> Table | None:
-    """The isolation experiment: reference (no KV), isolation on, isolation off."""
-    iso = summary.get("isolation")
-    if not iso:
-        return None
-    t = Table(title="isolation: collectives and TPOT in real ms, slow = p99 / reference p99 (oracle: no KV);\n"
-                    "KV: KV over the compute fabric, real Gbit/s",
-              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
-    for col in ("run", "prefill\np50/p99", "\nslow", "decode\np50/p99", "\nslow", "TPOT\np50/p99",
-                "TTFT s\np50", "KV\nGbit/s"):
-        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
-
-    for run, label in (("reference", "reference"), ("on", "isolation on"), ("off", "isolation off")):
-        r = iso[run]
-        c, sd = r["collective_s"], r.get("slowdown_p99", {})
-        t.add_row(label, f"{fmt_ms(c['prefill']['p50'])}/{fmt_ms(c['prefill']['p99'])}",
-                  fmt_num(sd.get("prefill"), "{:.2f}x"),
-                  f"{fmt_ms(c['decode']['p50'])}/{fmt_ms(c['decode']['p99'])}", fmt_num(sd.get("decode"), "{:.2f}x"),
-                  f"{fmt_ms(r['tpot_s']['p50'])}/{fmt_ms(r['tpot_s']['p99'])}",
-                  "-" if r["ttft_s"]["p50"] is None else f"{r['ttft_s']['p50']:.1f}",
-                  fmt_num(r.get("cnic_kv_gbps"), "{:.0f}"))
-    return t
-
-
-def _online_table(summary: dict) -> Table | None:
-    """Online runs: the steady state of each mode against the SLO (scenarios/online.py)."""
-    rows = {m: v["online"] for m, v in summary.get("modes", {}).items() if "online" in v}
-    if not rows:
-        return None
-    t = Table(title="online, steady state (turns submitted in [T/4, T], T = last arrival); real s, TPOT ms",
-              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
-    for col in ("mode", "APS", "turns", "TTFT\nmean/p99", "TTST\nmean", "TPOT\nmean", "queue/alloc/read\n/prefill",
-                "SLO"):
-        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
-    for mode, o in rows.items():
-        b = o.get("ttft_breakdown_s", {})
-        t.add_row(mode, f"{o['arrival_rate']:g}", str(o["turns"]),
-                  f"{fmt_num(o['ttft_s']['mean'], '{:.1f}')}/{fmt_num(o['ttft_s']['p99'], '{:.1f}')}",
-                  fmt_num(o["ttst_s"]["mean"], "{:.1f}"), fmt_ms(o["tpot_s"]["mean"]),
-                  "/".join(fmt_num(b.get(k), "{:.1f}") for k in ("wait", "alloc", "read", "prefill")),
-                  "[green]ok[/]" if o["slo_ok"] else "[red]missed[/]")
+def _rich(grid: tables.Grid) -> Table:
+    """A run's table (``scenarios.tables``) for the terminal; SLO verdicts in colour."""
+    t = Table(title=grid.title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    for i, col in enumerate(grid.columns):
+        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+    colour = {"ok": "[green]ok[/]", "missed": "[red]missed[/]"}
+    slo = grid.columns.index("SLO") if "SLO" in grid.columns else None
+    for row in grid.rows:
+        t.add_row(*(colour.get(c, c) if i == slo else c for i, c in enumerate(row)))
     return t
 
 
@@ -160,9 +111,9 @@ def _print_run(s: dict, run_dir: Path) -> None:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
-        for extra in (_online_table(s), _collectives_table(s), _isolation_table(s)):
-            if extra is not None:
-                console.print(extra)
+        for grid in (tables.online(s), tables.collectives(s), tables.isolation(s)):
+            if grid is not None:
+                console.print(_rich(grid))
         for mode, m in s["modes"].items():
             if m.get("online") and not m["online"]["slo_ok"]:
                 console.print(f"  {mode} missed the SLO: {m['online']['why']}")

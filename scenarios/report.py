@@ -25,9 +25,10 @@ import yaml
 
 from emulator.errors import ConfigError
 
-from . import fabric, online
+from . import fabric, online, tables
 from .schema import RATE_KEY, label_of
 from .sweep import SEED_KEY, aggregate, metrics, slo_verdicts
+from .tables import fmt_ms, fmt_num
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
 COLORS = {"basic": "tab:red", "layerwise": "tab:orange", "dualpath": "tab:blue", "oracle": "tab:gray"}
@@ -53,15 +54,6 @@ def expected_speedup(cluster: dict, jct: dict[str, float]) -> tuple[float, float
     storage = storage_bound_speedup(cluster)
     compute = jct["basic"] / jct["oracle"] if jct.get("basic") and jct.get("oracle") else None
     return storage, compute, min(storage, compute) if compute else storage
-
-
-def fmt_num(x: float | None, spec: str = "{:.2f}") -> str:
-    """A figure for a table: "-" when there is none."""
-    return "-" if x is None else spec.format(x)
-
-
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def report(path: Path) -> Path:
@@ -158,7 +150,8 @@ def _run_report(run: Path) -> Path:
         lines += ["| mode | JCT s | SNIC pe | SNIC de | CNIC pe | CNIC de | TTFT p50/p99 s | TPOT p50/p99 ms |",
                   "|---|---|---|---|---|---|---|---|"]
         for mode, m in summary["modes"].items():
-            lines.append(f"| {mode} | {m['jct_s']:.1f} | {fmt_num(m['snic_util']['pe'])} | {fmt_num(m['snic_util']['de'])} "
+            lines.append(f"| {mode} | {m['jct_s']:.1f} | {fmt_num(m['snic_util']['pe'])} "
+                         f"| {fmt_num(m['snic_util']['de'])} "
                          f"| {fmt_num(m['cnic_util']['pe'])} | {fmt_num(m['cnic_util']['de'])} "
                          f"| {fmt_num(m['ttft_s']['p50'], '{:.1f}')}/{fmt_num(m['ttft_s']['p99'], '{:.1f}')} "
                          f"| {fmt_ms(m['tpot_s']['p50'])}/{fmt_ms(m['tpot_s']['p99'])} |")
@@ -170,6 +163,9 @@ def _run_report(run: Path) -> Path:
                   f"| DualPath / Basic JCT | {fmt_num(measured)}x | {fmt_num(paper)}{'x' if paper else ''} "
                   f"| {expect:.2f}x (storage-bound (P+D)/P = {storage:.2f}, compute-bound basic/oracle = "
                   f"{fmt_num(compute)}) |", ""]
+        for grid in (tables.online(summary), tables.collectives(summary), tables.isolation(summary)):
+            if grid is not None:
+                lines += tables.markdown(grid)
         rates = {c["link_class"]: c["configured_bps"] for c in summary["calibration"]["classes"]}
         for png in _run_plots(run, summary, rates):
             lines += [f"![{png}]({png})", ""]

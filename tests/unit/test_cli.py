@@ -117,7 +117,8 @@ def test_run_of_refused_plan_fails_before_building(not_root, capsys):
 def test_result_tables_fit_80_columns_without_truncation():
     from rich.console import Console
 
-    from scenarios.cli import _calibration_table, _collectives_table, _serving_table
+    from scenarios import tables
+    from scenarios.cli import _calibration_table, _rich, _serving_table
     row = {"link_class": "stnic", "direction": "down", "links": 2, "real_bps": 1.6e12, "configured_bps": 160e6,
            "expected_bps": 160e6, "achieved_bps": 159.87e6, "worst_error": -0.0123, "iperf3_goodput_bps": 152.51e6,
            "within_tolerance": True}
@@ -131,7 +132,7 @@ def test_result_tables_fit_80_columns_without_truncation():
     console = Console(width=80, record=True)
     console.print(_calibration_table(summary))
     console.print(_serving_table(summary))
-    console.print(_collectives_table(summary))
+    console.print(_rich(tables.collectives(summary)))
     text = console.export_text()
     assert "…" not in text
     assert "dualpath" in text and "159.9Mbit" in text and "10.3/122.0" in text
@@ -141,7 +142,8 @@ def test_result_tables_fit_80_columns_without_truncation():
 def test_isolation_comparison_and_its_table():
     from rich.console import Console
 
-    from scenarios.cli import _isolation_table
+    from scenarios import tables
+    from scenarios.cli import _rich
     from scenarios.results import isolation_comparison
 
     def mode(prefill_p99, decode_p99, tpot_p99):
@@ -161,9 +163,12 @@ def test_isolation_comparison_and_its_table():
     # configured off: the flipped run is the "on" one
     assert isolation_comparison(False, modes, off)["on"]["slowdown_p99"]["prefill"] == 3.84
     console = Console(width=80, record=True)
-    console.print(_isolation_table({"isolation": iso}))
+    console.print(_rich(tables.isolation({"isolation": iso})))
     text = console.export_text()
     assert "…" not in text and "3.84x" in text and "isolation off" in text and " 346" in text
+    md = tables.markdown(tables.isolation({"isolation": iso}))  # report.md has the same rows
+    assert md[2] == "| run | prefill p50/p99 | slow | decode p50/p99 | slow | TPOT p50/p99 | TTFT s p50 | KV Gbit/s |"
+    assert md[6] == "| isolation off | 15.0/96.0 | 3.84x | 1.0/11.0 | 2.20x | 17.0/24.6 | 3.5 | 346 |"
 
 
 def test_plan_lists_the_serving_daemons_of_every_mode(capsys):

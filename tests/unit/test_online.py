@@ -9,7 +9,8 @@ from scenarios import online
 
 def row(agent, arrival, submit, ttft, tpot=0.02, gen=10, done=None, parts=(0.5, 0.1, 0.3, 0.2)):
     wait, alloc, read, prefill = parts
-    return {"agent": agent, "arrival_s": arrival, "submit_s": submit, "done_s": done if done is not None else submit + 2,
+    return {"agent": agent, "arrival_s": arrival, "submit_s": submit,
+            "done_s": done if done is not None else submit + 2,
             "ttft_s": ttft, "ttst_s": ttft + tpot if gen > 1 else 0.0, "tpot_s": tpot, "gen_tokens": gen,
             "wait_s": wait, "alloc_s": alloc, "read_s": read, "prefill_s": prefill}
 
