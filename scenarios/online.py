@@ -4,7 +4,8 @@
 Steady state (one definition, used everywhere): the turns SUBMITTED between a quarter of the arrival span and
 the last agent's arrival, ``[0.25 x T, T]`` with ``T`` the last arrival (real seconds from the first). Before,
 the cluster fills from empty; after, no agent arrives any more and it drains, so both ends would flatter the
-latencies. Agents' trajectory JCT counts the agents that ARRIVED in that window (arrival -> last turn done).
+latencies. Agents' trajectory JCT counts the agents that ARRIVED in that window (arrival -> last turn done)
+and finished their trajectory (a run that stops after the window leaves the late agents' unfinished).
 
 The SLO is the paper's: mean TTFT <= 4 s and mean TPOT <= 50 ms over the steady window, and the window's last
 third also has a mean TTFT <= 4 s (a queue that keeps growing has not reached a steady state even if its
@@ -57,6 +58,9 @@ def steady_state(rows: list[dict]) -> dict:
     for r in rows:
         a = agents.setdefault(r["agent"], [float(r["arrival_s"]), 0.0])
         a[1] = max(a[1], float(r["done_s"]))
+    if "last_turn" in rows[0]:  # a run may stop after the window: only the trajectories that finished count
+        finished = {r["agent"] for r in rows if int(r["last_turn"])}
+        agents = {k: v for k, v in agents.items() if k in finished}
     jct = [done - arr for arr, done in agents.values() if start <= arr <= end]
     out = {
         "window_s": [round(start, 3), round(end, 3)], "turns": len(window), "agents": len(jct),

@@ -164,6 +164,9 @@ class Workload(_Model):
     gen_scale: Number = Field(1.0, gt=0)
     seed: StrictInt = 0
     arrival_rate: Number | None = Field(None, gt=0, description="agents per real second; None: offline")
+    drain: bool = Field(False, description="online runs: let every agent finish its trajectory; false: once "
+                                           "every turn submitted up to the last arrival (the steady window's "
+                                           "end) has finished, agents start no new turn")
     sampling: Literal["agents", "turns"] = Field("agents", description="agents: every trajectory weighs the "
                                                  "same; turns: drawn by length, the turn mix of whole trajectories")
     trace: Trace | None = Field(None, description="replay a Mooncake trace instead (set, agents, turns, scales "

@@ -119,7 +119,9 @@ def driver_argv(plan, mode: str, mode_dir: Path, python: str = sys.executable) -
     return [python, "-m", "traffic.driver", "run", "--scheduler", f"{ctl_addr}:{SCHED_PORT}",
             "--workload", str(mode_dir / "workload.json"), "--block-tokens", str(sc.serving.block_tokens),
             "--layer-chunks", str(sc.serving.layer_chunks), "--time-scale", str(sc.scale.time), "--tag", f"{mode}-",
-            "--out", str(mode_dir / "requests.csv")]
+            "--out", str(mode_dir / "requests.csv")] + (
+        ["--stop-after-window"] if sc.serving.workload.arrival_rate is not None and not sc.serving.workload.drain
+        else [])
 
 
 def _wait_ready(proc, what: str) -> None:

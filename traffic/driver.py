@@ -10,7 +10,11 @@ lists, per agent, the Full Blocks its context already has in storage before
 its first emulated turn (the storage daemons write them at start-up);
 ``run`` starts every agent (offline: all at t=0; online: at its Poisson
 arrival), submits its turns one after the other (tool latency 0, as in the
-paper) and writes one CSV row per turn.
+paper) and writes one CSV row per turn. With ``--stop-after-window`` (online
+runs), once every turn submitted up to the last arrival (the end of the
+steady window, ``scenarios.online``) has finished, no agent starts another
+turn: the load stays on until the last measured turn is done, and the run does
+not wait for the late agents' remaining trajectories.
 
 A turn's request: the context before the turn is cached in storage as
 ``context // block_tokens`` Full Blocks; the partial last block is recomputed
@@ -37,7 +41,7 @@ from traffic.workload import Trajectory, Turn, WorkloadSpec
 
 COLUMNS = ["agent", "turn", "pe", "de", "path", "context_tokens", "hit_tokens", "new_tokens", "gen_tokens",
            "kv_bytes", "arrival_s", "submit_s", "done_s", "wait_s", "alloc_s", "read_s", "prefill_s", "decode_s",
-           "ttft_s", "ttst_s", "tpot_s"]
+           "ttft_s", "ttst_s", "tpot_s", "last_turn"]
 
 
 def trajectory_id(agent: int) -> str:
@@ -59,12 +63,44 @@ def turn_request(turn: Turn, block_tokens: int, layer_chunks: int, tag: str = ""
                           context_tokens=turn.context_before_tokens + turn.append_tokens)
 
 
-async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: list[dict]) -> None:
+class _Window:
+    """Turns submitted up to the last arrival (wall time ``end``) and not yet finished; ``stop`` is set once
+    ``end`` has passed with none left (only when the run stops after the window)."""
+
+    def __init__(self, end: float, enabled: bool):
+        self.end, self.enabled, self.open = end, enabled, 0
+        self.stop = asyncio.Event()
+
+    def started(self, t: float) -> bool:
+        measured = t <= self.end
+        self.open += measured
+        return measured
+
+    def finished(self, measured: bool) -> None:
+        self.open -= measured
+        self.check()
+
+    def check(self) -> None:
+        if self.enabled and self.open == 0 and time.monotonic() > self.end:
+            self.stop.set()
+
+    async def watch(self) -> None:  # the window may end with no measured turn in flight
+        await asyncio.sleep(max(0.0, self.end - time.monotonic()) + 1e-3)
+        self.check()
+
+
+async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: list[dict], window: _Window) -> None:
     await asyncio.sleep(max(0.0, t0 + start_s * args.time_scale - time.monotonic()))  # its arrival time
-    for turn in traj.turns:
+    for i, turn in enumerate(traj.turns):
+        if window.stop.is_set():
+            return
         req = turn_request(turn, args.block_tokens, args.layer_chunks, args.tag)
         submit = time.monotonic()
-        res = await stub.Submit(req)
+        measured = window.started(submit)
+        try:
+            res = await stub.Submit(req)
+        finally:
+            window.finished(measured)
         done = time.monotonic()
         real = 1.0 / args.time_scale
         rows.append({
@@ -74,20 +110,34 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
             "arrival_s": round(start_s, 6),
             "submit_s": round((submit - t0) * real, 6), "done_s": round((done - t0) * real, 6),
             **{k: round(getattr(res, k) * real, 6) for k in
-               ("wait_s", "alloc_s", "read_s", "prefill_s", "decode_s", "ttft_s", "ttst_s", "tpot_s")}})
+               ("wait_s", "alloc_s", "read_s", "prefill_s", "decode_s", "ttft_s", "ttst_s", "tpot_s")},
+            "last_turn": int(i == len(traj.turns) - 1)})
         print(f"done {len(rows)}", flush=True)  # progress, for whoever runs the driver
+
+
+async def play_agents(stub, trajectories: list[Trajectory], starts: list[float], args) -> list[dict]:
+    """Every agent's turns against the scheduler `stub`; one row per finished turn."""
+    rows: list[dict] = []
+    t0 = time.monotonic()
+    window = _Window(t0 + max(starts) * args.time_scale, args.stop_after_window)
+    watcher = asyncio.ensure_future(window.watch())
+    try:
+        await asyncio.gather(*(_agent(stub, t, s, t0, args, rows, window)
+                               for t, s in zip(trajectories, starts, strict=True)))
+    finally:
+        watcher.cancel()
+    return rows
 
 
 async def run(args) -> dict:
     spec = WorkloadSpec(**json.loads(Path(args.workload).read_text()))
     trajectories, starts = play(spec)
-    rows: list[dict] = []
     async with grpc.aio.insecure_channel(args.scheduler) as channel:
         stub = pb_grpc.SchedulerStub(channel)
         await channel.channel_ready()
         print("start", flush=True)  # set up (imports, connection): the workload starts now
         t0 = time.monotonic()
-        await asyncio.gather(*(_agent(stub, t, s, t0, args, rows) for t, s in zip(trajectories, starts, strict=True)))
+        rows = await play_agents(stub, trajectories, starts, args)
         jct_wall = time.monotonic() - t0
     rows.sort(key=lambda r: (r["submit_s"], r["agent"], r["turn"]))
     with open(args.out, "w", newline="") as f:
@@ -111,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--layer-chunks", type=int, default=4)
     r.add_argument("--time-scale", type=float, default=1.0)
     r.add_argument("--tag", default="", help="prefix of request ids (e.g. the mode)")
+    r.add_argument("--stop-after-window", action="store_true",
+                   help="start no turn once every turn submitted up to the last arrival has finished")
     r.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "preload":

@@ -57,15 +57,19 @@ def test_an_online_sweep_writes_one_run_per_point_and_a_capacity_report(online_s
                 assert float(r["alloc_s"]) >= 0
                 if int(r["gen_tokens"]) > 1:
                     assert float(r["ttst_s"]) > float(r["ttft_s"]) > 0
+            end = max(float(r["arrival_s"]) for r in rows)  # the steady window's end: the run stops after it
+            window_done = max(float(r["done_s"]) for r in rows if float(r["submit_s"]) <= end)
+            assert all(float(r["submit_s"]) <= window_done for r in rows)
             paths = {r["path"] for r in rows}
             assert paths == ({"pe"} if mode == "layerwise" else paths) and paths <= {"pe", "de"}
         assert summary["ledger"]["blocks_corrupt"] == 0 and summary["ledger"]["blocks_lost"] == 0
     rep = run_dpemu("report", str(sweep_dir))
     assert rep.returncode == 0, describe(rep)
     text = (sweep_dir / "report.md").read_text()
-    assert "## Capacity" in text and "| layerwise |" in text and "| dualpath |" in text
+    assert "## Capacity" in text and "## Online latency against the arrival rate" in text
+    capacity = text.split("## Capacity", 1)[1].splitlines()
     for mode in ("layerwise", "dualpath"):  # a mode's row has its capacity, or says no run could be trusted
-        row = next(line for line in text.splitlines() if line.startswith(f"| {mode} |"))
+        row = next(line for line in capacity if line.startswith(f"| {mode} |"))
         trusted = any(p["trustworthy"] for p in index["points"])
         assert ("seed 0:" in row) if trusted else ("no trustworthy run" in row), row
     assert (sweep_dir / "jct.png").is_file()

@@ -64,3 +64,35 @@ def test_driver_runs_every_turn_with_clean_ledgers(tmp_path):
         assert sum(lg.blocks_written for lg in ledgers) > 0
     finally:
         procs.stop()
+
+
+def test_an_online_run_stops_once_the_steady_windows_turns_are_done():
+    """Agents arrive at 0, 0.1 and 0.2 s with 6 turns of 0.08 s each: stopping after the window, every turn
+    submitted by the last arrival (0.2 s) finishes and the load stays on until then, but no agent starts a
+    turn after; without the stop every turn runs."""
+    import argparse
+    import asyncio
+
+    from traffic.driver import play_agents
+    from traffic.workload import Trajectory
+
+    class Scheduler:  # answers a turn after 80 ms, as a loaded cluster would
+        async def Submit(self, req):  # noqa: N802 - gRPC's name
+            await asyncio.sleep(0.08)
+            return pb.TurnResult(pe="pe1", de="de1", path="pe")
+
+    trajs = [Trajectory(a, 0, tuple(Turn(a, i, 1000 * i, 100, 10) for i in range(6))) for a in range(3)]
+
+    def play(stop: bool) -> list[dict]:
+        args = argparse.Namespace(block_tokens=64, layer_chunks=2, tag="", time_scale=1.0, stop_after_window=stop)
+        return asyncio.run(play_agents(Scheduler(), trajs, [0.0, 0.1, 0.2], args))
+
+    rows = play(True)
+    assert len(rows) < 18 and {r["agent"] for r in rows} == {"a0", "a1", "a2"}
+    by_agent = {a: sorted(r["turn"] for r in rows if r["agent"] == a) for a in ("a0", "a1", "a2")}
+    assert all(turns == list(range(len(turns))) for turns in by_agent.values())  # each in order, none skipped
+    window_done = max(r["done_s"] for r in rows if r["submit_s"] <= 0.2)  # the window's last turn finished
+    assert max(r["submit_s"] for r in rows) <= window_done  # nothing started after that
+    assert all(r["last_turn"] == int(r["turn"] == 5) for r in rows)
+    rows = play(False)
+    assert len(rows) == 18 and sum(r["last_turn"] for r in rows) == 3

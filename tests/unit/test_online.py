@@ -27,6 +27,16 @@ def test_the_window_is_a_quarter_of_the_arrival_span_to_the_last_arrival():
     assert s["agents"] == 5  # arrived in [10, 40]: a1..a4, and a9 (at 40)
 
 
+def test_trajectory_jct_counts_the_agents_that_finished_when_rows_say_which():
+    rows = [row("a1", 10.0, 10.0, ttft=1.0, done=14.0), row("a1", 10.0, 14.0, ttft=1.0, done=20.0),
+            row("a2", 30.0, 30.0, ttft=1.0, done=33.0), row("a3", 40.0, 40.0, ttft=1.0, done=41.0)]
+    assert online.steady_state(rows)["trajectory_jct_s"]["mean"] == pytest.approx((10 + 3 + 1) / 3)
+    for r, last in zip(rows, (0, 1, 0, 1), strict=True):  # a2 was stopped before its last turn
+        r["last_turn"] = str(last)
+    s = online.steady_state(rows)
+    assert s["agents"] == 2 and s["trajectory_jct_s"]["mean"] == pytest.approx((10 + 1) / 2)
+
+
 def test_slo_misses_say_why():
     rows = [row(f"a{i}", float(i), float(i), ttft=5.0, tpot=0.06) for i in range(12)]
     s = online.steady_state(rows)
