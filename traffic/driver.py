@@ -92,7 +92,7 @@ class _Window:
 async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: list[dict], window: _Window) -> None:
     await asyncio.sleep(max(0.0, t0 + start_s * args.time_scale - time.monotonic()))  # its arrival time
     for i, turn in enumerate(traj.turns):
-        if window.stop.is_set():
+        if i and window.stop.is_set():  # its first turn is its arrival: load that always comes
             return
         req = turn_request(turn, args.block_tokens, args.layer_chunks, args.tag)
         submit = time.monotonic()

@@ -72,6 +72,7 @@ def test_an_online_run_stops_once_the_steady_windows_turns_are_done():
     turn after; without the stop every turn runs."""
     import argparse
     import asyncio
+    import time
 
     from traffic.driver import play_agents
     from traffic.workload import Trajectory
@@ -96,3 +97,16 @@ def test_an_online_run_stops_once_the_steady_windows_turns_are_done():
     assert all(r["last_turn"] == int(r["turn"] == 5) for r in rows)
     rows = play(False)
     assert len(rows) == 18 and sum(r["last_turn"] for r in rows) == 3
+
+    # an agent whose arrival the scheduler of the event loop delayed past the stop still makes its first turn
+    from traffic.driver import _agent, _Window
+
+    async def late() -> list[dict]:
+        window, rows = _Window(end=0.0, enabled=True), []
+        window.check()
+        assert window.stop.is_set()
+        args = argparse.Namespace(block_tokens=64, layer_chunks=2, tag="", time_scale=1.0)
+        await _agent(Scheduler(), trajs[0], 0.0, time.monotonic(), args, rows, window)
+        return rows
+
+    assert [r["turn"] for r in asyncio.run(late())] == [0]
