@@ -237,11 +237,11 @@ def _latency_vs_rate(groups: list[dict]) -> list[str]:
                          f"| {fmt_num(mean('ttft_s.last_third'))} | {fmt_num(mean('ttst_s.mean'))} "
                          f"| {fmt_ms(mean('tpot_s.mean'))} "
                          f"| {round(ok['mean'] * ok['n'])} of {ok['n']} |"))
+    head = ["## Online latency against the arrival rate (steady state; mean over seeds)", ""]
     if not rows:
-        return []
-    return (["## Online latency against the arrival rate (steady state; mean over seeds)", "",
-             "| mode | agents/s | TTFT s | TTFT last third s | TTST s | TPOT ms | SLO met |",
-             "|---|---|---|---|---|---|---|"]
+        return head + ["No trustworthy run: no latency to report (each run's summary.json says why).", ""]
+    return (head + ["| mode | agents/s | TTFT s | TTFT last third s | TTST s | TPOT ms | SLO met |",
+                    "|---|---|---|---|---|---|---|"]
             + [line for *_, line in sorted(rows)] + [""])
 
 
