@@ -88,12 +88,19 @@ def steady_state(rows: list[dict]) -> dict:
     return out
 
 
-def capacity(results: dict[float, bool]) -> tuple[float | None, bool]:
-    """(highest rate meeting the SLO with every lower rate meeting it too, whether a higher swept rate missed
-    it). Not bracketed, the capacity is only known to be at least that rate; None: the lowest rate missed."""
+def bracket(results: dict[float, bool]) -> tuple[float | None, float | None]:
+    """(highest rate meeting the SLO with every lower rate meeting it too, the lowest rate that missed it);
+    None for the first: the lowest rate missed; None for the second: every rate met it."""
     best = None
     for rate in sorted(results):
         if not results[rate]:
-            return best, True
+            return best, rate
         best = rate
-    return best, False
+    return best, None
+
+
+def capacity(results: dict[float, bool]) -> tuple[float | None, bool]:
+    """(the capacity, whether a higher swept rate missed the SLO) of ``bracket``. Not bracketed, the capacity
+    is only known to be at least that rate; None: the lowest rate missed."""
+    cap, miss = bracket(results)
+    return cap, miss is not None

@@ -197,25 +197,22 @@ def _verdicts(points: list[dict]) -> dict[str, dict[int, dict[float, bool]]]:
     return passed
 
 
-def capacities(points: list[dict]) -> dict[str, dict[int, tuple[float | None, bool]]]:
+def capacities(points: list[dict], verdicts: dict | None = None) -> dict[str, dict[int, tuple[float | None, bool]]]:
     """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
-    trustworthy finished points of an arrival-rate sweep (``online.capacity``)."""
+    trustworthy finished points of an arrival-rate sweep (``online.capacity``; ``verdicts``: their
+    ``_verdicts``, when already at hand)."""
     return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()}
-            for mode, by_seed in _verdicts(points).items()}
+            for mode, by_seed in (verdicts if verdicts is not None else _verdicts(points)).items()}
 
 
-def ratio_bounds(points: list[dict], seed: int) -> tuple[float, float] | None:
-    """The range the DualPath / Basic capacity ratio of one seed lies in, given each search's bracket (the
-    capacity met, the lowest rate missed): (DualPath's met / Basic's missed, DualPath's missed / Basic's met);
+def ratio_bounds(verdicts: dict[str, dict[int, dict[float, bool]]], seed: int
+                 ) -> tuple[float, float] | None:
+    """The range the DualPath / Basic capacity ratio of one seed lies in, given each search's bracket
+    (``online.bracket`` of ``_verdicts``): (DualPath's met / Basic's missed, DualPath's missed / Basic's met);
     None unless both are bracketed."""
-    v = _verdicts(points)
-    ends = []
-    for mode in ("dualpath", "basic"):
-        rates = v.get(mode, {}).get(seed, {})
-        cap, bracketed = online.capacity(rates)
-        if cap is None or not bracketed:
-            return None
-        ends.append((cap, min(r for r, ok in rates.items() if not ok and r > cap)))
+    ends = [online.bracket(verdicts.get(mode, {}).get(seed, {})) for mode in ("dualpath", "basic")]
+    if any(met is None or miss is None for met, miss in ends):
+        return None
     (d_met, d_miss), (b_met, b_miss) = ends
     return d_met / b_miss, d_miss / b_met
 
@@ -246,7 +243,8 @@ def _latency_vs_rate(groups: list[dict]) -> list[str]:
 
 
 def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[str]:
-    caps = capacities(done)
+    verdicts = _verdicts(done)
+    caps = capacities(done, verdicts)
     lines = ["## Capacity (highest swept arrival rate meeting the SLO, every lower rate meeting it too)", "",
              f"SLO: mean TTFT <= {online.SLO_TTFT_S:g} s and mean TPOT <= {online.SLO_TPOT_S * 1e3:g} ms in the "
              "steady state (turns submitted between a quarter of the arrival span and the last arrival), and mean "
@@ -268,7 +266,7 @@ def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[st
                   if caps["basic"][s][0] and caps["basic"][s][1] and s in caps["dualpath"]
                   and caps["dualpath"][s][0] and caps["dualpath"][s][1]]
         if ratios:
-            bounds = [b for seed in sorted(caps["basic"]) if (b := ratio_bounds(done, seed))]
+            bounds = [b for seed in sorted(caps["basic"]) if (b := ratio_bounds(verdicts, seed))]
             lines += ["", f"DualPath / Basic capacity: {statistics.fmean(ratios):.2f}x "
                           f"(per seed {', '.join(f'{r:.2f}' for r in ratios)}); the paper: "
                           f"{paper.get('capacity.dualpath_vs_basic', '-')}."]

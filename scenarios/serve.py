@@ -173,6 +173,13 @@ def _link_keys(plan) -> dict[ClassKey, LinkKey]:
     return keys
 
 
+def _whole(keys: dict[ClassKey, LinkKey], link_class: str, direction: str, side: str | None = None
+           ) -> list[ClassKey]:
+    """The root classes (all the link's traffic) of one link class and direction, of one side or both."""
+    return [k for k, v in keys.items() if (v.link_class, v.direction, v.tclass) == (link_class, direction, "link")
+            and side in (None, v.side)]
+
+
 def _drain(stream) -> tuple[threading.Thread, list[str]]:
     """Read a child's stream to its end in a thread (so a chatty stderr never blocks it): (reader, lines)."""
     lines: list[str] = []
@@ -266,8 +273,7 @@ def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_byt
     """KV throughput over the compute fabric, real Gbit/s, averaged over the mode's JCT: every byte that
     crosses the fabric leaves one CNIC upwards, so it is the CNICs' upward wire bytes less the collectives'
     payload (what remains is KV, plus TCP/IP headers and gRPC framing: a few %). Isolation on or off alike."""
-    moved = [sampler.delta(k, t0, t1) for k, v in keys.items()
-             if (v.link_class, v.direction, v.tclass) == ("cnic", "up", "link")]
+    moved = [sampler.delta(k, t0, t1) for k in _whole(keys, "cnic", "up")]
     moved = [m for m in moved if m is not None]
     if not moved:
         return None
@@ -309,9 +315,8 @@ def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: fl
 def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
     out = {}
     for side in ("pe", "de"):
-        vals = [r / lk.rate_bps for k, lk in keys.items()
-                if (lk.link_class, lk.side, lk.direction, lk.tclass) == (cls, side, direction, "link")
-                and (r := sampler.rate_bps(k, a, b)) is not None]
+        vals = [r / keys[k].rate_bps for k in _whole(keys, cls, direction, side)
+                if (r := sampler.rate_bps(k, a, b)) is not None]
         out[side] = round(sum(vals) / len(vals), 4) if vals else None
     return out
 
@@ -330,8 +335,7 @@ def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float
     measured = {"pe_up": up["pe"], "pe_down": down["pe"], "de_up": up["de"], "de_down": down["de"]}
     reads = {}
     for side in ("pe", "de"):
-        rates = [sampler.rate_bps(k, a, b) for k, v in keys.items()
-                 if (v.link_class, v.side, v.direction, v.tclass) == ("snic", side, "down", "link")]
+        rates = [sampler.rate_bps(k, a, b) for k in _whole(keys, "snic", "down", side)]
         reads[side] = sum(r for r in rates if r is not None)
     p, d = len(snics["pe"]), len(snics["de"])  # one SNIC per node
     g = sum(1 for v in cnics if v.side == "pe") // p
@@ -340,8 +344,7 @@ def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float
     edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
     for lt in fabric.LINK_TYPES:
         side, direction = lt.split("_")
-        utils = [r / v.rate_bps for k, v in keys.items()
-                 if (v.link_class, v.side, v.direction, v.tclass) == ("cnic", side, direction, "link")
+        utils = [r / keys[k].rate_bps for k in _whole(keys, "cnic", direction, side)
                  for lo, hi in itertools.pairwise(edges)
                  if (r := sampler.rate_bps(k, lo, hi)) is not None]
         peak[lt] = round(max(utils), 4) if utils else None
@@ -359,11 +362,10 @@ def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) 
     mean of the windows' ratios, ``worst`` the highest; windows in which no SNIC read are skipped. 1.0 is
     perfect balance."""
     series = []
-    for k, v in keys.items():
-        if (v.link_class, v.direction, v.tclass) == ("snic", "down", "link"):
-            pts = sorted((s.t_s, s.bytes) for s in sampler.samples if s.key == k)
-            if pts:
-                series.append(pts)
+    for k in _whole(keys, "snic", "down"):
+        pts = sorted((s.t_s, s.bytes) for s in sampler.samples if s.key == k)
+        if pts:
+            series.append(pts)
     if len(series) < 2 or b - a < window_s:
         return None
 

@@ -33,8 +33,8 @@ def metrics(summary: dict) -> dict[str, float]:
     ``cnic_util.<side>.<mode>``, ``ttft_s.<q>.<mode>``, ``tpot_s.<q>.<mode>``, ``cpu_util_max``; online runs add
     ``online.slo_ok.<mode>`` (1 or 0), ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>`` and
     ``online.ttft_s.last_third.<mode>`` (the mean TTFT of the steady state's last third of turns);
-    ``snic_balance.<mode>``: the mean over windows (``serving.balance_window``) of the busiest SNIC's reads
-    over the mean SNIC's;
+    ``snic_balance.<mode>``: over windows of ``serving.balance_window``, the busiest SNIC's reads over the
+    mean SNIC's, each window weighted by its traffic (``serve.snic_balance``);
     ``fabric.<kind>.<link type>.<mode>`` (kind: measured_wire, predicted_wire, with_loopback, saturated,
     peak_wire) and ``fabric.<de_dram|de_read_share|p_over_d|g|s>.<mode>``: the compute fabric beside
     section 3 (``scenarios.fabric``)."""
@@ -200,17 +200,16 @@ class Searcher:
                 return self._stop(f"the run at {last['values'][RATE_KEY]:g}/s was not trustworthy")
             verdicts = self._verdicts()
             self.record["probes"] = {f"{r:g}": ok for r, ok in sorted(verdicts.items())}
-            cap, bracketed = online.capacity(verdicts)
-            self.record.update(capacity=cap, bracketed=bracketed)
-            above = [r for r, ok in verdicts.items() if not ok and (cap is None or r > cap)]
+            cap, miss = online.bracket(verdicts)
+            self.record.update(capacity=cap, bracketed=miss is not None)
             if cap is None:
                 rate = min(verdicts) / self.cfg.factor
-            elif not bracketed:
+            elif miss is None:
                 rate = max(verdicts) * self.cfg.factor
-            elif min(above) / cap <= self.cfg.resolution:
+            elif miss / cap <= self.cfg.resolution:
                 return self._stop("resolved")
             else:
-                rate = (cap * min(above)) ** 0.5
+                rate = (cap * miss) ** 0.5
             if len(self.entries) >= self.cfg.probes:
                 return self._stop("probes used up")
         pt = probe(self.start, rate, self.cfg.window)

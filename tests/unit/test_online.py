@@ -106,7 +106,7 @@ def test_snic_balance_is_the_busiest_snic_over_the_mean_weighted_by_each_windows
 
 
 def test_the_capacity_ratio_is_bounded_by_each_searchs_bracket():
-    from scenarios.report import RATE_KEY, SEED_KEY, ratio_bounds
+    from scenarios.report import RATE_KEY, SEED_KEY, _verdicts, ratio_bounds
 
     def point(mode, rate, ok, seed=0):
         return {"status": "done", "trustworthy": True, "values": {RATE_KEY: rate, SEED_KEY: seed},
@@ -114,8 +114,8 @@ def test_the_capacity_ratio_is_bounded_by_each_searchs_bracket():
 
     pts = [point("basic", 3, True), point("basic", 3.75, False), point("basic", 5, False),
            point("dualpath", 8.5, True), point("dualpath", 10.625, False), point("dualpath", 8.5, True, seed=1)]
-    assert ratio_bounds(pts, 0) == (8.5 / 3.75, 10.625 / 3)
-    assert ratio_bounds(pts, 1) is None  # seed 1: neither search bracketed
+    assert ratio_bounds(_verdicts(pts), 0) == (8.5 / 3.75, 10.625 / 3)
+    assert ratio_bounds(_verdicts(pts), 1) is None  # seed 1: neither search bracketed
 
 
 def test_a_capacity_sweep_reports_latency_against_the_rate_per_mode():
