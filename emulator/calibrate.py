@@ -5,7 +5,12 @@ namespaces while :class:`~emulator.monitor.TcSampler` reads the HTB counters of
 that direction's shaping class: host egress ("up", host -> fabric) or the
 switch port's egress ("down", fabric -> host). Achieved rate = counted wire
 bytes over the steady window (the first second of TCP ramp-up and the last
-quarter second are left out); iperf3's goodput is reported beside it.
+quarter second are left out). Two independent checks come with it:
+
+- payload: iperf3's goodput over the same window (its per-second intervals inside it) against the payload
+  the counters imply, counted bytes less one header (:data:`~emulator.tcplan.SEG_HEADER_BYTES`) per counted
+  segment. A counter that over-counts, or a link whose headers are not what the rate plan assumes, shows here;
+- dequeue timing (:mod:`emulator.dequeue`) on the saturated directions of every test, while the rounds run.
 
 Tests are planned first (pure data, printable by ``dpemu plan``):
 - a *pair* test runs flows a->b and b->a between two equal-rate links on the
@@ -24,9 +29,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from . import dequeue
 from .monitor import ClassKey, CpuSampler, TcSampler
 from .spec import LinkSpec, NetSpec
-from .tcplan import LINK_CLASS
+from .tcplan import LINK_CLASS, SEG_HEADER_BYTES
 
 WARMUP_S = 1.0  # at least this long after the flows are released
 RAMP_S = 0.5  # and this long after the last target reached half its rate
@@ -49,6 +55,11 @@ class Target:
     @property
     def target_bps(self) -> float:
         return self.link.rate_bps if self.expected_bps is None else min(self.expected_bps, self.link.rate_bps)
+
+    @property
+    def dev(self) -> str:
+        """The interface whose egress this direction is."""
+        return self.link.host_intf if self.direction == "up" else self.link.switch_intf
 
     def key(self, net: NetSpec) -> ClassKey:
         if self.direction == "up":
@@ -74,6 +85,12 @@ class Test:
     def offered_bps(self) -> float:
         """Upper bound of the traffic this test pushes through the kernel."""
         return sum(min(a.rate_bps, b.rate_bps) for a, b in self.flows)
+
+    @property
+    def saturated(self) -> tuple[Target, ...]:
+        """The directions whose queue stays full: a pair's host egresses (each switch port then receives exactly
+        its rate and never queues), a fan's link both ways (its peers add up to more than it)."""
+        return tuple(t for t in self.targets if self.kind == "fan" or t.direction == "up")
 
 
 def _pair(a: LinkSpec, b: LinkSpec) -> Test:
@@ -162,8 +179,17 @@ class Measurement:
     target: Target
     configured_bps: float
     achieved_bps: float | None  # HTB class counters (wire bytes)
-    goodput_bps: float | None  # iperf3 receiver goodput of the flows through it
+    goodput_bps: float | None  # iperf3 receiver goodput of the flows through it (whole test)
     cpu_util_max: float | None
+    payload_bps: float | None = None  # what the counters imply: wire bytes less one header per segment
+    window_goodput_bps: float | None = None  # iperf3's goodput in the same window (its 1 s intervals inside it)
+
+    @property
+    def goodput_error(self) -> float | None:
+        """iperf3's payload against the counters' payload, over the same window (0: they agree)."""
+        if not self.payload_bps or self.window_goodput_bps is None:
+            return None
+        return self.window_goodput_bps / self.payload_bps - 1.0
 
     @property
     def expected_bps(self) -> float:
@@ -183,6 +209,8 @@ class Calibration:
     duration_s: float = 0.0
     cpu_util_max: float | None = None
     cpu_util_mean: float | None = None
+    dequeue: dict[str, list[float]] = field(default_factory=dict)  # link class -> error of every busy gap
+    dequeue_problem: str | None = None  # why dequeue timing was not measured
 
     def worst_error(self) -> float | None:
         errs = [abs(m.error) for m in self.measurements if m.error is not None]
@@ -199,7 +227,12 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
     cpu = CpuSampler()
     cpu.start()
     windows = []
+    watched = [dequeue.Watched(t.dev, t.link.rate_bps, t.link.link_class) for test in tests for t in test.saturated]
+    result.dequeue_problem = dequeue.available()
+    monitor = dequeue.DequeueMonitor(watched, on_s=1.0, off_s=1.0) if result.dequeue_problem is None else None
     try:
+        if monitor:
+            monitor.start()
         for i, rnd in enumerate(schedule(tests, budget_bps), start=1):
             if progress:
                 progress(i, rnd)
@@ -209,6 +242,9 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
             result.rounds = i
     finally:
         cpu.stop()
+        if monitor:
+            result.dequeue = {k: v for k, v in monitor.stop().items() if v}
+            result.dequeue_problem = monitor.error
     result.duration_s = time.monotonic() - t_start
     summary = cpu.summary(windows)
     result.cpu_util_max, result.cpu_util_mean = summary["cpu_util_max"], summary["cpu_util_mean"]
@@ -275,7 +311,8 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
             data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": err.strip()}
             if "error" in data:
                 raise RuntimeError(f"iperf3 {src.host}->{dst.host} failed: {data['error']}")
-            results.append(data["end"]["sum_received"]["bits_per_second"])
+            results.append((data["end"]["sum_received"]["bits_per_second"],
+                            _window_goodput(data, t0 - launched, t1 - launched)))
     finally:
         sampler.teardown()
         for p in servers + clients:
@@ -285,6 +322,19 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     for t in targets:
         gp = [g for (src, dst), g in zip(flows, results, strict=True)
               if (src == t.link if t.direction == "up" else dst == t.link)]
-        out.append(Measurement(t, t.link.rate_bps, sampler.rate_bps(t.key(net), t0, t1), sum(gp), cpu_max))
+        counted = sampler.counts(t.key(net), t0, t1)
+        payload = None if counted is None else (counted[0] - SEG_HEADER_BYTES * counted[1]) * 8 / counted[2]
+        window = [w for _, w in gp]
+        out.append(Measurement(t, t.link.rate_bps, sampler.rate_bps(t.key(net), t0, t1), sum(g for g, _ in gp),
+                               cpu_max, payload, None if None in window else sum(window)))
     return out, (t0, t1)
+
+
+def _window_goodput(result: dict, a_s: float, b_s: float) -> float | None:
+    """iperf3's sent payload rate in its 1 s intervals that lie inside [a_s, b_s] (seconds since the release;
+    the client connects a few ms after it, which shifts its intervals by as much)."""
+    inside = [iv["sum"] for iv in result.get("intervals", []) if iv["sum"]["start"] >= a_s - 0.05
+              and iv["sum"]["end"] <= b_s + 0.05]
+    seconds = sum(iv["seconds"] for iv in inside)
+    return sum(iv["bytes"] for iv in inside) * 8 / seconds if seconds > 0 else None
 

@@ -158,8 +158,9 @@ class TcSampler(_Periodic):
         self.samples += new
         return new
 
-    def delta(self, key: ClassKey, t0: float, t1: float) -> tuple[int, float] | None:
-        """(bytes, seconds) that `key` sent between the samples nearest to t0 and t1."""
+    def counts(self, key: ClassKey, t0: float, t1: float) -> tuple[int, int, float] | None:
+        """(bytes, packets, seconds) that `key` sent between the samples nearest to t0 and t1. Packets are
+        segments: HTB counts a GSO skb as its segments, each with its own headers in the bytes."""
         pts = [s for s in self.samples if s.key == key]
         if len(pts) < 2:
             return None
@@ -167,7 +168,12 @@ class TcSampler(_Periodic):
         b = min(pts, key=lambda s: abs(s.t_s - t1))
         if b.t_s <= a.t_s:
             return None
-        return b.bytes - a.bytes, b.t_s - a.t_s
+        return b.bytes - a.bytes, b.packets - a.packets, b.t_s - a.t_s
+
+    def delta(self, key: ClassKey, t0: float, t1: float) -> tuple[int, float] | None:
+        """(bytes, seconds) that `key` sent between the samples nearest to t0 and t1."""
+        c = self.counts(key, t0, t1)
+        return None if c is None else (c[0], c[2])
 
     def rate_bps(self, key: ClassKey, t0: float, t1: float) -> float | None:
         """Average wire rate of `key` between the samples nearest to t0 and t1."""

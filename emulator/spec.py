@@ -9,10 +9,11 @@ what a prefill node is.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .names import check_ifname, owned
-from .tcplan import TcOp, TrafficClass, shape_ops
+from .tcplan import TcOp, TrafficClass, shape_ops, skb_segs_for
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ class LinkSpec(_Cable):
     link_class: str  # what calibration groups by: "snic", "cnic", "stnic"
     rate_bps: float
     ip: str  # host address with prefix length, "10.10.1.1/16"
-    queue_s: float
+    queue_s: float  # the queue of each end, as time at the rate (wall seconds)
     traffic_classes: tuple[TrafficClass, ...] = ()  # DSCP classes at both ends (compute fabric)
-    gso_max_bytes: int | None = None  # cap on GSO skbs at both ends (None: the kernel's 64 KiB)
+    skb_segs: int | None = None  # cap on GSO/TSO skbs at both ends, in full segments (None: the kernel's 64 KiB)
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,20 @@ class NetSpec:
         """Shaping in both directions: host egress ("up") and switch-port egress ("down")."""
         ops: list[TcOp] = []
         for lk in self.links:
-            ops += shape_ops(self.host(lk.host).netns, lk.host_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes)
-            ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes)
+            ops += shape_ops(self.host(lk.host).netns, lk.host_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes,
+                             lk.skb_segs)
+            ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes, lk.skb_segs)
         return ops
+
+    def cap_skbs(self, skb_s: float) -> "NetSpec":
+        """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by
+        the host that sends it and crosses its switch whole, so the slowest port it can reach bounds it: a storage
+        server's skb must not hold an SNIC port longer than an SNIC's own would."""
+        slowest: dict[str, float] = {}
+        for lk in self.links:
+            slowest[lk.switch] = min(slowest.get(lk.switch, lk.rate_bps), lk.rate_bps)
+        links = tuple(dataclasses.replace(lk, skb_segs=skb_segs_for(slowest[lk.switch], skb_s)) for lk in self.links)
+        return dataclasses.replace(self, links=links)
 
     def validate(self) -> None:
         """Names unique and within IFNAMSIZ; every link's ends exist."""

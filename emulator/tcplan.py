@@ -42,10 +42,17 @@ def _register_bfifo() -> None:
     plugins.setdefault("bfifo", sched_pfifo)
 
 MTU_BYTES = 1500
-# veth uses GSO: a single skb may carry up to 64 KiB. Bursts and queues must
-# hold a few of them or HTB/bfifo degrade into drops and rate error.
+# What HTB charges for one full TCP segment: Ethernet 14 + IP 20 + TCP 32 (timestamps) + MSS 1448. HTB counts
+# from the Ethernet header (no preamble or FCS), and a GSO skb of n segments as n of these.
+SEG_HEADER_BYTES = 66
+SEG_WIRE_BYTES = MTU_BYTES + 14
+# The kernel's default: one GSO/TSO skb may carry up to 64 KiB (43 full segments). HTB never splits a skb,
+# so a slow port is held for one whole skb: 26 ms at 20 Mbit/s. Every shaped link caps its skbs
+# (:func:`skb_segs_for`), and bursts and queues are sized from the capped skb.
 GSO_MAX_BYTES = 65536
-HZ_BURST_S = 0.001  # HTB refill granularity we size bursts for (1 ms)
+GSO_MAX_SEGS = GSO_MAX_BYTES // SEG_WIRE_BYTES
+HZ_BURST_S = 0.001  # HTB refill granularity we size bursts for (1 ms of wall time: a property of the machine)
+QUEUE_MIN_SKBS = 4  # a queue always holds a few skbs, or bfifo drops what TCP's smallest burst sends
 ROOT_HANDLE = 0x10000  # 1:
 LINK_CLASS = 0x10001  # 1:1
 DEFAULT_CLASS = 0x10010  # 1:10
@@ -111,9 +118,28 @@ class TcOp:
         return dict(self.params)[name]
 
 
-def htb_burst_bytes(rate_bps: float) -> int:
-    """Burst that covers 1 ms at the rate, and never less than two GSO skbs."""
-    return int(max(rate_bps / 8 * HZ_BURST_S, 2 * GSO_MAX_BYTES))
+def skb_segs_for(rate_bps: float, skb_s: float) -> int:
+    """Segments per skb so that one skb holds a port of `rate_bps` for at most `skb_s` (at least one segment,
+    at most the kernel's 64 KiB)."""
+    return int(min(max(rate_bps / 8 * skb_s // SEG_WIRE_BYTES, 1), GSO_MAX_SEGS))
+
+
+def skb_wire_bytes(skb_segs: int | None) -> int:
+    """What HTB charges for the largest skb of a link capped at `skb_segs` (None: the kernel's 64 KiB)."""
+    return GSO_MAX_SEGS * SEG_WIRE_BYTES if skb_segs is None else skb_segs * SEG_WIRE_BYTES
+
+
+def gso_limits(skb_segs: int) -> tuple[int, int]:
+    """(gso_max_size, gso_max_segs) of an interface whose skbs carry at most `skb_segs` full segments. The segment
+    count is the exact cap (TCP sizes its skbs by it, and bounds them by gso_max_size less its ~320 B header
+    reserve), so gso_max_size leaves room for that reserve instead of binding first."""
+    return min(GSO_MAX_BYTES, skb_segs * SEG_WIRE_BYTES + 512), skb_segs
+
+
+def htb_burst_bytes(rate_bps: float, skb_segs: int | None = None) -> int:
+    """Burst that covers 1 ms at the rate, and never less than two of the link's largest skbs. It is also what an
+    idle link lets through at once: 2.4 ms of line rate at 20 Mbit/s with 2-segment skbs (52 ms with 64 KiB)."""
+    return int(max(rate_bps / 8 * HZ_BURST_S, 2 * skb_wire_bytes(skb_segs)))
 
 
 def htb_quantum_bytes(rate_bps: float) -> int:
@@ -121,17 +147,18 @@ def htb_quantum_bytes(rate_bps: float) -> int:
     return int(min(max(rate_bps / 8 / 10, MTU_BYTES + 100), 200_000))
 
 
-def queue_limit_bytes(rate_bps: float, queue_s: float) -> int:
-    """A queue of `queue_s` seconds at the rate, holding at least four GSO skbs."""
-    return int(max(rate_bps / 8 * queue_s, 4 * GSO_MAX_BYTES))
+def queue_limit_bytes(rate_bps: float, queue_s: float, skb_segs: int | None = None) -> int:
+    """A queue of `queue_s` seconds at the rate, holding at least QUEUE_MIN_SKBS of the link's largest skbs."""
+    return int(max(rate_bps / 8 * queue_s, QUEUE_MIN_SKBS * skb_wire_bytes(skb_segs)))
 
 
 def shape_ops(netns: str | None, dev: str, rate_bps: float, queue_s: float,
-              classes: tuple[TrafficClass, ...] = ()) -> list[TcOp]:
-    """The HTB tree that limits egress of `dev` to `rate_bps`, with optional DSCP traffic classes."""
+              classes: tuple[TrafficClass, ...] = (), skb_segs: int | None = None) -> list[TcOp]:
+    """The HTB tree that limits egress of `dev` to `rate_bps`, with optional DSCP traffic classes; bursts and
+    queues sized for skbs of at most `skb_segs` segments (None: the kernel's 64 KiB)."""
     check_classes(classes)
     rate = int(round(rate_bps))
-    burst = htb_burst_bytes(rate)
+    burst = htb_burst_bytes(rate, skb_segs)
     quantum = htb_quantum_bytes(rate)
 
     def cls(share: float, prio: int) -> tuple[tuple[str, int], ...]:
@@ -139,7 +166,7 @@ def shape_ops(netns: str | None, dev: str, rate_bps: float, queue_s: float,
         return (("rate_bps", r), ("ceil_bps", rate), ("burst_bytes", burst), ("cburst_bytes", burst),
                 ("quantum_bytes", quantum), ("prio", prio))
 
-    limit = (("limit_bytes", queue_limit_bytes(rate, queue_s)),)
+    limit = (("limit_bytes", queue_limit_bytes(rate, queue_s, skb_segs)),)
     default_share = 1 - sum(c.share for c in classes)
     default_prio = max((c.prio for c in classes), default=0)
     ops = [

@@ -51,9 +51,7 @@ def predicted_serving_bps(net: NetSpec) -> float:
 
 def make_plan(sc: Scenario) -> Plan:
     cluster, scale = sc.cluster_spec(), sc.scale_spec()
-    gso = sc.traffic_classes.gso_max
-    net = cluster_net(cluster, scale, sc.emulation.queue, sc.traffic_classes.classes(),
-                      None if gso is None else int(gso))
+    net = cluster_net(cluster, scale, sc.emulation.queue, sc.traffic_classes.classes(), sc.emulation.skb)
     net = dataclasses.replace(net, tcp_cc=sc.emulation.tcp_cc)
     rates = link_rates(cluster, scale)
     tests = calibrate.plan_tests(net, sc.calibration.mode)

@@ -77,8 +77,31 @@ class ScaleModel(_Model):
 
 
 class Emulation(_Model):
-    queue: Duration = Field(0.010, description="queue of every shaped port, as time at its rate")
+    queue: Duration = Field(0.010, description="queue of every shaped port, as REAL time at its rate (x scale.time)")
+    skb: Duration = Field(0.001, description="longest REAL time one GSO/TSO skb holds a port at the slowest rate of "
+                                             "its fabric (x scale.time); skbs are capped to it on every link")
     tcp_cc: Literal["reno", "bbr"] = "reno"
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_range(cls, v: float) -> float:
+        if not 0.0005 <= v <= 1:
+            raise ValueError(f"{_fmt_duration(v)}: must be between 0.5ms and 1s")
+        return v
+
+    @field_validator("skb")
+    @classmethod
+    def _skb_range(cls, v: float) -> float:
+        if not 0 < v <= 0.1:
+            raise ValueError(f"{_fmt_duration(v)}: must be above 0 and at most 100ms")
+        return v
+
+    @model_validator(mode="after")
+    def _skb_within_queue(self) -> "Emulation":
+        if self.skb > self.queue / 2:
+            raise ValueError(f"skb {_fmt_duration(self.skb)} is more than half the queue {_fmt_duration(self.queue)}: "
+                             "a queue must hold several skbs")
+        return self
 
 
 class TrafficClasses(_Model):
@@ -89,14 +112,6 @@ class TrafficClasses(_Model):
     kv_share: Number = Field(0.01, gt=0, lt=1, description="link share guaranteed to KV (it borrows any gap)")
     dscp_collective: StrictInt = Field(46, ge=0, le=63)
     dscp_kv: StrictInt = Field(10, ge=0, le=63)
-    gso_max: Size | None = Field(None, description="cap on GSO skbs on the compute fabric (null: the kernel's 64KiB)")
-
-    @field_validator("gso_max")
-    @classmethod
-    def _gso_range(cls, v: float | None) -> float | None:
-        if v is not None and not 1500 <= v <= 65536:
-            raise ValueError(f"{v:g} bytes: must be between one MTU (1500B) and 64KiB")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrafficClasses":

@@ -124,10 +124,16 @@ def compute_classes(collective_share: float = 0.985, kv_share: float = 0.01, dsc
             TrafficClass("kv", 0x12, dscp_kv, kv_share, prio=1))
 
 
-def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
-                compute_classes: tuple[TrafficClass, ...] = (), compute_gso_max: int | None = None) -> NetSpec:
+QUEUE_S = 0.010  # the paper's fabrics are lossless; a 10 ms queue (real time) at each port stands in for it
+SKB_S = 0.001  # longest real time one skb may hold a port at the slowest rate of its fabric
+
+
+def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float = QUEUE_S,
+                compute_classes: tuple[TrafficClass, ...] = (), skb_s: float = SKB_S) -> NetSpec:
     """Lay out the emulated cluster (see the module docstring for the plan). `compute_classes`: the DSCP
-    traffic classes of every compute-fabric link (CNIC and switch port); none = one FIFO class."""
+    traffic classes of every compute-fabric link (CNIC and switch port); none = one FIFO class. `queue_s` and
+    `skb_s` are REAL times, stretched by the time scale like every other time: a queue of 10 ms means 10 ms of
+    real time at every scale."""
     for role, n in (("prefill", c.prefill_nodes), ("decode", c.decode_nodes), ("storage", c.storage_servers)):
         if not 1 <= n <= MAX_NODES_PER_ROLE:
             raise ValueError(f"{role} nodes must be 1..{MAX_NODES_PER_ROLE}, got {n}")
@@ -135,6 +141,7 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
         raise ValueError(f"gpus_per_node must be 1..{MAX_GPUS_PER_NODE}, got {c.gpus_per_node}")
     rates = link_rates(c, scale)
     names = node_names(c)
+    queue_s = queue_s * scale.time_scale
     hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]] + [HostSpec(CONTROL_HOST, "ctl")]
     switches = ([SwitchSpec("stor", "storage")] + [SwitchSpec(f"rail{r}", "compute") for r in range(c.gpus_per_node)]
                 + [SwitchSpec("mgmt", "management")])
@@ -150,10 +157,11 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float,
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
                                       f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s,
-                                      compute_classes, compute_gso_max))
+                                      compute_classes))
     control = [ControlLink(h, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET[role]}.{i}/16")
                for role in ("pe", "de", "st") for i, h in enumerate(names[role], start=1)]
     control.append(ControlLink(CONTROL_HOST, "mgmt", "mgmt", f"10.{MGMT_OCTET}.{ROLE_OCTET['ctl']}.1/16"))
-    net = NetSpec(tuple(hosts), tuple(switches), tuple(links), control=tuple(control))
+    net = NetSpec(tuple(hosts), tuple(switches), tuple(links), control=tuple(control)).cap_skbs(
+        skb_s * scale.time_scale)
     net.validate()
     return net

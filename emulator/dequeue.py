@@ -1,0 +1,266 @@
+"""Dequeue timing, in the way of Mininet-HiFi: does each packet leave a busy port when its rate says it should?
+
+A rate counter can be exact while single packets leave early and late (HTB catches up on a late timer by
+sending the next packets back to back). Mininet-HiFi's check (Handigol et al., CoNEXT 2012) records every
+dequeue on a saturated link and compares each gap between dequeues, while the queue is not empty, with the
+time the previous packet takes on the wire at the configured rate. This module does that with the kernel's
+own tracepoints, in a tracefs instance of our own (``dp-dequeue``) so nothing else's tracing is touched:
+
+- ``net:net_dev_queue`` (a skb handed to the device: its qdisc enqueue) and ``net:net_dev_start_xmit`` (the
+  skb leaving the root qdisc for the driver: its dequeue), both filtered by interface name, which is unique
+  across the run's namespaces (``qdisc:qdisc_dequeue`` carries only an ifindex, which is not);
+- a gap counts when the next skb was already queued when the previous one left (the queue was not empty);
+- ideal gap = wire bytes of the previous skb x 8 / rate, wire bytes as HTB charges them: the skb's length
+  plus one more header per extra GSO segment (Ethernet + IP + TCP, from the skb's own transport offset);
+- error = gap / ideal - 1 (0: on time; -1: sent back to back; 1: a gap twice the ideal). Only skbs of at least
+  :data:`MIN_WIRE_BYTES` set an ideal gap: a 66-byte ACK's ideal is a few microseconds, below what the trace's
+  microsecond stamps resolve.
+
+Tracing costs CPU in the kernel and in the parser, so it runs in a duty cycle (on ``on_s``, off ``off_s``)
+over a few chosen interfaces. tracefs is mounted if it is not, and unmounted again only if we mounted it.
+The caller (``scenarios``) picks the interfaces and judges the result; nothing here knows about serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .names import PREFIX
+from .tcplan import SEG_HEADER_BYTES
+
+TRACEFS = Path("/sys/kernel/tracing")
+INSTANCE = PREFIX + "dequeue"
+MIN_WIRE_BYTES = 1000
+BUFFER_KB = 4096  # per CPU
+_EVENTS = ("net/net_dev_queue", "net/net_dev_start_xmit")
+TCP_HEADER_BYTES = SEG_HEADER_BYTES - 34  # TCP with timestamps; Ethernet 14 + IP 20 are the transport offset
+# |error| thresholds of the CCDF that results keep
+CCDF_POINTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """One interface to time: its name, its configured rate, and the group whose CCDF it joins."""
+
+    dev: str
+    rate_bps: float
+    group: str  # e.g. "snic down"
+
+
+@dataclass
+class _Port:
+    rate_bps: float
+    group: str
+    queued: OrderedDict = field(default_factory=OrderedDict)  # skbaddr -> enqueue time
+    last: tuple[float, int] | None = None  # (dequeue time, wire bytes) of the previous skb
+
+
+def available() -> str | None:
+    """None if the dequeue tracepoints can be used here, else why not."""
+    if os.geteuid() != 0:
+        return "dequeue timing needs root (tracefs)"
+    if not Path("/proc/filesystems").read_text().count("tracefs"):
+        return "this kernel has no tracefs"
+    return None
+
+
+def wire_bytes(length: int, transport_offset: int, gso_segs: int) -> int:
+    """What HTB charges for a skb: its length, plus one header per GSO segment beyond the first."""
+    if gso_segs <= 1 or transport_offset <= 0:
+        return length
+    return length + (gso_segs - 1) * (transport_offset + TCP_HEADER_BYTES)
+
+
+class Timing:
+    """The errors of every busy gap, per group; fed line by line (the parser, also used by tests)."""
+
+    def __init__(self, watched: list[Watched]):
+        self.ports = {w.dev: _Port(w.rate_bps, w.group) for w in watched}
+        self.errors: dict[str, list[float]] = {w.group: [] for w in watched}
+        self.lines = 0
+
+    def feed(self, line: str) -> None:
+        """One line of trace_pipe (split by position: a regex cost 13 us a line, too much at 60k lines/s)."""
+        i = line.find(": net_dev_")
+        if i < 0:
+            return
+        self.lines += 1
+        t = float(line[line.rfind(" ", 0, i) + 1:i])
+        f = line[i + 10:].split(" ")
+        if f[0] == "queue:":  # queue: dev=X skbaddr=Y len=N
+            port = self.ports.get(f[1][4:])
+            if port is not None:
+                port.queued[f[2][8:]] = t
+                if len(port.queued) > 4096:  # dropped skbs never leave; forget the oldest
+                    port.queued.popitem(last=False)
+            return
+        if f[0] != "start_xmit:" or len(f) < 17:
+            return
+        port = self.ports.get(f[1][4:])  # dev=X queue_mapping= skbaddr= ... len= ... transport_offset= ... gso_segs=
+        if port is None:
+            return
+        queued_at = port.queued.pop(f[3][8:], None)
+        wire = wire_bytes(int(f[9][4:]), int(f[13][17:]), int(f[16][9:]))
+        if port.last is not None and queued_at is not None and queued_at <= port.last[0] \
+                and port.last[1] >= MIN_WIRE_BYTES:
+            ideal = port.last[1] * 8 / port.rate_bps
+            self.errors[port.group].append((t - port.last[0]) / ideal - 1)
+        port.last = (t, wire)
+
+    def pause(self) -> None:
+        """Tracing stops: the next skb's gap would span the pause."""
+        for port in self.ports.values():
+            port.last = None
+            port.queued.clear()
+
+
+def summarize(errors: list[float]) -> dict:
+    """Percentiles of |error| and of the signed error, and the CCDF at CCDF_POINTS."""
+    if not errors:
+        return {"gaps": 0}
+    mags = sorted(abs(e) for e in errors)
+    signed = sorted(errors)
+    n = len(mags)
+
+    def q(xs: list[float], p: float) -> float:
+        return round(xs[min(n - 1, int(p / 100 * n))], 4)
+
+    above = {f"{x:g}": round(sum(1 for m in mags if m > x) / n, 5) for x in CCDF_POINTS}
+    return {"gaps": n, "abs_p50": q(mags, 50), "abs_p90": q(mags, 90), "abs_p99": q(mags, 99),
+            "signed_p1": q(signed, 1), "signed_p50": q(signed, 50), "signed_p99": q(signed, 99),
+            "ccdf": above}
+
+
+class DequeueMonitor:
+    """Trace the watched interfaces in a duty cycle from :meth:`start` to :meth:`stop`."""
+
+    def __init__(self, watched: list[Watched], on_s: float = 1.0, off_s: float = 2.0):
+        self.watched = list(watched)
+        self.on_s, self.off_s = on_s, off_s
+        self.timing = Timing(self.watched)
+        self.error: str | None = None
+        self._mounted = False
+        self._dir = TRACEFS / "instances" / INSTANCE
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.traced_s = 0.0
+
+    # -- tracefs ---------------------------------------------------------------
+    def _write(self, rel: str, text: str) -> None:
+        (self._dir / rel).write_text(text)
+
+    def _setup(self) -> None:
+        if not (TRACEFS / "instances").is_dir():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True, capture_output=True,
+                           timeout=10)
+            self._mounted = True
+        remove_instance()  # a killed run's
+        self._dir.mkdir()
+        self._write("buffer_size_kb", str(BUFFER_KB))
+        self._write("trace_clock", "mono")  # one clock for every CPU: a gap may start on one and end on another
+        names = " || ".join(f'name == "{w.dev}"' for w in self.watched)
+        for ev in _EVENTS:
+            self._write(f"events/{ev}/filter", names)
+            self._write(f"events/{ev}/enable", "1")
+        self._write("tracing_on", "0")
+
+    def _teardown(self) -> None:
+        try:
+            if self._dir.is_dir():
+                self._write("tracing_on", "0")
+                for ev in _EVENTS:
+                    self._write(f"events/{ev}/enable", "0")
+            remove_instance()
+        finally:
+            if self._mounted:
+                subprocess.run(["umount", str(TRACEFS)], capture_output=True, timeout=10)
+                self._mounted = False
+
+    # -- the reader ------------------------------------------------------------
+    def start(self) -> None:
+        if not self.watched:
+            return
+        self._setup()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dequeue-monitor")
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = os.open(self._dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        rest = ""
+        try:
+            on, switch_at = False, time.monotonic()
+            while True:
+                now = time.monotonic()
+                stopping = self._stop.is_set()
+                if stopping or now >= switch_at:
+                    if on:
+                        self._write("tracing_on", "0")
+                        self.traced_s += now - on_since
+                    if stopping:
+                        break
+                    on = not on
+                    if on:
+                        self._write("tracing_on", "1")
+                        on_since = now
+                    switch_at = now + (self.on_s if on else self.off_s)
+                    if not on:
+                        rest = self._drain(fd, rest)
+                        self.timing.pause()
+                select.select([fd], [], [], 0.2)
+                rest = self._drain(fd, rest)
+            self._drain(fd, rest)
+        except OSError as exc:
+            self.error = f"dequeue tracing failed: {exc}"
+        finally:
+            os.close(fd)
+
+    def _drain(self, fd: int, rest: str) -> str:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return rest
+                raise
+            if not chunk:
+                return rest
+            text = rest + chunk.decode(errors="replace")
+            lines = text.split("\n")
+            rest = lines.pop()
+            for line in lines:
+                self.timing.feed(line)
+
+    def stop(self) -> dict[str, list[float]]:
+        """Stop tracing, remove the instance; the errors of every busy gap, per group."""
+        try:
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join(timeout=15)
+                if self._thread.is_alive():
+                    self.error = "dequeue monitor did not stop within 15s"
+        finally:
+            self._teardown()
+        return self.timing.errors
+
+
+def remove_instance() -> bool:
+    """Remove our tracefs instance if one is left (a killed run's); True if there was one."""
+    d = TRACEFS / "instances" / INSTANCE
+    if not d.is_dir():
+        return False
+    try:
+        (d / "tracing_on").write_text("0")
+        for ev in _EVENTS:
+            (d / "events" / ev / "enable").write_text("0")
+    except OSError:
+        pass
+    d.rmdir()
+    return True
