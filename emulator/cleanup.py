@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import kernel
+from . import dequeue, kernel
 from .registry import Registry, proc_start_time
 
 
@@ -20,10 +20,11 @@ class CleanReport:
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
+    tracing: list[str] = field(default_factory=list)  # our tracefs instance (dequeue timing)
 
     @property
     def empty(self) -> bool:
-        return not (self.procs or self.netns or self.links or self.left)
+        return not (self.procs or self.netns or self.links or self.left or self.tracing)
 
 
 def clean(registry: Registry) -> CleanReport:
@@ -46,6 +47,11 @@ def clean(registry: Registry) -> CleanReport:
     report.links = [n for n in links if n in present]
     report.left = kernel.delete_links(report.links, grace_s=0.5)
     report.left += [n for n in kernel.list_netns() if n in netns]
+    try:
+        if dequeue.remove_instance():
+            report.tracing.append(dequeue.INSTANCE)
+    except OSError as exc:
+        report.left.append(f"tracefs instance {dequeue.INSTANCE} ({exc})")
     if not report.left:
         registry.end()
     return report

@@ -27,6 +27,15 @@ RATE_MAX_BPS = 500e6
 KERNEL_BUDGET_BPS = 1e9
 CPU_UTIL_MAX = 0.85  # above this (over 0.5 s spans) timing is not trusted
 RATE_TOLERANCE = 0.03  # saturated links must be within 3% of configured
+# iperf3's payload against the payload the HTB counters imply (wire bytes less 66 B per segment), same window:
+# measured within 0.9% on every class of the default cluster; a counter that lies shows beyond this
+GOODPUT_TOLERANCE = 0.03
+# Dequeue timing (emulator.dequeue): the 99th percentile of |gap / ideal - 1| over every busy gap of a link
+# class, calibration and serving together, must stay below DEQUEUE_P99_MAX; fewer than DEQUEUE_MIN_GAPS gaps
+# is "not measured". See docs/fidelity.md for the measurements behind the number.
+DEQUEUE_PERCENTILE = 99
+DEQUEUE_P99_MAX = 0.5
+DEQUEUE_MIN_GAPS = 100
 
 
 def check_rates(rates_bps: dict[str, float]) -> list[str]:
@@ -55,10 +64,59 @@ class Verdict:
     cpu_util_max: float | None = None
     cpu_util_mean: float | None = None
     link_rate_error_max: float | None = None
+    goodput_error_max: float | None = None
+    dequeue_p99: dict[str, float] = field(default_factory=dict)  # link class -> |error| p99
+    notes: list[str] = field(default_factory=list)  # measured and reported, not failing
 
     def fail(self, reason: str) -> None:
         self.ok = False
         self.reasons.append(reason)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "cpu_util_max": self.cpu_util_max, "cpu_util_mean": self.cpu_util_mean,
+                "link_rate_error_max": self.link_rate_error_max, "goodput_error_max": self.goodput_error_max,
+                "dequeue_p99": self.dequeue_p99, "dequeue_p99_max": DEQUEUE_P99_MAX, "reasons": self.reasons,
+                "notes": self.notes}
+
+
+def judge_links(v: Verdict, classes: list[str], measured: dict[str, list[str]], goodput_errors: dict[str, float | None],
+                dequeue: dict[str, dict], dequeue_problem: str | None, lossless_drops: dict[str, int]) -> None:
+    """The link side of the verdict, added to `v`:
+    - every link class of the network had a rate measured (`measured`: class -> labels measured);
+    - iperf3's payload matches the counters' within GOODPUT_TOLERANCE;
+    - every link class's dequeue timing was measured (DEQUEUE_MIN_GAPS busy gaps) and its p99 |error| is below
+      DEQUEUE_P99_MAX (`dequeue`: class -> ``emulator.dequeue.summarize``);
+    - no link of a lossless fabric dropped a packet (`lossless_drops`: link -> drops)."""
+    for cls in classes:
+        if not measured.get(cls):
+            v.fail(f"link class {cls} was not measured: no calibration test covered it")
+    errs = {k: e for k, e in goodput_errors.items() if e is not None}
+    if errs:
+        worst = max(errs, key=lambda k: abs(errs[k]))
+        v.goodput_error_max = round(abs(errs[worst]), 5)
+        if abs(errs[worst]) > GOODPUT_TOLERANCE:
+            v.fail(f"iperf3's payload disagrees with the counters' by more than {GOODPUT_TOLERANCE:.0%} "
+                   f"(worst {worst}: {errs[worst]:+.1%})")
+    elif goodput_errors:
+        v.fail("no payload goodput measured against the counters")
+    if dequeue_problem:
+        v.fail(f"dequeue timing not measured: {dequeue_problem}")
+    else:
+        for cls in classes:
+            d = dequeue.get(cls, {})
+            if d.get("gaps", 0) < DEQUEUE_MIN_GAPS:
+                v.fail(f"dequeue timing of {cls} links not measured ({d.get('gaps', 0)} busy gaps, "
+                       f"at least {DEQUEUE_MIN_GAPS} needed)")
+                continue
+            v.dequeue_p99[cls] = d["abs_p99"]
+            if d["abs_p99"] > DEQUEUE_P99_MAX:
+                v.fail(f"{cls} links dequeue off their rate: p{DEQUEUE_PERCENTILE} of |gap/ideal - 1| is "
+                       f"{d['abs_p99']:.2f} (limit {DEQUEUE_P99_MAX})")
+    dropped = {k: n for k, n in lossless_drops.items() if n}
+    if dropped:
+        names = ", ".join(f"{k} ({n})" for k, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:6])
+        v.fail(f"the compute fabric is lossless in the paper, but {len(dropped)} of its link direction(s) dropped "
+               f"packets: {names}")
 
 
 def judge(cpu_util_max: float | None, cpu_util_mean: float | None,

@@ -94,8 +94,13 @@ def _verdict_lines(summary: dict) -> list[str]:
     err = (f"worst link error {f['link_rate_error_max']:.2%}" if f["link_rate_error_max"] is not None
            else "no link measured")
     head = "[bold green]TRUSTWORTHY[/]" if f["ok"] else "[bold red]NOT TRUSTWORTHY[/]"
-    return [f"fidelity: {head} ({cpu}, {err}; limits {fidelity.CPU_UTIL_MAX:.0%} CPU, "
-            f"{fidelity.RATE_TOLERANCE:.0%} rate)"] + [f"  - {r}" for r in f["reasons"]]
+    gp = f.get("goodput_error_max")
+    dq = f.get("dequeue_p99") or {}
+    extra = (f", payload {gp:.2%} off" if gp is not None else "") + (
+        ", dequeue p99 " + " ".join(f"{k} {v:.2f}" for k, v in dq.items()) if dq else "")
+    return [f"fidelity: {head} ({cpu}, {err}{extra}; limits {fidelity.CPU_UTIL_MAX:.0%} CPU, "
+            f"{fidelity.RATE_TOLERANCE:.0%} rate, dequeue p99 {fidelity.DEQUEUE_P99_MAX:g})"] + [
+        f"  - {r}" for r in f["reasons"]]
 
 
 def _progress_bar() -> Progress:
@@ -111,7 +116,7 @@ def _print_run(s: dict, run_dir: Path) -> None:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
-        for grid in (tables.online(s), tables.collectives(s), tables.isolation(s)):
+        for grid in (tables.online(s), tables.collectives(s), tables.isolation(s), tables.links(s)):
             if grid is not None:
                 console.print(_rich(grid))
         for mode, m in s["modes"].items():

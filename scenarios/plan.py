@@ -17,7 +17,7 @@ from emulator import calibrate, fidelity
 from emulator.errors import FidelityError
 from emulator.procs import netns_argv
 from emulator.spec import NetSpec
-from emulator.tcplan import TcOp, render
+from emulator.tcplan import TcOp, gso_limits, render, skb_wire_bytes
 from emulator.units import format_rate
 from topologies.cluster import cluster_net, invariants, link_rates
 
@@ -110,6 +110,15 @@ def plan_text(plan: Plan) -> str:
               for c in net.control]
     lines += ["", "## invariants (preserved by scaling)"]
     lines += [f"{k} = {v:.4g}" for k, v in plan.invariants.items()]
+    lines += ["", "## skb caps (GSO/TSO, both ends of every link; bursts and queues above are sized from them)"]
+    for lk in net.links:
+        if lk.skb_segs is None:
+            continue
+        size, segs = gso_limits(lk.skb_segs)
+        hold_ms = skb_wire_bytes(lk.skb_segs) * 8 / lk.rate_bps * 1e3
+        for ns, dev in ((net.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)):
+            lines.append(f"ip {f'-n {ns} ' if ns else ''}link set dev {dev} gso_max_size {size} gso_max_segs {segs}"
+                         f"  # {skb_wire_bytes(lk.skb_segs)} B on the wire, {hold_ms:.2f} ms at {format_rate(lk.rate_bps)}")
     lines += ["", "## tc operations"] + [render(op) for op in plan.tc_ops]
     lines += ["", f"## processes ({len(plan.rounds)} calibration round(s))"]
     lines += [f"{what}: {' '.join(argv)}" for what, argv in process_argvs(plan)]

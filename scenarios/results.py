@@ -23,10 +23,12 @@ import yaml
 from emulator import fidelity
 from emulator.calibrate import Calibration
 
+from . import linkstats
 from .plan import Plan, plan_text
 
 CAL_COLUMNS = ["link", "link_class", "direction", "interface", "netns", "configured_bps", "expected_bps",
-               "achieved_bps", "error", "iperf3_goodput_bps", "cpu_util_max"]
+               "achieved_bps", "error", "iperf3_goodput_bps", "payload_bps", "window_goodput_bps", "goodput_error",
+               "cpu_util_max", "stage"]
 
 
 def make_run_dir(root: Path, scenario: str, run_id: str) -> Path:
@@ -133,24 +135,47 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
     as it ends, and again with the teardown time); `shared_by` runs used the same build and calibration
     (None while a group of runs is still going)."""
     net = plan.net
+    recal: Calibration | None = (serving or {}).get("recalibration")
+    stages = [("build", calib)] + ([("reshaped", recal)] if recal else [])
     with open(run_dir / "calibration.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CAL_COLUMNS)
         w.writeheader()
-        for m in calib.measurements:
-            key = m.target.key(net)
-            w.writerow({"link": f"{m.target.link.host}-{m.target.link.nic}", "link_class": m.target.link.link_class,
-                        "direction": m.target.direction, "interface": key.dev, "netns": key.netns or "",
-                        "configured_bps": round(m.configured_bps), "expected_bps": round(m.expected_bps),
-                        "achieved_bps": _round(m.achieved_bps),
-                        "error": _round(m.error, 5), "iperf3_goodput_bps": _round(m.goodput_bps),
-                        "cpu_util_max": _round(m.cpu_util_max, 3)})
+        for stage, cal in stages:
+            for m in cal.measurements:
+                key = m.target.key(net)
+                w.writerow({"link": f"{m.target.link.host}-{m.target.link.nic}",
+                            "link_class": m.target.link.link_class, "direction": m.target.direction,
+                            "interface": key.dev, "netns": key.netns or "", "configured_bps": round(m.configured_bps),
+                            "expected_bps": round(m.expected_bps), "achieved_bps": _round(m.achieved_bps),
+                            "error": _round(m.error, 5), "iperf3_goodput_bps": _round(m.goodput_bps),
+                            "payload_bps": _round(m.payload_bps), "window_goodput_bps": _round(m.window_goodput_bps),
+                            "goodput_error": _round(m.goodput_error, 5), "cpu_util_max": _round(m.cpu_util_max, 3),
+                            "stage": stage})
+    linkstats.write_dequeue(run_dir / "dequeue.csv", _merged(c.dequeue for _, c in stages))
     rows = class_table(plan, calib)
     cpu_max, cpu_mean = calib.cpu_util_max, calib.cpu_util_mean
+    if recal and recal.cpu_util_max is not None:
+        cpu_max = max(cpu_max or 0.0, recal.cpu_util_max)
     if serving and serving["cpu"]["cpu_util_max"] is not None:
         cpu_max = max(cpu_max or 0.0, serving["cpu"]["cpu_util_max"])
         cpu_mean = serving["cpu"]["cpu_util_mean"]
-    verdict = fidelity.judge(cpu_max, cpu_mean, {m.target.label: m.error for m in calib.measurements})
+    measurements = [m for _, c in stages for m in c.measurements]
+    verdict = fidelity.judge(cpu_max, cpu_mean, {f"{st} {m.target.label}": m.error for st, c in stages
+                                                 for m in c.measurements})
     serving_part = _serving_summary(serving) if serving else {}
+    mode_dirs = [run_dir / m for m in [*serving_part.get("modes", {}), *serving_part.get("extra_runs", {})]]
+    dequeue_figs = linkstats.dequeue_figures([run_dir / "dequeue.csv"] + [d / "dequeue.csv" for d in mode_dirs])
+    classes = list(dict.fromkeys(lk.link_class for lk in net.links))
+    measured: dict[str, list[str]] = {}
+    for m in measurements:
+        if m.achieved_bps is not None:
+            measured.setdefault(m.target.link.link_class, []).append(m.target.label)
+    fidelity.judge_links(verdict, classes, measured, {m.target.label: m.goodput_error for m in measurements},
+                         dequeue_figs, next((c.dequeue_problem for _, c in stages if c.dequeue_problem), None),
+                         linkstats.lossless_drops({**serving_part.get("modes", {}),
+                                                   **serving_part.get("extra_runs", {})}))
+    if serving and serving.get("reshaped") and recal is None:
+        verdict.fail(f"the compute fabric was re-shaped ({serving['reshaped']}) without being measured again")
     if serving_part and (serving_part["ledger"].get("blocks_corrupt") or serving_part["ledger"].get("blocks_lost")):
         verdict.fail(f"KV ledger not clean: {serving_part['ledger']['blocks_corrupt']} corrupt, "
                      f"{serving_part['ledger']['blocks_lost']} lost blocks")
@@ -166,14 +191,22 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
         "build_s": round(build_s, 3), "teardown_s": None if teardown_s is None else round(teardown_s, 3),
         "build_shared_by": shared_by,
         "calibration": {"mode": sc.calibration.mode, "rounds": calib.rounds,
-                        "duration_s": round(calib.duration_s, 2), "classes": rows},
+                        "duration_s": round(calib.duration_s, 2), "classes": rows,
+                        **({"reshaped": class_table(plan, recal)} if recal else {})},
+        "dequeue": dequeue_figs,
         **serving_part,
-        "fidelity": {"ok": verdict.ok, "cpu_util_max": verdict.cpu_util_max,
-                     "cpu_util_mean": verdict.cpu_util_mean,
-                     "link_rate_error_max": verdict.link_rate_error_max, "reasons": verdict.reasons},
+        "fidelity": verdict.as_dict(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _merged(parts) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for part in parts:
+        for cls, errs in part.items():
+            out.setdefault(cls, []).extend(errs)
+    return out
 
 
 def _round(x: float | None, nd: int = 0):

@@ -175,8 +175,11 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
         if plan.scenario.serving.isolation_compare:
             flipped = _flip_isolation(plan)
             name = f"dualpath-isolation-{'on' if flipped.scenario.traffic_classes.isolation else 'off'}"
+            reshaped = sorted({a.link_class for a, b in zip(plan.net.links, flipped.net.links, strict=True) if a != b})
             say(f"serving mode dualpath again, compute fabric re-shaped: {name} "
-                f"({emu.reshape(flipped.net)} interfaces)")
+                f"({emu.reshape(flipped.net)} interfaces); measuring {', '.join(reshaped)} links again")
+            tests = [t for t in flipped.tests if t.targets[0].link.link_class in reshaped]
+            recal = calibrate.run(emu, tests, plan.scenario.calibration.duration, fidelity.KERNEL_BUDGET_BPS)
             extra, window = serve.run_mode(emu, flipped, "dualpath", run_dir / name, progress)
             windows.append(window)
             names.append(name)
@@ -189,6 +192,7 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     span_s = 0.5 * plan.scenario.scale.time
     out = {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
     if flipped is not None:
+        out["reshaped"], out["recalibration"] = reshaped, recal
         out["extra_runs"] = {names[-1]: extra}
         out["isolation"] = results.isolation_comparison(plan.scenario.traffic_classes.isolation, modes, extra)
     return out

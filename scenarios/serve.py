@@ -34,6 +34,7 @@ from daemons import costmodel
 from daemons.kvbytes import KvGeometry
 from daemons.node import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
+from emulator import dequeue
 from emulator.monitor import ClassKey, TcSampler
 from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
 from scenarios.schema import trace_path
@@ -42,7 +43,7 @@ from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import fabric, online
+from . import fabric, linkstats, online
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
@@ -147,21 +148,19 @@ def _workload_json(spec: WorkloadSpec) -> dict:
 class LinkKey(NamedTuple):
     """What one sampled HTB class measures."""
     link: str        # "<host>-<nic>", e.g. "pe1-cnic0"
-    link_class: str  # "snic" or "cnic"
-    side: str        # the host's role: "pe" or "de"
+    link_class: str  # "snic", "cnic" or "stnic"
+    side: str        # the host's role: "pe", "de" or "st"
     direction: str   # "up" (host -> switch) or "down" (switch -> host)
     tclass: str      # "link", "default" or a traffic class name (below)
     rate_bps: float  # the link's configured rate
 
 
 def _link_keys(plan) -> dict[ClassKey, LinkKey]:
-    """HTB classes of every SNIC and CNIC, both ends. Traffic class "link" is the link's root class 1:1 (all
-    its traffic), "default" its leaf 1:10 (everything without traffic classes, unmarked traffic with them),
-    then e.g. "collective", "kv"."""
+    """HTB classes of every shaped link (SNIC, CNIC, storage NIC), both ends. Traffic class "link" is the link's
+    root class 1:1 (all its traffic), "default" its leaf 1:10 (everything without traffic classes, unmarked
+    traffic with them), then e.g. "collective", "kv"."""
     keys = {}
     for lk in plan.net.links:
-        if lk.link_class not in ("snic", "cnic"):
-            continue
         side = plan.net.host(lk.host).role
         leaves = [("link", LINK_CLASS), ("default", DEFAULT_CLASS)]  # 1:10 is the FIFO when no classes
         leaves += [(c.name, c.handle) for c in lk.traffic_classes]
@@ -209,6 +208,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
     ctl = net.host(CONTROL_HOST).netns
     procs = []
+    monitor = None
     try:
         for what, netns, argv in daemon_argvs(plan, mode_dir, py):
             procs.append((what, emu.procs.start(what, netns, argv)))
@@ -216,8 +216,11 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             _wait_ready(proc, what)
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
+        monitor = dequeue.DequeueMonitor(linkstats.serving_watch(net)) if dequeue.available() is None else None
         driver = emu.procs.start("driver", ctl, driver_argv(plan, mode, mode_dir, py))
         sampler.start()
+        if monitor:
+            monitor.start()
         reader, errors = _drain(driver.stderr)
         if driver.stdout.readline().strip() != "start":  # the driver's own start-up is not the workload
             driver.wait(timeout=30)
@@ -236,6 +239,9 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         reader.join(timeout=10)
         err = "".join(errors)
         sampler.stop()
+        if monitor:
+            linkstats.write_dequeue(mode_dir / "dequeue.csv", monitor.stop())
+            monitor = None
         if driver.returncode != 0:
             raise RuntimeError(f"workload driver failed in mode {mode}: {err[-1500:]}")
         driver_summary = json.loads(out.strip().splitlines()[-1])
@@ -247,6 +253,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             raise RuntimeError(f"status collection failed: {s_err[-800:]}")
         ledger = json.loads(s_out)["ledger"]
     finally:
+        if monitor:
+            monitor.stop()
         for _, proc in procs:
             emu.procs.stop(proc)
         # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
@@ -256,6 +264,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time,
                          sc.serving.balance_window)
+    summary["links"] = linkstats.queue_figures(mode_dir / "links.csv", net, sc.scale.time)
+    summary["dequeue"] = linkstats.dequeue_figures([mode_dir / "dequeue.csv"])
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
         summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}

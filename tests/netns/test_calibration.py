@@ -79,6 +79,20 @@ def test_default_calibration_within_tolerance(default_run):
         assert goodput > 0, where
         assert goodput < achieved, f"{where}: goodput {goodput} >= wire rate {achieved} (headers are missing)"
         assert abs(achieved / float(m["configured_bps"]) - 1) <= TOL, where
+        # iperf3's payload in the window against the counters' wire bytes less 66 B per segment
+        payload, window = float(m["payload_bps"]), float(m["window_goodput_bps"])
+        assert 0.9 * achieved < payload < achieved, (where, payload, achieved)
+        assert abs(window / payload - 1) <= TOL, (where, window, payload)
+
+    # dequeue timing was measured on every class during calibration, and judged
+    dq = summary["dequeue"]
+    assert set(dq) == set(CONFIGURED), dq
+    for cls, d in dq.items():
+        assert d["gaps"] >= 100, (cls, d)
+        assert 0 < d["abs_p50"] <= d["abs_p90"] <= d["abs_p99"], (cls, d)
+        assert d["abs_p99"] <= summary["fidelity"]["dequeue_p99_max"], (cls, d)
+    assert set(summary["fidelity"]["dequeue_p99"]) == set(CONFIGURED)
+    assert (run_dirs[0] / "dequeue.csv").exists()
 
     assert summary["fidelity"]["ok"] is True, summary["fidelity"]
     assert summary["fidelity"]["reasons"] == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -93,11 +94,13 @@ def test_kv_packets_carry_their_dscp_and_land_in_the_kv_class(captured_run):
 
 
 @pytest.mark.netns
-def test_reshape_and_gso_cap_touch_the_compute_fabric_only(machine_free):
+def test_reshape_touches_the_compute_fabric_only_and_skbs_are_capped_on_both(machine_free):
     """Emulation.reshape, as the isolation experiment uses it between runs: only the compute-fabric ends
-    change, and their class tree is exactly the new plan's."""
+    change, and their class tree is exactly the new plan's. Every end of every link, both fabrics, has its skbs
+    capped (emulation.skb) before and after."""
     from emulator.net import Emulation
     from emulator.registry import Registry
+    from emulator.tcplan import gso_limits
     from scenarios import schema
     from scenarios.plan import make_plan
 
@@ -106,28 +109,32 @@ def test_reshape_and_gso_cap_touch_the_compute_fabric_only(machine_free):
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         return {line.split()[2] for line in out.splitlines() if line.startswith("class htb")}
 
-    def gso(netns: str | None, dev: str) -> int:
+    def gso(netns: str | None, dev: str) -> tuple[int, int]:
         argv = ["ip"] + (["-n", netns] if netns else []) + ["-d", "link", "show", "dev", dev]
         words = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
-        return int(words[words.index("gso_max_size") + 1])
+        return int(words[words.index("gso_max_size") + 1]), int(words[words.index("gso_max_segs") + 1])
 
-    on = make_plan(schema.load("tiny", ["traffic_classes.gso_max=8KiB"]))
-    off = make_plan(schema.load("tiny", ["traffic_classes.isolation=false", "traffic_classes.gso_max=8KiB"]))
+    on = make_plan(schema.load("tiny", ["emulation.skb=0.5ms"]))
+    off = make_plan(schema.load("tiny", ["traffic_classes.isolation=false", "emulation.skb=0.5ms"]))
     cnics = [lk for lk in on.net.links if lk.link_class == "cnic"]
+
+    def both_ends(lk):
+        return [(on.net.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)]
+
     with Registry() as reg:
         emu = Emulation(on.net, reg, "pytest-reshape")
         try:
             emu.build()
-            ends = [(on.net.host(lk.host).netns, lk.host_intf) for lk in cnics] + [(None, lk.switch_intf)
-                                                                                 for lk in cnics]
+            ends = [e for lk in cnics for e in both_ends(lk)]
             assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
-            assert all(gso(*e) == 8192 for e in ends)  # small skbs: a priority class waits less behind one
-            snic = next(lk for lk in on.net.links if lk.link_class == "snic")
-            assert gso(None, snic.switch_intf) == 65536  # the storage fabric keeps the kernel's default
+            for lk in on.net.links:  # 100 Mbit/s for 0.5 ms = 6250 B: 4 full segments, on both fabrics
+                assert lk.skb_segs == 4
+                assert all(gso(*e) == gso_limits(4) for e in both_ends(lk)), lk
             assert emu.reshape(off.net) == len(ends)  # the storage fabric is left alone
             assert all(classes(*e) == {"1:1", "1:10"} for e in ends)
             assert emu.reshape(on.net) == len(ends)
             assert all(classes(*e) == {"1:1", "1:10", "1:11", "1:12"} for e in ends)
+            assert all(gso(*e) == gso_limits(4) for lk in on.net.links for e in both_ends(lk))
         finally:
             assert emu.teardown() == []
 
@@ -196,3 +203,38 @@ def test_isolation_keeps_collectives_fast_beside_a_kv_bulk_flow_on_the_wire(mach
     assert p50["off", True] > 4 * p50["off", False]  # one FIFO: each collective waits behind KV bytes
     assert p90["off", True] > 3 * p90["on", True]
     assert_nothing_left("after the wire isolation test")
+
+
+@pytest.mark.netns
+def test_skbs_on_the_wire_stay_within_the_cap_and_dequeue_on_time(machine_free):
+    """A bulk TCP flow through a shaped link: the dequeue trace sees GSO skbs (more than one segment) but never
+    more segments than the link's cap, and the busy gaps follow the configured rate."""
+    from emulator import calibrate, dequeue
+    from emulator.monitor import CpuSampler
+    from emulator.net import Emulation
+    from emulator.registry import Registry
+    from scenarios import schema
+    from scenarios.plan import make_plan
+
+    plan = make_plan(schema.load("tiny", ["emulation.skb=0.5ms"]))
+    test = next(t for t in plan.tests if t.targets[0].link.link_class == "snic")
+    target = test.targets[0]  # pe1-snic up: saturated by its own flow
+    with Registry() as reg:
+        emu = Emulation(plan.net, reg, "pytest-skbcap")
+        try:
+            emu.build()
+            mon = dequeue.DequeueMonitor([dequeue.Watched(target.dev, target.link.rate_bps, "snic")], on_s=10,
+                                         off_s=1)
+            mon.start()
+            try:  # one round's flows, without calibrate.run's own monitor (one tracefs instance at a time)
+                calibrate._run_round(emu, [test], 4.0, sys.executable, CpuSampler())
+            finally:
+                errors = mon.stop()
+            port = mon.timing.ports[target.dev]
+            assert 1 < port.max_segs <= target.link.skb_segs == 4, port.max_segs
+            s = dequeue.summarize(dequeue.histogram(errors["snic"]))
+            print(s)
+            assert s["gaps"] > 1000 and s["abs_p50"] < 0.1, s
+        finally:
+            assert emu.teardown() == []
+    assert not (dequeue.TRACEFS / "instances" / dequeue.INSTANCE).exists()

@@ -5,9 +5,10 @@ scenario. Its values were checked by hand (and test_golden_values re-checks them
 from the file itself, so a regenerated golden cannot silently drift):
 
     rates   400Gbit x 0.00025 = 100Mbit (snic, cnic); 600Gbit x 0.00025 = 150Mbit (storage NIC)
-    burst   max(rate/8 x 1ms, 2 x 64KiB): 12500 / 18750 -> 131072 bytes
+    skb     1 ms at the slowest rate of each fabric (100Mbit on both): 12500 B -> 8 segments of 1514 B = 12112 B
+    burst   max(rate/8 x 1ms, 2 x skb): 12500 / 18750 -> 24224 bytes
     quantum clamp(rate/8/10, 1600, 200000): 1.25e6 / 1.875e6 -> 200000
-    limit   max(rate/8 x 10ms, 4 x 64KiB): 125000 / 187500 -> 262144 bytes
+    limit   max(rate/8 x 10ms, 4 x skb): 125000 / 187500 bytes (4 x skb = 48448 is less)
 
 To regenerate after an intended change, write "\\n".join(map(render, plan.tc_ops)) + "\\n"
 and check the numbers by hand again.
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from emulator.tcplan import (DEFAULT_CLASS, LINK_CLASS, ROOT_HANDLE, TcOp, apply, describe, handle_str,
-                             htb_burst_bytes, htb_quantum_bytes, queue_limit_bytes, render, shape_ops)
+                             gso_limits, htb_burst_bytes, htb_quantum_bytes, queue_limit_bytes, render, shape_ops,
+                             skb_segs_for)
 from emulator.units import parse_rate
 from scenarios import schema
 from scenarios.plan import make_plan
@@ -49,9 +51,9 @@ def test_golden_values():
     for line in lines:
         if " class " in line:
             rate = "150Mbit" if "st1-nic" in line else "100Mbit"
-            assert f"htb rate {rate} ceil {rate} burst 131072b cburst 131072b quantum 200000 prio 0" in line
+            assert f"htb rate {rate} ceil {rate} burst 24224b cburst 24224b quantum 200000 prio 0" in line
         elif " bfifo " in line:
-            assert line.endswith("handle 10: bfifo limit 262144b")
+            assert line.endswith("handle 10: bfifo limit " + ("187500b" if "st1-nic" in line else "125000b"))
         else:
             assert line.endswith("root handle 1: htb default 10 r2q 10")
 
@@ -119,14 +121,32 @@ def test_handles():
 
 
 # -- sizing formulas (hand-computed values) ----------------------------------
-@pytest.mark.parametrize("rate_bps, burst", [
-    (100e6, 131072),        # 12500 B per ms -> floor of two GSO skbs
-    (1e9, 131072),          # 125000 < 131072
-    (2e9, 250000),          # 2e9 / 8 * 1e-3
-    (8e9, 1000000),
+@pytest.mark.parametrize("rate_bps, segs, burst", [
+    (100e6, None, 130204),  # 12500 B per ms -> floor of two uncapped skbs (43 segments of 1514 B)
+    (1e9, None, 130204),    # 125000 < 130204
+    (2e9, None, 250000),    # 2e9 / 8 * 1e-3
+    (8e9, None, 1000000),
+    (20e6, 2, 6056),        # 2500 B per ms < two 2-segment skbs
+    (160e6, 16, 48448),     # 20000 < 2 x 24224
 ])
-def test_htb_burst(rate_bps, burst):
-    assert htb_burst_bytes(rate_bps) == burst
+def test_htb_burst(rate_bps, segs, burst):
+    assert htb_burst_bytes(rate_bps, segs) == burst
+
+
+@pytest.mark.parametrize("rate_bps, skb_s, segs", [
+    (20e6, 0.00125, 2),     # 3125 B -> 2 full segments
+    (160e6, 0.00125, 16),   # 25000 B -> 16
+    (1e6, 0.001, 1),        # never below one segment
+    (10e9, 0.001, 43),      # never above the kernel's 64 KiB
+])
+def test_skb_segs(rate_bps, skb_s, segs):
+    assert skb_segs_for(rate_bps, skb_s) == segs
+
+
+def test_gso_limits_let_the_segment_count_bind():
+    size, segs = gso_limits(2)
+    assert segs == 2 and size == 2 * 1514 + 512  # TCP reserves ~320 B of gso_max_size for headers
+    assert gso_limits(43) == (65536, 43)
 
 
 @pytest.mark.parametrize("rate_bps, quantum", [
@@ -140,14 +160,16 @@ def test_htb_quantum(rate_bps, quantum):
     assert htb_quantum_bytes(rate_bps) == quantum
 
 
-@pytest.mark.parametrize("rate_bps, queue_s, limit", [
-    (100e6, 0.010, 262144),     # 125000 -> floor of four GSO skbs
-    (1e9, 0.010, 1250000),      # 1e9 / 8 * 10ms
-    (2e9, 0.050, 12500000),
-    (1e9, 0.001, 262144),
+@pytest.mark.parametrize("rate_bps, queue_s, segs, limit", [
+    (100e6, 0.010, None, 260408),   # 125000 -> floor of four uncapped skbs
+    (1e9, 0.010, None, 1250000),    # 1e9 / 8 * 10ms
+    (2e9, 0.050, None, 12500000),
+    (1e9, 0.001, None, 260408),
+    (20e6, 0.0125, 2, 31250),       # the default SNIC: 12.5 ms (10 ms x time 1.25), 4 x 3028 is less
+    (20e6, 0.001, 2, 12112),        # floor of four 2-segment skbs
 ])
-def test_queue_limit(rate_bps, queue_s, limit):
-    assert queue_limit_bytes(rate_bps, queue_s) == limit
+def test_queue_limit(rate_bps, queue_s, segs, limit):
+    assert queue_limit_bytes(rate_bps, queue_s, segs) == limit
 
 
 def test_shape_ops_params_at_2gbit():
@@ -162,8 +184,8 @@ def test_render_root_namespace_has_no_netns_flag():
     ops = shape_ops(None, "dp-pe1-snic", 40e6, 0.010)
     assert render(ops[0]) == "tc qdisc add dev dp-pe1-snic root handle 1: htb default 10 r2q 10"
     assert render(ops[1]) == ("tc class add dev dp-pe1-snic parent 1: classid 1:1 htb rate 40Mbit ceil 40Mbit "
-                              "burst 131072b cburst 131072b quantum 200000 prio 0")
-    assert render(ops[3]) == "tc qdisc add dev dp-pe1-snic parent 1:10 handle 10: bfifo limit 262144b"
+                              "burst 130204b cburst 130204b quantum 200000 prio 0")
+    assert render(ops[3]) == "tc qdisc add dev dp-pe1-snic parent 1:10 handle 10: bfifo limit 260408b"
 
 
 def test_render_refuses_unknown_op():
@@ -200,12 +222,12 @@ class FakeIPRoute:
 def test_apply_issues_the_plan_in_order_with_byte_rates():
     ipr = FakeIPRoute({"pe1-snic": 7})
     apply(ipr, shape_ops("dp-pe1", "pe1-snic", 40e6, 0.010))
-    cls = dict(rate=5_000_000, ceil=5_000_000, burst=131072, cburst=131072, quantum=200000, prio=0)
+    cls = dict(rate=5_000_000, ceil=5_000_000, burst=130204, cburst=130204, quantum=200000, prio=0)
     assert ipr.calls == [
         (("add", "htb", 7, ROOT_HANDLE), dict(default=0x10, r2q=10)),
         (("add-class", "htb", 7, LINK_CLASS), dict(parent=ROOT_HANDLE, **cls)),
         (("add-class", "htb", 7, DEFAULT_CLASS), dict(parent=LINK_CLASS, **cls)),
-        (("add", "bfifo", 7, 0x100000), dict(parent=DEFAULT_CLASS, limit=262144)),
+        (("add", "bfifo", 7, 0x100000), dict(parent=DEFAULT_CLASS, limit=260408)),
     ]
 
 

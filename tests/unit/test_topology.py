@@ -210,7 +210,7 @@ def test_rates_per_class_equal_scaled_real_rates(scale):
     assert classes == {"snic": 6, "cnic": 48, "stnic": 2}
     for lk in net.links:
         assert lk.rate_bps == pytest.approx(scale.rate(real[lk.link_class]), rel=1e-12)
-        assert lk.queue_s == QUEUE_S
+        assert lk.queue_s == pytest.approx(QUEUE_S * scale.time_scale)  # a queue is real time, stretched
 
 
 def test_link_class_follows_nic():
