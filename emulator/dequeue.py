@@ -9,10 +9,13 @@ own tracepoints, in a tracefs instance of our own (``dp-dequeue``) so nothing el
 - ``net:net_dev_queue`` (a skb handed to the device: its qdisc enqueue) and ``net:net_dev_start_xmit`` (the
   skb leaving the root qdisc for the driver: its dequeue), both filtered by interface name, which is unique
   across the run's namespaces (``qdisc:qdisc_dequeue`` carries only an ifindex, which is not);
-- a gap counts when the next skb was already queued when the previous one left (the queue was not empty);
+- a gap counts when the next skb was already queued when the previous one left, with at least
+  :data:`MIN_BACKLOG` skbs waiting then (a standing queue: the link is saturated, not just catching one skb);
 - ideal gap = wire bytes of the previous skb x 8 / rate, wire bytes as HTB charges them: the skb's length
   plus one more header per extra GSO segment (Ethernet + IP + TCP, from the skb's own transport offset);
-- error = gap / ideal - 1 (0: on time; -1: sent back to back; 1: a gap twice the ideal). Only skbs of at least
+- error = gap / ideal - 1 (0: on time; -1: sent back to back, HTB spending its burst; 1: a gap twice the ideal,
+  one skb late). The verdict judges the late side: 99% of busy gaps must be shorter than two ideal gaps
+  (``emulator.fidelity``). Only skbs of at least
   :data:`MIN_WIRE_BYTES` set an ideal gap: a 66-byte ACK's ideal is a few microseconds, below what the trace's
   microsecond stamps resolve.
 
@@ -41,6 +44,8 @@ from .tcplan import SEG_HEADER_BYTES
 TRACEFS = Path("/sys/kernel/tracing")
 INSTANCE = PREFIX + "dequeue"
 MIN_WIRE_BYTES = 1000
+MIN_BACKLOG = 2  # skbs still queued when the previous one left: a standing queue, not one skb that just arrived
+STALE_S = 1.0  # an skb queued this long ago was dropped, not delayed (no queue here holds 1 s)
 BUFFER_KB = 4096  # per CPU
 _EVENTS = ("net/net_dev_queue", "net/net_dev_start_xmit")
 TCP_HEADER_BYTES = SEG_HEADER_BYTES - 34  # TCP with timestamps; Ethernet 14 + IP 20 are the transport offset
@@ -63,7 +68,7 @@ class _Port:
     rate_bps: float
     group: str
     queued: OrderedDict = field(default_factory=OrderedDict)  # skbaddr -> enqueue time
-    last: tuple[float, int] | None = None  # (dequeue time, wire bytes) of the previous skb
+    last: tuple[float, int, int] | None = None  # (dequeue time, wire bytes, skbs left queued) of the previous skb
     max_segs: int = 0  # the most GSO segments seen in one skb (0: none had more than one)
 
 
@@ -112,14 +117,16 @@ class Timing:
         if port is None:
             return
         queued_at = port.queued.pop(f[3][8:], None)
+        while port.queued and next(iter(port.queued.values())) < t - STALE_S:  # dropped: never dequeued
+            port.queued.popitem(last=False)
         segs = int(f[16][9:])
         port.max_segs = max(port.max_segs, segs)
         wire = wire_bytes(int(f[9][4:]), int(f[13][17:]), segs)
         if port.last is not None and queued_at is not None and queued_at <= port.last[0] \
-                and port.last[1] >= MIN_WIRE_BYTES:
+                and port.last[2] >= MIN_BACKLOG and port.last[1] >= MIN_WIRE_BYTES:
             ideal = port.last[1] * 8 / port.rate_bps
             self.errors[port.group].append((t - port.last[0]) / ideal - 1)
-        port.last = (t, wire)
+        port.last = (t, wire, len(port.queued))
 
     def pause(self) -> None:
         """Tracing stops: the next skb's gap would span the pause."""
@@ -135,36 +142,45 @@ def bin_edges() -> list[float]:
     return [0.0] + [HIST_LO * 10 ** (i / BINS_PER_DECADE) for i in range(n + 1)] + [math.inf]
 
 
-def histogram(errors: list[float]) -> list[int]:
-    """Counts of |error| per bin of :func:`bin_edges`."""
+def histogram(errors: list[float]) -> dict[str, list[int]]:
+    """Counts per bin of :func:`bin_edges` of the early gaps' |error| (``early``: shorter than the ideal, HTB
+    spending its burst) and of the late gaps' error (``late``: the ideal or longer)."""
     edges = bin_edges()
-    counts = [0] * (len(edges) - 1)
+    out = {"early": [0] * (len(edges) - 1), "late": [0] * (len(edges) - 1)}
     for e in errors:
-        counts[max(0, bisect.bisect_right(edges, abs(e)) - 1)] += 1
-    return counts
+        out["early" if e < 0 else "late"][max(0, bisect.bisect_right(edges, abs(e)) - 1)] += 1
+    return out
 
 
-def summarize(counts: list[int]) -> dict:
-    """Gaps, the 50th/90th/99th percentiles of |error| (each the upper edge of its bin) and the CCDF at
-    CCDF_POINTS (the share of gaps whose |error| exceeds each)."""
-    n = sum(counts)
+def summarize(hist: dict[str, list[int]]) -> dict:
+    """``gaps``; ``late_p99``: the 99th percentile of the signed error (how late the 1% latest gaps are, 0 when
+    fewer than 1% are late); ``abs_p50/p90/p99``: percentiles of |error|; each percentile the upper edge of its
+    bin; ``early``: the share of gaps shorter than ideal; ``ccdf``: the share of gaps whose |error| exceeds each
+    of CCDF_POINTS, and ``late_ccdf`` the share later than each."""
+    early, late = hist.get("early", []), hist.get("late", [])
+    n = sum(early) + sum(late)
     if not n:
         return {"gaps": 0}
     edges = bin_edges()
+    both = [a + b for a, b in zip(early, late, strict=True)]
 
-    def q(p: float) -> float:
-        need, seen = p / 100 * n, 0
+    def q(counts: list[int], p: float, base: int = 0) -> float:
+        need, seen = p / 100 * n - base, 0
+        if need <= 0:
+            return 0.0
         for i, c in enumerate(counts):
             seen += c
             if seen >= need:
                 return round(min(edges[i + 1], HIST_HI * 10), 4)
         return round(HIST_HI * 10, 4)
 
-    def above(x: float) -> float:
-        return round(sum(c for i, c in enumerate(counts) if edges[i] >= x) / n, 5)
+    def above(counts: list[int], x: float) -> float:
+        return round(sum(c for i, c in enumerate(counts) if edges[i] >= x - 1e-9) / n, 5)
 
-    return {"gaps": n, "abs_p50": q(50), "abs_p90": q(90), "abs_p99": q(99),
-            "ccdf": {f"{x:g}": above(x) for x in CCDF_POINTS}}
+    return {"gaps": n, "late_p99": q(late, 99, base=sum(early)), "abs_p50": q(both, 50), "abs_p90": q(both, 90),
+            "abs_p99": q(both, 99), "early": round(sum(early) / n, 4),
+            "ccdf": {f"{x:g}": above(both, x) for x in CCDF_POINTS},
+            "late_ccdf": {f"{x:g}": above(late, x) for x in CCDF_POINTS}}
 
 
 class DequeueMonitor:

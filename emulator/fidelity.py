@@ -30,11 +30,14 @@ RATE_TOLERANCE = 0.03  # saturated links must be within 3% of configured
 # iperf3's payload against the payload the HTB counters imply (wire bytes less 66 B per segment), same window:
 # measured within 0.9% on every class of the default cluster; a counter that lies shows beyond this
 GOODPUT_TOLERANCE = 0.03
-# Dequeue timing (emulator.dequeue): the 99th percentile of |gap / ideal - 1| over every busy gap of a link
-# class, calibration and serving together, must stay below DEQUEUE_P99_MAX; fewer than DEQUEUE_MIN_GAPS gaps
-# is "not measured". See docs/fidelity.md for the measurements behind the number.
+# Dequeue timing (emulator.dequeue): over every busy gap of a link class, calibration and serving together, the
+# 99th percentile of gap / ideal - 1 must stay at most DEQUEUE_P99_MAX: 99% of packets on a saturated port
+# leave less than one skb time (<= emulation.skb, 1 ms of real time) after the rate says, a tenth of the queue
+# the port emulates. Calm calibration measures 0.06-0.13, busy serving runs 0.3-0.8 (docs/fidelity.md); a
+# starved machine, whose late timers send packets many skb times late, fails it. Fewer than DEQUEUE_MIN_GAPS
+# gaps is "not measured".
 DEQUEUE_PERCENTILE = 99
-DEQUEUE_P99_MAX = 0.5
+DEQUEUE_P99_MAX = 1.0
 DEQUEUE_MIN_GAPS = 100
 
 
@@ -84,7 +87,7 @@ def judge_links(v: Verdict, classes: list[str], measured: dict[str, list[str]], 
     """The link side of the verdict, added to `v`:
     - every link class of the network had a rate measured (`measured`: class -> labels measured);
     - iperf3's payload matches the counters' within GOODPUT_TOLERANCE;
-    - every link class's dequeue timing was measured (DEQUEUE_MIN_GAPS busy gaps) and its p99 |error| is below
+    - every link class's dequeue timing was measured (DEQUEUE_MIN_GAPS busy gaps) and its p99 lateness is at most
       DEQUEUE_P99_MAX (`dequeue`: class -> ``emulator.dequeue.summarize``);
     - no link of a lossless fabric dropped a packet (`lossless_drops`: link -> drops)."""
     for cls in classes:
@@ -108,10 +111,10 @@ def judge_links(v: Verdict, classes: list[str], measured: dict[str, list[str]], 
                 v.fail(f"dequeue timing of {cls} links not measured ({d.get('gaps', 0)} busy gaps, "
                        f"at least {DEQUEUE_MIN_GAPS} needed)")
                 continue
-            v.dequeue_p99[cls] = d["abs_p99"]
-            if d["abs_p99"] > DEQUEUE_P99_MAX:
-                v.fail(f"{cls} links dequeue off their rate: p{DEQUEUE_PERCENTILE} of |gap/ideal - 1| is "
-                       f"{d['abs_p99']:.2f} (limit {DEQUEUE_P99_MAX})")
+            v.dequeue_p99[cls] = d["late_p99"]
+            if d["late_p99"] > DEQUEUE_P99_MAX:
+                v.fail(f"{cls} links dequeue late: p{DEQUEUE_PERCENTILE} of gap/ideal - 1 is "
+                       f"{d['late_p99']:.2f} (limit {DEQUEUE_P99_MAX:g}: one skb late)")
     dropped = {k: n for k, n in lossless_drops.items() if n}
     if dropped:
         names = ", ".join(f"{k} ({n})" for k, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:6])

@@ -16,6 +16,7 @@ that none of the run's names is left.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -114,6 +115,7 @@ class Emulation:
         self._net.start()
         self._sysctls()
         self._gso_caps()
+        self._rwnd_caps()
         for op_ns, ops in self._ops_by_ns().items():
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
@@ -129,6 +131,20 @@ class Emulation:
                 ipr = self.ipr(netns)
                 (idx,) = ipr.link_lookup(ifname=dev)
                 ipr.link("set", index=idx, gso_max_size=size, gso_max_segs=segs)
+
+    def _rwnd_caps(self) -> None:
+        """On lossless switches, the host's route to the switch's subnet advertises at most
+        ``NetSpec.rwnd_bytes`` (the route's ``window`` metric): all peers sending at once fit the queue."""
+        for lk in self.spec.links:
+            window = self.spec.rwnd_bytes(lk)
+            if window is None:
+                continue
+            ipr = self.ipr(self.spec.host(lk.host).netns)
+            (idx,) = ipr.link_lookup(ifname=lk.host_intf)
+            addr, plen = lk.ip.split("/")
+            net = ipaddress.ip_network(lk.ip, strict=False)
+            ipr.route("replace", dst=str(net.network_address), dst_len=int(plen), oif=idx, prefsrc=addr,
+                      scope=253, proto=2, metrics={"window": window})
 
     def reshape(self, spec: NetSpec) -> int:
         """Re-shape the built network to `spec` (same hosts, switches and links; other tc plans, e.g. traffic

@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .names import check_ifname, owned
-from .tcplan import TcOp, TrafficClass, shape_ops, skb_segs_for
+from .tcplan import (SEG_HEADER_BYTES, SEG_WIRE_BYTES, TcOp, TrafficClass, queue_limit_bytes, shape_ops,
+                     skb_segs_for)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class HostSpec:
 class SwitchSpec:
     name: str  # e.g. "rail0"
     fabric: str  # "storage", "compute", ...
+    # Lossless (credit-based, like InfiniBand): no port may drop. TCP is loss-based, so each host caps the window
+    # it advertises on this switch's subnet (:meth:`NetSpec.rwnd_bytes`) so that every peer sending to it at
+    # once still fits its port's queue.
+    lossless: bool = False
 
     @property
     def bridge(self) -> str:
@@ -72,6 +77,7 @@ class LinkSpec(_Cable):
     queue_s: float  # the queue of each end, as time at the rate (wall seconds)
     traffic_classes: tuple[TrafficClass, ...] = ()  # DSCP classes at both ends (compute fabric)
     skb_segs: int | None = None  # cap on GSO/TSO skbs at both ends, in full segments (None: the kernel's 64 KiB)
+    fan_in: int | None = None  # hosts that send to this one on its switch at once (None: every other host there)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,16 @@ class NetSpec:
                              lk.skb_segs)
             ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes, lk.skb_segs)
         return ops
+
+    def rwnd_bytes(self, lk: LinkSpec) -> int | None:
+        """The receive window `lk`'s host advertises on a lossless switch (None elsewhere): its down port's queue,
+        less header overhead, shared by the hosts that send to it (``fan_in``, by default every other host on
+        the switch), each with one connection in flight."""
+        if not self.switch(lk.switch).lossless:
+            return None
+        peers = lk.fan_in or max(1, sum(1 for o in self.links if o.switch == lk.switch and o.host != lk.host))
+        payload = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) * (1 - SEG_HEADER_BYTES / SEG_WIRE_BYTES)
+        return max(2 * (SEG_WIRE_BYTES - SEG_HEADER_BYTES), int(payload / peers))
 
     def cap_skbs(self, skb_s: float) -> "NetSpec":
         """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by

@@ -20,7 +20,7 @@ from pathlib import Path
 from emulator import dequeue
 from emulator.tcplan import queue_limit_bytes
 
-DEQUEUE_COLUMNS = ["link_class", "error_lo", "error_hi", "gaps"]
+DEQUEUE_COLUMNS = ["link_class", "side", "error_lo", "error_hi", "gaps"]
 
 
 def serving_watch(net) -> list[dequeue.Watched]:
@@ -52,33 +52,35 @@ def write_dequeue(path: Path, errors: dict[str, list[float]]) -> None:
         w = csv.writer(f)
         w.writerow(DEQUEUE_COLUMNS)
         for cls, errs in sorted(errors.items()):
-            for i, c in enumerate(dequeue.histogram(errs)):
-                if c:
-                    w.writerow([cls, f"{edges[i]:.6g}", f"{edges[i + 1]:.6g}", c])
+            for side, counts in dequeue.histogram(errs).items():
+                for i, c in enumerate(counts):
+                    if c:
+                        w.writerow([cls, side, f"{edges[i]:.6g}", f"{edges[i + 1]:.6g}", c])
 
 
-def read_dequeue(path: Path) -> dict[str, list[int]]:
-    """{link class: counts per bin of emulator.dequeue.bin_edges()}; {} if the file is missing."""
+def read_dequeue(path: Path) -> dict[str, dict[str, list[int]]]:
+    """{link class: {"early"|"late": counts per bin of emulator.dequeue.bin_edges()}}; {} if the file is missing."""
     if not path.exists():
         return {}
     edges = dequeue.bin_edges()
     index = {f"{e:.6g}": i for i, e in enumerate(edges[:-1])}
-    out: dict[str, list[int]] = {}
+    out: dict[str, dict[str, list[int]]] = {}
     for row in csv.DictReader(path.open()):
-        counts = out.setdefault(row["link_class"], [0] * (len(edges) - 1))
-        counts[index[row["error_lo"]]] += int(row["gaps"])
+        hist = out.setdefault(row["link_class"], {s: [0] * (len(edges) - 1) for s in ("early", "late")})
+        hist[row["side"]][index[row["error_lo"]]] += int(row["gaps"])
     return out
 
 
 def dequeue_figures(paths: list[Path]) -> dict[str, dict]:
     """The histograms of `paths` added up per link class and summarized (``emulator.dequeue.summarize``)."""
-    total: dict[str, list[int]] = {}
+    total: dict[str, dict[str, list[int]]] = {}
     for p in paths:
-        for cls, counts in read_dequeue(p).items():
-            acc = total.setdefault(cls, [0] * len(counts))
-            for i, c in enumerate(counts):
-                acc[i] += c
-    return {cls: dequeue.summarize(c) for cls, c in sorted(total.items())}
+        for cls, hist in read_dequeue(p).items():
+            acc = total.setdefault(cls, {s: [0] * len(c) for s, c in hist.items()})
+            for side, counts in hist.items():
+                for i, c in enumerate(counts):
+                    acc[side][i] += c
+    return {cls: dequeue.summarize(h) for cls, h in sorted(total.items())}
 
 
 def queue_figures(links_csv: Path, net, time_scale: float) -> dict:

@@ -89,7 +89,7 @@ def markdown(grid: Grid) -> list[str]:
 def links(summary: dict) -> Grid | None:
     """Per link class and direction: packets dropped per mode, the busiest link's mean queue and the peak
     queue (real ms at the link's rate, the worst mode), and the class's dequeue timing (p99 of |gap/ideal - 1|
-    over calibration and serving). The paper's compute fabric (cnic) is lossless: a drop there fails the run."""
+    over calibration and serving: p99 of gap/ideal - 1). The paper's compute fabric (cnic) is lossless: a drop there fails the run."""
     modes = {**summary.get("modes", {}), **summary.get("extra_runs", {})}
     figs = {m: v.get("links", {}) for m, v in modes.items()}
     pairs = list(dict.fromkeys((c, d) for f in figs.values() for c in f for d in f[c]))
@@ -104,7 +104,7 @@ def links(summary: dict) -> Grid | None:
                      fmt_num(max(p["backlog_busiest_mean_ms"] for p in per), "{:.1f}"),
                      fmt_num(max(p["backlog_max_ms"] for p in per), "{:.1f}"),
                      fmt_num(per[0]["queue_limit_bytes"] / 1e3, "{:.1f}"),
-                     fmt_num(dq.get(cls, {}).get("abs_p99"), "{:.3f}")))
+                     fmt_num(dq.get(cls, {}).get("late_p99"), "{:.2f}")))
     return Grid(f"links (drops per mode: {'/'.join(figs)}; queues in real ms)",
-                ("class", "dir", "drops", "queue ms\nbusiest", "queue ms\npeak", "limit\nKB", "dequeue\np99 err"),
+                ("class", "dir", "drops", "queue ms\nbusiest", "queue ms\npeak", "limit\nKB", "dequeue\np99 late"),
                 rows)

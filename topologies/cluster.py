@@ -20,6 +20,10 @@ are preserved exactly; :func:`invariants` states them so a run can record them.
   ``dp-rail<r>``, one subnet per rail: 10.(32+r).0.0/16 (prefill
   ``10.(32+r).1.i``, decode ``10.(32+r).2.i``). Rails share nothing, and the
   storage and compute fabrics share nothing.
+- both shaped fabrics are lossless, as the paper's (InfiniBand/RoCE with credits or PFC): TCP is loss-based,
+  so every host caps the window it advertises on them to its port's queue shared by the hosts that send to
+  it (``NetSpec.rwnd_bytes``; storage servers send to an SNIC, compute nodes to a storage NIC, every other
+  node to a CNIC), and no port overflows;
 - management network, bridge ``dp-mgmt``, subnet 10.9.0.0/16, NOT shaped:
   every host has ``<host>-mgmt`` (prefill ``10.9.1.i``, decode ``10.9.2.i``,
   storage ``10.9.3.i``), plus the control host ``ctl1`` (``10.9.4.1``) that
@@ -143,17 +147,19 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float = QUEUE_S,
     names = node_names(c)
     queue_s = queue_s * scale.time_scale
     hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]] + [HostSpec(CONTROL_HOST, "ctl")]
-    switches = ([SwitchSpec("stor", "storage")] + [SwitchSpec(f"rail{r}", "compute") for r in range(c.gpus_per_node)]
+    switches = ([SwitchSpec("stor", "storage", lossless=True)]
+                + [SwitchSpec(f"rail{r}", "compute", lossless=True) for r in range(c.gpus_per_node)]
                 + [SwitchSpec("mgmt", "management")])
     links: list[LinkSpec] = []
     for role in ("pe", "de", "st"):
         for i, host in enumerate(names[role], start=1):
             if role == "st":
-                links.append(LinkSpec(host, "nic", "stor", "stnic", rates["stnic"],
-                                      f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+                links.append(LinkSpec(host, "nic", "stor", "stnic", rates["stnic"],  # compute nodes write to it
+                                      f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s,
+                                      fan_in=c.prefill_nodes + c.decode_nodes))
                 continue
-            links.append(LinkSpec(host, "snic", "stor", "snic", rates["snic"],
-                                  f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s))
+            links.append(LinkSpec(host, "snic", "stor", "snic", rates["snic"],  # storage servers read to it
+                                  f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s, fan_in=c.storage_servers))
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
                                       f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s,
