@@ -531,12 +531,23 @@ class SchedulerStub:
                 request_serializer=daemons_dot_dualpath__pb2.TurnRequest.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.TurnResult.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/dualpath.v1.Scheduler/Stats',
+                request_serializer=daemons_dot_dualpath__pb2.StatsRequest.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.RpcStats.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -549,6 +560,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=daemons_dot_dualpath__pb2.TurnRequest.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.TurnResult.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=daemons_dot_dualpath__pb2.StatsRequest.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.RpcStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -578,6 +594,33 @@ class Scheduler:
             '/dualpath.v1.Scheduler/Submit',
             daemons_dot_dualpath__pb2.TurnRequest.SerializeToString,
             daemons_dot_dualpath__pb2.TurnResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Scheduler/Stats',
+            daemons_dot_dualpath__pb2.StatsRequest.SerializeToString,
+            daemons_dot_dualpath__pb2.RpcStats.FromString,
             options,
             channel_credentials,
             insecure,

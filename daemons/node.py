@@ -47,7 +47,7 @@ from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, span_content, verify_span
 from daemons.kvclient import Ledger, StorageClient, calls_of
-from daemons.runtime import grpc_options, serve_until_stopped
+from daemons.runtime import RpcCounter, grpc_options, rpc_counts, serve_until_stopped
 from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
 
 COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
@@ -229,6 +229,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.buffer = Buffer(buffer_bytes)
         self.read_queue_tokens = 0
         self.ledger = Ledger()
+        self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
         self.dscp_kv = dscp_kv
         self.prefill_quota_s = prefill_quota_s
         self.collectives = collectives
@@ -682,7 +683,8 @@ class NodeService(pb_grpc.NodeServicer):
                                      unfinished_tokens=max(0, e.unfinished_tokens)) for e in self.engines],
             ledger=pb.Ledger(blocks_read=lg.blocks_read, blocks_written=lg.blocks_written,
                              blocks_forwarded=lg.blocks_forwarded, blocks_verified=lg.blocks_verified,
-                             blocks_corrupt=lg.blocks_corrupt, blocks_lost=lg.blocks_lost))
+                             blocks_corrupt=lg.blocks_corrupt, blocks_lost=lg.blocks_lost),
+            rpcs=rpc_counts(self.rpcs))
 
 
 async def serve(args) -> None:
@@ -701,7 +703,8 @@ async def serve(args) -> None:
                           CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv,
                           prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
                           push_bytes=args.push_bytes)
-    server = grpc.aio.server(options=grpc_options(args.dscp_kv))
+    service.rpcs = RpcCounter()
+    server = grpc.aio.server(options=grpc_options(args.dscp_kv), interceptors=[service.rpcs])
     pb_grpc.add_NodeServicer_to_server(service, server)
     async def stop() -> None:
         if collectives is not None and args.collectives_out:

@@ -13,6 +13,8 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from daemons import dualpath_pb2 as pb
+
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -39,3 +41,52 @@ async def serve_until_stopped(server: grpc.aio.Server, addresses: list[str],
     await server.stop(grace=1.0)
     if on_stop is not None:
         await on_stop()
+
+
+class RpcCounter(grpc.aio.ServerInterceptor):
+    """Counts, per method this server serves: calls, messages each way and their serialized bytes (what gRPC
+    frames: protobuf bytes, without HTTP/2 and TCP/IP overhead). It wraps the method's (de)serializers, so it
+    costs one small function call per message, not per byte. Every request here is unary: one request message
+    is one call. ``snapshot()`` is what a daemon's status reply carries (``pb.RpcCount``)."""
+
+    def __init__(self):
+        self.counts: dict[str, list[int]] = {}  # method -> [calls, messages_in, messages_out, bytes_in, bytes_out]
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if method in self._handlers:
+            return self._handlers[method]
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        c = self.counts.setdefault(method, [0, 0, 0, 0, 0])
+        deser, ser = handler.request_deserializer, handler.response_serializer
+
+        def request_deserializer(data: bytes):
+            c[0] += 1
+            c[1] += 1
+            c[3] += len(data)
+            return deser(data) if deser else data
+
+        def response_serializer(msg) -> bytes:
+            data = ser(msg) if ser else msg
+            c[2] += 1
+            c[4] += len(data)
+            return data
+
+        wrapped = handler._replace(request_deserializer=request_deserializer, response_serializer=response_serializer)
+        self._handlers[method] = wrapped
+        return wrapped
+
+    def snapshot(self) -> list[tuple[str, int, int, int, int, int]]:
+        """(method, calls, messages_in, messages_out, bytes_in, bytes_out) of every method served so far."""
+        return [(m, *c) for m, c in sorted(self.counts.items())]
+
+
+def rpc_counts(counter: RpcCounter | None) -> list[pb.RpcCount]:
+    """A counter's snapshot as the status replies carry it."""
+    if counter is None:
+        return []
+    return [pb.RpcCount(method=m, calls=c, messages_in=mi, messages_out=mo, bytes_in=bi, bytes_out=bo)
+            for m, c, mi, mo, bi, bo in counter.snapshot()]

@@ -36,7 +36,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
-from daemons.runtime import serve_until_stopped
+from daemons.runtime import RpcCounter, rpc_counts, serve_until_stopped
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
 POLICIES = ("paper", "round_robin")
@@ -99,6 +99,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
         self._dispatcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
 
     def _stub(self, node: str) -> pb_grpc.NodeStub:
         if node not in self._channels:
@@ -119,6 +120,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.queue.append(item)
         self._changed.set()
         return await item.done
+
+    async def Stats(self, request, context):  # noqa: N802
+        return pb.RpcStats(rpcs=rpc_counts(self.rpcs))
 
     # -- placement ---------------------------------------------------------------
     def _pe_loads(self) -> list[EngineLoad]:
@@ -220,7 +224,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 async def serve(args) -> None:
     cfg = SchedulerConfig.from_json(json.loads(Path(args.config).read_text()))
     service = SchedulerService(cfg)
-    server = grpc.aio.server()
+    service.rpcs = RpcCounter()
+    server = grpc.aio.server(interceptors=[service.rpcs])
     pb_grpc.add_SchedulerServicer_to_server(service, server)
     await serve_until_stopped(server, [args.listen], service.close)
 

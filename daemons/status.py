@@ -4,8 +4,9 @@
 
 Runs on the control host (the management network reaches every node; the
 storage servers are asked through their storage-fabric address only for their
-small Stats reply). Prints one JSON object: per node its ledger, buffer and read
-queue; per storage server its counters; and the summed ledger.
+small Stats reply). Prints one JSON object: per node its ledger, buffer, read
+queue and the RPCs it served; per storage server its counters and RPCs; the
+scheduler's RPCs (with ``--scheduler``); and the summed ledger.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ LEDGER_KEYS = ("blocks_read", "blocks_written", "blocks_forwarded", "blocks_veri
                "blocks_lost")
 
 
-def collect(nodes: list[str], storage: list[str], timeout_s: float = 10.0) -> dict:
+def collect(nodes: list[str], storage: list[str], timeout_s: float = 10.0, scheduler: str | None = None) -> dict:
     out: dict = {"nodes": {}, "storage": {}, "ledger": dict.fromkeys(LEDGER_KEYS, 0)}
+    if scheduler:
+        with grpc.insecure_channel(scheduler) as ch:
+            stats = pb_grpc.SchedulerStub(ch).Stats(pb.StatsRequest(), timeout=timeout_s)
+        out["scheduler"] = MessageToDict(stats, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
     for addr in nodes:
         with grpc.insecure_channel(addr) as ch:
             st = pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=timeout_s)
@@ -45,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemons.status", description=__doc__.splitlines()[0])
     p.add_argument("--nodes", required=True)
     p.add_argument("--storage", default="")
+    p.add_argument("--scheduler", default=None, help="the scheduler's address: its RPC counts too")
     args = p.parse_args(argv)
-    print(json.dumps(collect(args.nodes.split(","), [a for a in args.storage.split(",") if a])), flush=True)
+    print(json.dumps(collect(args.nodes.split(","), [a for a in args.storage.split(",") if a],
+                             scheduler=args.scheduler)), flush=True)
     return 0
 
 

@@ -34,7 +34,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, block_content
-from daemons.runtime import grpc_options, serve_until_stopped
+from daemons.runtime import RpcCounter, grpc_options, rpc_counts, serve_until_stopped
 
 DEFAULT_MESSAGE_BYTES = 256 * 1024
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -102,10 +102,11 @@ class BlockStore:
 
 
 class StorageService(pb_grpc.StorageServicer):
-    def __init__(self, store: BlockStore, message_bytes: int = DEFAULT_MESSAGE_BYTES):
+    def __init__(self, store: BlockStore, message_bytes: int = DEFAULT_MESSAGE_BYTES, rpcs: RpcCounter | None = None):
         self.store = store
         self.message_bytes = message_bytes
         self.counters = Counters()
+        self.rpcs = rpcs
 
     async def Read(self, request: pb.ReadRequest, context):  # noqa: N802 - gRPC's name
         size = self.store.geom.block_bytes
@@ -146,7 +147,8 @@ class StorageService(pb_grpc.StorageServicer):
     async def Stats(self, request, context):  # noqa: N802
         c = self.counters
         return pb.StorageStats(blocks_read=c.blocks_read, bytes_read=c.bytes_read, blocks_written=c.blocks_written,
-                               bytes_written=c.bytes_written, blocks_missing=c.blocks_missing)
+                               bytes_written=c.bytes_written, blocks_missing=c.blocks_missing,
+                               rpcs=rpc_counts(self.rpcs))
 
 
 def preload(store: BlockStore, items: list[dict], server_index: int, servers: int) -> int:
@@ -167,8 +169,9 @@ async def serve(args) -> None:
     store = BlockStore(root, geom)
     if args.preload:
         preload(store, json.loads(Path(args.preload).read_text()), args.server_index, args.servers)
-    server = grpc.aio.server(options=grpc_options(args.dscp))
-    service = StorageService(store, args.max_message_bytes)
+    rpcs = RpcCounter()
+    server = grpc.aio.server(options=grpc_options(args.dscp), interceptors=[rpcs])
+    service = StorageService(store, args.max_message_bytes, rpcs)
     pb_grpc.add_StorageServicer_to_server(service, server)
     await serve_until_stopped(server, args.listen.split(","))
 

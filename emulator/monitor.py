@@ -10,6 +10,7 @@ wire" means in dpemu. Interface counters would under-count GSO headers.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,16 @@ def _cpu_times() -> tuple[int, int]:
     idle = fields[3] + fields[4]  # idle + iowait
     total = sum(fields[:8])  # user..steal; guest time is already in user
     return total - idle, total
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads, plus children it waited for) of a live process; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
 
 class _Periodic(threading.Thread):

@@ -31,6 +31,7 @@ from .spec import NetSpec
 from .tcplan import apply as apply_tc, gso_limits
 
 log = logging.getLogger(__name__)
+RTAX_CWND = 7  # linux/rtnetlink.h: the route metric, and its bit in RTAX_LOCK
 
 
 def _mininet():
@@ -115,7 +116,7 @@ class Emulation:
         self._net.start()
         self._sysctls()
         self._gso_caps()
-        self._rwnd_caps()
+        self._cwnd_caps()
         for op_ns, ops in self._ops_by_ns().items():
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
@@ -132,19 +133,20 @@ class Emulation:
                 (idx,) = ipr.link_lookup(ifname=dev)
                 ipr.link("set", index=idx, gso_max_size=size, gso_max_segs=segs)
 
-    def _rwnd_caps(self) -> None:
-        """On lossless switches, the host's route to the switch's subnet advertises at most
-        ``NetSpec.rwnd_bytes`` (the route's ``window`` metric): all peers sending at once fit the queue."""
+    def _cwnd_caps(self) -> None:
+        """On lossless switches, each host's route to the switch's subnet locks the congestion window at
+        ``NetSpec.cwnd_segs`` (``ip route ... cwnd lock N``): a TCP sender never has more in flight than its
+        share of the queue it feeds, so tail drops, and the loss-based probing that causes them, never happen."""
         for lk in self.spec.links:
-            window = self.spec.rwnd_bytes(lk)
-            if window is None:
+            segs = self.spec.cwnd_segs(lk.switch)
+            if segs is None:
                 continue
             ipr = self.ipr(self.spec.host(lk.host).netns)
             (idx,) = ipr.link_lookup(ifname=lk.host_intf)
             addr, plen = lk.ip.split("/")
             net = ipaddress.ip_network(lk.ip, strict=False)
             ipr.route("replace", dst=str(net.network_address), dst_len=int(plen), oif=idx, prefsrc=addr,
-                      scope=253, proto=2, metrics={"window": window})
+                      scope=253, proto=2, metrics={"cwnd": segs, "lock": 1 << RTAX_CWND})
 
     def reshape(self, spec: NetSpec) -> int:
         """Re-shape the built network to `spec` (same hosts, switches and links; other tc plans, e.g. traffic

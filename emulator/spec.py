@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .names import check_ifname, owned
-from .tcplan import (SEG_HEADER_BYTES, SEG_WIRE_BYTES, TcOp, TrafficClass, queue_limit_bytes, shape_ops,
-                     skb_segs_for)
+from .tcplan import (SEG_WIRE_BYTES, TcOp, TrafficClass, queue_limit_bytes, shape_ops, skb_segs_for,
+                     skb_wire_bytes)
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class HostSpec:
 class SwitchSpec:
     name: str  # e.g. "rail0"
     fabric: str  # "storage", "compute", ...
-    # Lossless (credit-based, like InfiniBand): no port may drop. TCP is loss-based, so each host caps the window
-    # it advertises on this switch's subnet (:meth:`NetSpec.rwnd_bytes`) so that every peer sending to it at
-    # once still fits its port's queue.
+    # Lossless (credit-based, like InfiniBand): no port may drop. TCP is loss-based, so every connection on this
+    # switch's subnet may have at most :meth:`NetSpec.cwnd_segs` segments in flight (a locked congestion window:
+    # the sender's credit), so that every host sending to one port at once still fits its queue.
     lossless: bool = False
 
     @property
@@ -125,15 +125,22 @@ class NetSpec:
             ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes, lk.skb_segs)
         return ops
 
-    def rwnd_bytes(self, lk: LinkSpec) -> int | None:
-        """The receive window `lk`'s host advertises on a lossless switch (None elsewhere): its down port's queue,
-        less header overhead, shared by the hosts that send to it (``fan_in``, by default every other host on
-        the switch), each with one connection in flight."""
-        if not self.switch(lk.switch).lossless:
+    def cwnd_segs(self, switch: str) -> int | None:
+        """The most segments one TCP connection may have in flight on a lossless switch (None elsewhere): every
+        port's queue, less two skbs of slack, shared by the hosts that send to it (``fan_in``, by default every
+        other host on the switch), each with one connection; the smallest over the switch's ports, since a
+        host's connections there all take the same route."""
+        if not self.switch(switch).lossless:
             return None
-        peers = lk.fan_in or max(1, sum(1 for o in self.links if o.switch == lk.switch and o.host != lk.host))
-        payload = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) * (1 - SEG_HEADER_BYTES / SEG_WIRE_BYTES)
-        return max(2 * (SEG_WIRE_BYTES - SEG_HEADER_BYTES), int(payload / peers))
+        best = None
+        ports = [lk for lk in self.links if lk.switch == switch]
+        for lk in ports:
+            peers = lk.fan_in or max(1, sum(1 for o in ports if o.host != lk.host))
+            skb = skb_wire_bytes(lk.skb_segs)
+            room = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) - 2 * skb
+            segs = max(2, int(room / peers // SEG_WIRE_BYTES))
+            best = segs if best is None else min(best, segs)
+        return best
 
     def cap_skbs(self, skb_s: float) -> "NetSpec":
         """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by

@@ -4,6 +4,10 @@
   1 GPU, 1 storage server, every link at the same rate), every link class
   calibrated in both directions, one test at a time; prints the worst rate
   error and the CPU. The faithful range is where the worst error stays within 3%.
+- ``dpemu bench serve [SCENARIO] [--set ...]``: a serving run (the default scenario unless named), and per mode
+  what a turn costs the machine (``scenarios.servecost``): CPU core-ms per turn in all and per process role,
+  gRPC calls, messages and bytes per turn, turns per wall second. It measures the serving plane, so the run's
+  fidelity verdict is printed but does not fail the benchmark.
 - ``dpemu bench load``: clusters of growing size with every link calibrated at
   once (no CPU budget), at a fixed rate; prints aggregate offered traffic
   against CPU. The kernel budget is the largest aggregate below 85% CPU with
@@ -27,7 +31,7 @@ from emulator.registry import Registry
 from emulator.units import format_rate, parse_duration, parse_rate
 from topologies.cluster import ClusterSpec, Scale, cluster_net
 
-from . import platform
+from . import platform, servecost
 
 REAL_BPS = 400e9
 
@@ -78,12 +82,38 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def run_serve(scenario: str, sets: list[str], out_root: Path, say) -> list[dict]:
+    """One run of `scenario`; the cost figures of each mode, as rows."""
+    from . import runner, schema  # noqa: PLC0415 - the serving plane only for this benchmark
+    from .plan import make_plan
+
+    plan = make_plan(schema.load(scenario, sets))
+    plan.check()
+    outcome = runner.run(plan, out_root, say=lambda _: None)
+    rows = []
+    modes = {**outcome.summary.get("modes", {}), **outcome.summary.get("extra_runs", {})}
+    for mode, m in modes.items():
+        c = m["cost"]
+        rows.append({"mode": mode, **c})
+        cpu, rpc = c["cpu_core_ms_per_turn"], c["rpc_per_turn"]
+        say(f"{mode:9s} {c['turns']:5d} turns {c['turns_per_wall_s']:6.2f}/wall s  CPU {cpu['total']:6.2f} core-ms/turn"
+            f" (" + " ".join(f"{k} {cpu[k]:.2f}" for k in servecost.ROLES) + ")")
+        say(f"{'':9s} gRPC per turn: {rpc['total']['calls']:.1f} calls, {rpc['total']['messages']:.1f} messages, "
+            f"{rpc['total']['bytes'] / 1e3:.1f} kB  (" + ", ".join(
+                f"{role} {r['calls']:.1f}" for role, r in rpc.items() if role != "total") + " calls)")
+    say(f"run: {outcome.run_dir} (fidelity {'ok' if outcome.summary['fidelity']['ok'] else 'NOT ok'}: "
+        f"{'; '.join(outcome.summary['fidelity']['reasons']) or 'trustworthy'})")
+    return rows
+
+
 def cmd_bench(args) -> int:
     platform.require_root()
     platform.require_tools()
     duration = parse_duration(args.duration)
     say = print
-    if args.what == "rates":
+    if args.what == "serve":
+        rows = run_serve(args.scenario or "default", args.set, Path(args.out), say)
+    elif args.what == "rates":
         rows = run_rates([parse_rate(r) for r in args.rates.split(",")], duration, say)
     else:
         budget = float("inf") if args.budget == "none" else parse_rate(args.budget)
@@ -98,7 +128,9 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="re-measure this machine's shaping range and CPU budget")
-    b.add_argument("what", choices=["rates", "load"])
+    b.add_argument("what", choices=["rates", "load", "serve"])
+    b.add_argument("scenario", nargs="?", default=None, help="bench serve: the scenario (default: default)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="bench serve: overrides")
     b.add_argument("--rates", default="5Mbit,10Mbit,20Mbit,50Mbit,100Mbit,500Mbit,1Gbit,2Gbit,4Gbit",
                    help="rates to sweep (bench rates)")
     b.add_argument("--rate", default="100Mbit", help="link rate (bench load)")

@@ -43,7 +43,7 @@ from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import fabric, linkstats, online
+from . import fabric, linkstats, online, servecost
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
@@ -227,6 +227,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             reader.join(timeout=10)
             raise RuntimeError(f"workload driver did not start in mode {mode}: {''.join(errors)[-1500:]}")
         t0 = time.monotonic()
+        cpu_before = servecost.snapshot(procs)
         total = sum(len(t.turns) for t in trajectories)
         out = ""
         for line in driver.stdout:  # "done N" per finished turn, then the summary
@@ -236,6 +237,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
                 out += line
         driver.wait()
         t1 = time.monotonic()
+        cpu_after = servecost.snapshot(procs)
         reader.join(timeout=10)
         err = "".join(errors)
         sampler.stop()
@@ -247,11 +249,13 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         driver_summary = json.loads(out.strip().splitlines()[-1])
         status = emu.procs.start("status", ctl, [
             py, "-m", "daemons.status", "--nodes", ",".join(n["mgmt"] for n in lay.nodes),
-            "--storage", ",".join(m for _, _, m in lay.storage)])
+            "--storage", ",".join(m for _, _, m in lay.storage),
+            "--scheduler", f"{next(c.addr for c in net.control if c.host == CONTROL_HOST)}:{SCHED_PORT}"])
         s_out, s_err = status.communicate(timeout=60)
         if status.returncode != 0:
             raise RuntimeError(f"status collection failed: {s_err[-800:]}")
-        ledger = json.loads(s_out)["ledger"]
+        status_out = json.loads(s_out)
+        ledger = status_out["ledger"]
     finally:
         if monitor:
             monitor.stop()
@@ -265,6 +269,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time,
                          sc.serving.balance_window)
     summary["links"] = linkstats.queue_figures(mode_dir / "links.csv", net, sc.scale.time)
+    summary["cost"] = servecost.figures(cpu_before, cpu_after, driver_summary.get("cpu_s"), len(rows), t1 - t0,
+                                        status_out)
     summary["dequeue"] = linkstats.dequeue_figures([mode_dir / "dequeue.csv"])
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)

@@ -21,9 +21,9 @@ are preserved exactly; :func:`invariants` states them so a run can record them.
   ``10.(32+r).1.i``, decode ``10.(32+r).2.i``). Rails share nothing, and the
   storage and compute fabrics share nothing.
 - both shaped fabrics are lossless, as the paper's (InfiniBand/RoCE with credits or PFC): TCP is loss-based,
-  so every host caps the window it advertises on them to its port's queue shared by the hosts that send to
-  it (``NetSpec.rwnd_bytes``; storage servers send to an SNIC, compute nodes to a storage NIC, every other
-  node to a CNIC), and no port overflows;
+  so every connection there has its congestion window locked to its share of the queue it feeds
+  (``NetSpec.cwnd_segs``; storage servers send to an SNIC, compute nodes to a storage NIC, every other node
+  to a CNIC), and no port overflows;
 - management network, bridge ``dp-mgmt``, subnet 10.9.0.0/16, NOT shaped:
   every host has ``<host>-mgmt`` (prefill ``10.9.1.i``, decode ``10.9.2.i``,
   storage ``10.9.3.i``), plus the control host ``ctl1`` (``10.9.4.1``) that
