@@ -78,9 +78,12 @@ def _runs(blocks: list[int], longest: int = 1 << 30) -> list[tuple[int, int]]:
 class StorageClient:
     """Channels to every storage server, opened once per node (as its SNIC's sessions)."""
 
-    def __init__(self, addresses: list[str], geom: KvGeometry, dscp: int | None = None):
+    def __init__(self, addresses: list[str], geom: KvGeometry, dscp: int | None = None, rcvbuf: int | None = None):
         self.geom = geom
-        self._channels = [grpc.aio.insecure_channel(a, options=grpc_options(dscp)) for a in addresses]
+        # `rcvbuf`: the socket's receive buffer (a lossless fabric's share of the reader's SNIC queue); the kernel
+        # doubles what SO_RCVBUF asks for, so half of it is asked
+        opts = grpc_options(dscp) + ([("grpc.tcp_receive_buffer_size", rcvbuf // 2)] if rcvbuf else [])
+        self._channels = [grpc.aio.insecure_channel(a, options=opts) for a in addresses]
         self._stubs = [pb_grpc.StorageStub(c) for c in self._channels]
 
     async def close(self) -> None:

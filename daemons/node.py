@@ -690,7 +690,7 @@ class NodeService(pb_grpc.NodeServicer):
 async def serve(args) -> None:
     geom = KvGeometry(args.layers, args.block_tokens, args.block_bytes)
     model = costmodel.MODELS[args.model]
-    storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv)
+    storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv, rcvbuf=args.storage_rcvbuf)
     cnics = args.cnic.split(",")
     collectives = None
     if args.collective_group:
@@ -730,6 +730,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prefill-quota-s", type=float, default=PREFILL_QUOTA_S,
                    help="compute quota of one PE batch, real GPU seconds (default: %(default)s, the paper's)")
     p.add_argument("--dscp-kv", type=int, default=None)
+    p.add_argument("--storage-rcvbuf", type=int, default=None,
+                   help="receive buffer of the storage reads' sockets, bytes (a lossless storage fabric's share)")
     p.add_argument("--push-bytes", type=int, default=PUSH_BYTES,
                    help="KV bytes per compute-fabric push call at most (default: %(default)s)")
     p.add_argument("--collective-group", default="",

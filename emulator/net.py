@@ -16,7 +16,6 @@ that none of the run's names is left.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from .spec import NetSpec
 from .tcplan import apply as apply_tc, gso_limits
 
 log = logging.getLogger(__name__)
-RTAX_CWND = 7  # linux/rtnetlink.h: the route metric, and its bit in RTAX_LOCK
+_TCP_RMEM_DEFAULT = Path("/proc/sys/net/ipv4/tcp_rmem").read_text().strip().replace("\t", " ") \
+    if Path("/proc/sys/net/ipv4/tcp_rmem").exists() else "4096 131072 6291456"  # new namespaces copy the root's
 
 
 def _mininet():
@@ -116,7 +116,6 @@ class Emulation:
         self._net.start()
         self._sysctls()
         self._gso_caps()
-        self._cwnd_caps()
         for op_ns, ops in self._ops_by_ns().items():
             apply_tc(self.ipr(op_ns), ops)
         self.build_s = time.monotonic() - t0
@@ -132,21 +131,6 @@ class Emulation:
                 ipr = self.ipr(netns)
                 (idx,) = ipr.link_lookup(ifname=dev)
                 ipr.link("set", index=idx, gso_max_size=size, gso_max_segs=segs)
-
-    def _cwnd_caps(self) -> None:
-        """On lossless switches, each host's route to the switch's subnet locks the congestion window at
-        ``NetSpec.cwnd_segs`` (``ip route ... cwnd lock N``): a TCP sender never has more in flight than its
-        share of the queue it feeds, so tail drops, and the loss-based probing that causes them, never happen."""
-        for lk in self.spec.links:
-            segs = self.spec.cwnd_segs(lk.switch)
-            if segs is None:
-                continue
-            ipr = self.ipr(self.spec.host(lk.host).netns)
-            (idx,) = ipr.link_lookup(ifname=lk.host_intf)
-            addr, plen = lk.ip.split("/")
-            net = ipaddress.ip_network(lk.ip, strict=False)
-            ipr.route("replace", dst=str(net.network_address), dst_len=int(plen), oif=idx, prefsrc=addr,
-                      scope=253, proto=2, metrics={"cwnd": segs, "lock": 1 << RTAX_CWND})
 
     def reshape(self, spec: NetSpec) -> int:
         """Re-shape the built network to `spec` (same hosts, switches and links; other tc plans, e.g. traffic
@@ -183,6 +167,21 @@ class Emulation:
             kernel.run_argv(["ip", "netns", "exec", h.netns, "sysctl", "-q", "-w",
                              "net.ipv6.conf.all.disable_ipv6=1",
                              f"net.ipv4.tcp_congestion_control={self.spec.tcp_cc}"])
+
+    def lossless_tcp(self, on: bool) -> None:
+        """On: every host of a lossless switch gets a fixed TCP receive buffer (``NetSpec.default_rcvbuf_bytes``,
+        receive autotuning off), so the windows its peers may fill never overflow its ports: a loss-based TCP
+        behaves as on a credit-based fabric. Off: the kernel's defaults again (what calibration measures with:
+        one bulk flow per direction needs a window larger than a port's share). Sockets opened afterwards get
+        it. (Route metrics cannot do this here: a locked ``cwnd`` applies only once the kernel has cached
+        metrics for the peer, and receive autotuning lifts a route's ``window`` clamp.)"""
+        for h in self.spec.hosts:
+            rcvbuf = self.spec.default_rcvbuf_bytes(h.name)
+            if rcvbuf is None:
+                continue
+            rmem, moderate = (f"4096 {rcvbuf} {rcvbuf}", 0) if on else (_TCP_RMEM_DEFAULT, 1)
+            kernel.run_argv(["ip", "netns", "exec", h.netns, "sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={rmem}",
+                             f"net.ipv4.tcp_moderate_rcvbuf={moderate}"])
         for name in [s.bridge for s in self.spec.switches] + [c.switch_intf for c in self.spec.cables()]:
             path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
             if path.exists():

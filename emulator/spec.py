@@ -32,9 +32,9 @@ class HostSpec:
 class SwitchSpec:
     name: str  # e.g. "rail0"
     fabric: str  # "storage", "compute", ...
-    # Lossless (credit-based, like InfiniBand): no port may drop. TCP is loss-based, so every connection on this
-    # switch's subnet may have at most :meth:`NetSpec.cwnd_segs` segments in flight (a locked congestion window:
-    # the sender's credit), so that every host sending to one port at once still fits its queue.
+    # Lossless (credit-based, like InfiniBand): no port may drop. TCP is loss-based, so the hosts on this switch
+    # get a fixed receive buffer (:meth:`NetSpec.rcvbuf_bytes`): every host sending to one port at once still
+    # fits its queue, as credits guarantee on a real lossless fabric.
     lossless: bool = False
 
     @property
@@ -125,22 +125,25 @@ class NetSpec:
             ops += shape_ops(None, lk.switch_intf, lk.rate_bps, lk.queue_s, lk.traffic_classes, lk.skb_segs)
         return ops
 
-    def cwnd_segs(self, switch: str) -> int | None:
-        """The most segments one TCP connection may have in flight on a lossless switch (None elsewhere): every
-        port's queue, less two skbs of slack, shared by the hosts that send to it (``fan_in``, by default every
-        other host on the switch), each with one connection; the smallest over the switch's ports, since a
-        host's connections there all take the same route."""
-        if not self.switch(switch).lossless:
+    def rcvbuf_bytes(self, host: str, switch: str) -> int | None:
+        """The TCP receive buffer a socket of `host` on lossless `switch` may have (None: not lossless, or no
+        link there): the host's port's queue less two skbs of slack, shared by the hosts that send to it
+        (``fan_in``, by default every other host on the switch), each with one connection. A socket never
+        advertises more window than its buffer, so all senders at once never overflow the port: the effect of a
+        credit-based lossless fabric, on loss-based TCP."""
+        lk = next((lk for lk in self.links_of(host) if lk.switch == switch), None)
+        if lk is None or not self.switch(switch).lossless:
             return None
-        best = None
-        ports = [lk for lk in self.links if lk.switch == switch]
-        for lk in ports:
-            peers = lk.fan_in or max(1, sum(1 for o in ports if o.host != lk.host))
-            skb = skb_wire_bytes(lk.skb_segs)
-            room = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) - 2 * skb
-            segs = max(2, int(room / peers // SEG_WIRE_BYTES))
-            best = segs if best is None else min(best, segs)
-        return best
+        peers = lk.fan_in or max(1, sum(1 for o in self.links if o.switch == switch and o.host != host))
+        room = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) - 2 * skb_wire_bytes(lk.skb_segs)
+        return max(2 * SEG_WIRE_BYTES, int(room / peers))
+
+    def default_rcvbuf_bytes(self, host: str) -> int | None:
+        """The receive buffer of a `host` socket that does not size its own: the largest of the host's lossless
+        switches (a compute node's CNICs). Sockets that carry bulk data on a fabric with a smaller budget (a
+        compute node's storage reads) size theirs with :meth:`rcvbuf_bytes`."""
+        budgets = [b for lk in self.links_of(host) if (b := self.rcvbuf_bytes(host, lk.switch)) is not None]
+        return max(budgets) if budgets else None
 
     def cap_skbs(self, skb_s: float) -> "NetSpec":
         """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by

@@ -122,6 +122,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                                           f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
                 progress("calibration", rounds, rounds)
                 _fault("after_calibration")
+                emu.lossless_tcp(True)  # serving sees the lossless fabrics; calibration measured the links
                 for i, (plan, run_dir) in enumerate(itertools.chain([head], items_it)):
                     if not checked:
                         _check_same(first, plan)
@@ -179,7 +180,9 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
             say(f"serving mode dualpath again, compute fabric re-shaped: {name} "
                 f"({emu.reshape(flipped.net)} interfaces); measuring {', '.join(reshaped)} links again")
             tests = [t for t in flipped.tests if t.targets[0].link.link_class in reshaped]
+            emu.lossless_tcp(False)
             recal = calibrate.run(emu, tests, plan.scenario.calibration.duration, fidelity.KERNEL_BUDGET_BPS)
+            emu.lossless_tcp(True)
             extra, window = serve.run_mode(emu, flipped, "dualpath", run_dir / name, progress)
             windows.append(window)
             names.append(name)

@@ -97,6 +97,11 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
     buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
     groups = {role: [f"{c.rsplit(':', 1)[0]}:{COLLECTIVE_PORT}" for n in lay.nodes if n["role"] == role
                      for c in n["cnics"]] for role in ("pe", "de")}
+    def rcvbuf(host: str) -> list[str]:
+        snic = next(lk for lk in net.links_of(host) if lk.link_class == "snic")
+        size = net.rcvbuf_bytes(host, snic.switch)
+        return [] if size is None else ["--storage-rcvbuf", str(size)]
+
     for n in lay.nodes:
         coll = ["--collective-group", ",".join(groups[n["role"]]), "--dscp-collective",
                 str(sc.traffic_classes.dscp_collective), "--byte-scale", str(sc.scale.bytes),
@@ -105,7 +110,7 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
             python, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
             "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
             "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time), "--dscp-kv", dscp_kv,
-            *coll]))
+            *rcvbuf(n["name"]), *coll]))
     ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
     out.append(("scheduler", net.host(CONTROL_HOST).netns, [
         python, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",

@@ -21,8 +21,8 @@ are preserved exactly; :func:`invariants` states them so a run can record them.
   ``10.(32+r).1.i``, decode ``10.(32+r).2.i``). Rails share nothing, and the
   storage and compute fabrics share nothing.
 - both shaped fabrics are lossless, as the paper's (InfiniBand/RoCE with credits or PFC): TCP is loss-based,
-  so every connection there has its congestion window locked to its share of the queue it feeds
-  (``NetSpec.cwnd_segs``; storage servers send to an SNIC, compute nodes to a storage NIC, every other node
+  so every host's TCP receive buffer is its port's queue shared by the hosts that send to it
+  (``NetSpec.rcvbuf_bytes``; storage servers send to an SNIC, compute nodes to a storage NIC, every other node
   to a CNIC), and no port overflows;
 - management network, bridge ``dp-mgmt``, subnet 10.9.0.0/16, NOT shaped:
   every host has ``<host>-mgmt`` (prefill ``10.9.1.i``, decode ``10.9.2.i``,
