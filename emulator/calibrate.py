@@ -182,7 +182,7 @@ class Measurement:
     goodput_bps: float | None  # iperf3 receiver goodput of the flows through it (whole test)
     cpu_util_max: float | None
     payload_bps: float | None = None  # what the counters imply: wire bytes less one header per segment
-    window_goodput_bps: float | None = None  # iperf3's goodput in the same window (its 1 s intervals inside it)
+    window_goodput_bps: float | None = None  # payload the iperf3 servers received in the same window (1 s intervals)
 
     @property
     def goodput_error(self) -> float | None:
@@ -218,8 +218,9 @@ class Calibration:
 
 
 def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: str = sys.executable,
-        progress=None) -> Calibration:
-    """Run all `tests` on the built emulation `emu` (an :class:`emulator.net.Emulation`)."""
+        progress=None, timing: bool = True) -> Calibration:
+    """Run all `tests` on the built emulation `emu` (an :class:`emulator.net.Emulation`); `timing`: trace the
+    dequeue timing of the saturated directions."""
     if duration_s < WARMUP_S + COOLDOWN_S + MIN_WINDOW_S:
         raise ValueError(f"calibration duration must be >= {WARMUP_S + COOLDOWN_S + MIN_WINDOW_S:.2f}s")
     result = Calibration()
@@ -228,7 +229,7 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
     cpu.start()
     windows = []
     watched = [dequeue.Watched(t.dev, t.link.rate_bps, t.link.link_class) for test in tests for t in test.saturated]
-    result.dequeue_problem = dequeue.available()
+    result.dequeue_problem = dequeue.available() if timing else "turned off (emulation.dequeue_timing: false)"
     monitor = dequeue.DequeueMonitor(watched, on_s=1.0, off_s=1.0) if result.dequeue_problem is None else None
     try:
         if monitor:
@@ -311,8 +312,13 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
             data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": err.strip()}
             if "error" in data:
                 raise RuntimeError(f"iperf3 {src.host}->{dst.host} failed: {data['error']}")
-            results.append((data["end"]["sum_received"]["bits_per_second"],
-                            _window_goodput(data, t0 - launched, t1 - launched)))
+            results.append(data["end"]["sum_received"]["bits_per_second"])
+        received = []  # each server's own per-second receive intervals: delivered payload, not bytes written
+        for srv in servers:
+            out, _ = srv.communicate(timeout=30)
+            data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            received.append(_window_goodput(data, t0 - launched, t1 - launched))
+        results = list(zip(results, received, strict=True))
     finally:
         sampler.teardown()
         for p in servers + clients:
@@ -331,8 +337,8 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
 
 
 def _window_goodput(result: dict, a_s: float, b_s: float) -> float | None:
-    """iperf3's sent payload rate in its 1 s intervals that lie inside [a_s, b_s] (seconds since the release;
-    the client connects a few ms after it, which shifts its intervals by as much)."""
+    """The payload rate an iperf3 server received in its 1 s intervals that lie inside [a_s, b_s] (seconds since
+    the release; the test starts a few ms after it, which shifts the intervals by as much)."""
     inside = [iv["sum"] for iv in result.get("intervals", []) if iv["sum"]["start"] >= a_s - 0.05
               and iv["sum"]["end"] <= b_s + 0.05]
     seconds = sum(iv["seconds"] for iv in inside)

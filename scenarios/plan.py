@@ -51,7 +51,8 @@ def predicted_serving_bps(net: NetSpec) -> float:
 
 def make_plan(sc: Scenario) -> Plan:
     cluster, scale = sc.cluster_spec(), sc.scale_spec()
-    net = cluster_net(cluster, scale, sc.emulation.queue, sc.traffic_classes.classes(), sc.emulation.skb)
+    net = cluster_net(cluster, scale, sc.emulation.queue, sc.traffic_classes.classes(), sc.emulation.skb,
+                      sc.emulation.lossless)
     net = dataclasses.replace(net, tcp_cc=sc.emulation.tcp_cc)
     rates = link_rates(cluster, scale)
     tests = calibrate.plan_tests(net, sc.calibration.mode)

@@ -118,6 +118,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     f"{len(first.rounds)} round(s) of {sc.calibration.duration:g}s")
                 rounds = len(first.rounds)
                 calib = calibrate.run(emu, list(first.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
+                                      timing=sc.emulation.dequeue_timing,
                                       progress=lambda i, rnd: progress(
                                           f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
                 progress("calibration", rounds, rounds)
@@ -181,7 +182,8 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
                 f"({emu.reshape(flipped.net)} interfaces); measuring {', '.join(reshaped)} links again")
             tests = [t for t in flipped.tests if t.targets[0].link.link_class in reshaped]
             emu.lossless_tcp(False)
-            recal = calibrate.run(emu, tests, plan.scenario.calibration.duration, fidelity.KERNEL_BUDGET_BPS)
+            recal = calibrate.run(emu, tests, plan.scenario.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
+                                  timing=plan.scenario.emulation.dequeue_timing)
             emu.lossless_tcp(True)
             extra, window = serve.run_mode(emu, flipped, "dualpath", run_dir / name, progress)
             windows.append(window)

@@ -81,6 +81,10 @@ class Emulation(_Model):
     skb: Duration = Field(0.001, description="longest REAL time one GSO/TSO skb holds a port at the slowest rate of "
                                              "its fabric (x scale.time); skbs are capped to it on every link")
     tcp_cc: Literal["reno", "bbr"] = "reno"
+    lossless: bool = Field(True, description="both fabrics lossless as the paper's (fixed TCP receive buffers while "
+                                             "serving); false: TCP probes until queues drop")
+    dequeue_timing: bool = Field(True, description="trace dequeue timing (false: cheaper, and the verdict fails: "
+                                                   "not measured)")
 
     @field_validator("queue")
     @classmethod

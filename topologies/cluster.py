@@ -133,7 +133,7 @@ SKB_S = 0.001  # longest real time one skb may hold a port at the slowest rate o
 
 
 def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float = QUEUE_S,
-                compute_classes: tuple[TrafficClass, ...] = (), skb_s: float = SKB_S) -> NetSpec:
+                compute_classes: tuple[TrafficClass, ...] = (), skb_s: float = SKB_S, lossless: bool = True) -> NetSpec:
     """Lay out the emulated cluster (see the module docstring for the plan). `compute_classes`: the DSCP
     traffic classes of every compute-fabric link (CNIC and switch port); none = one FIFO class. `queue_s` and
     `skb_s` are REAL times, stretched by the time scale like every other time: a queue of 10 ms means 10 ms of
@@ -147,8 +147,8 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float = QUEUE_S,
     names = node_names(c)
     queue_s = queue_s * scale.time_scale
     hosts = [HostSpec(n, role) for role in ("pe", "de", "st") for n in names[role]] + [HostSpec(CONTROL_HOST, "ctl")]
-    switches = ([SwitchSpec("stor", "storage", lossless=True)]
-                + [SwitchSpec(f"rail{r}", "compute", lossless=True) for r in range(c.gpus_per_node)]
+    switches = ([SwitchSpec("stor", "storage", lossless=lossless)]
+                + [SwitchSpec(f"rail{r}", "compute", lossless=lossless) for r in range(c.gpus_per_node)]
                 + [SwitchSpec("mgmt", "management")])
     links: list[LinkSpec] = []
     for role in ("pe", "de", "st"):
