@@ -25,8 +25,9 @@ import json
 import time
 from pathlib import Path
 
-from emulator import calibrate, fidelity
+from emulator import calibrate, dequeue, fidelity
 from emulator.net import Emulation
+from emulator.tcplan import htb_burst_bytes, queue_limit_bytes, skb_wire_bytes
 from emulator.registry import Registry
 from emulator.units import format_rate, parse_duration, parse_rate
 from topologies.cluster import ClusterSpec, Scale, cluster_net
@@ -48,17 +49,27 @@ def _measure(cluster: ClusterSpec, rate_bps: float, mode: str, duration_s: float
         finally:
             left = emu.teardown()
     errs = [m.error for m in cal.measurements if m.error is not None]
+    gp = [m.goodput_error for m in cal.measurements if m.goodput_error is not None]
+    lk = net.links[0]  # every link at the same rate: one skb, burst and queue
+    timing = {cls: dequeue.summarize(dequeue.histogram(e)) for cls, e in cal.dequeue.items()}
+    late = max((t["late_p99"] for t in timing.values() if t.get("gaps")), default=None)
     row = {"rate_bps": rate_bps, "links": len(net.links), "hosts": len(net.hosts),
+           "skb_bytes": skb_wire_bytes(lk.skb_segs), "burst_bytes": htb_burst_bytes(lk.rate_bps, lk.skb_segs),
+           "queue_bytes": queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs),
+           "goodput_error_max": max(gp, key=abs) if gp else None, "dequeue": timing, "dequeue_late_p99_max": late,
            "offered_bps": max(sum(t.offered_bps for t in r) for r in calibrate.schedule(tests, budget_bps)),
            "achieved_up_bps": sum(m.achieved_bps or 0 for m in cal.measurements if m.target.direction == "up"),
            "worst_error": max(errs, key=abs) if errs else None, "measured": len(errs),
            "expected": len(cal.measurements), "cpu_util_max": cal.cpu_util_max,
            "cpu_util_mean": cal.cpu_util_mean, "build_s": emu.build_s, "teardown_s": emu.teardown_s,
            "left": left}
+    ms = 8e3 / rate_bps
     say(f"{format_rate(rate_bps):>9s} {row['hosts']:4d} hosts {row['links']:4d} links  offered (peak round) "
-        f"{format_rate(row['offered_bps'], 4):>9s}  worst error {row['worst_error']:+.2%}  CPU max "
-        f"{row['cpu_util_max']:.0%} mean {row['cpu_util_mean']:.0%}  build {emu.build_s:.1f}s "
-        f"teardown {emu.teardown_s:.1f}s")
+        f"{format_rate(row['offered_bps'], 4):>9s}  worst error {row['worst_error']:+.2%}  payload "
+        f"{(row['goodput_error_max'] or 0):+.2%}  dequeue p99 late {late if late is not None else '-'}  CPU max "
+        f"{row['cpu_util_max']:.0%}  skb {row['skb_bytes']}B ({row['skb_bytes'] * ms:.2f} ms)  burst "
+        f"{row['burst_bytes']}B ({row['burst_bytes'] * ms:.2f} ms)  queue {row['queue_bytes']}B "
+        f"({row['queue_bytes'] * ms:.1f} ms)  build {emu.build_s:.1f}s")
     return row
 
 

@@ -221,7 +221,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             _wait_ready(proc, what)
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
-        monitor = dequeue.DequeueMonitor(linkstats.serving_watch(net)) \
+        monitor = dequeue.DequeueMonitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
             if dequeue.available() is None and sc.emulation.dequeue_timing else None
         driver = emu.procs.start("driver", ctl, driver_argv(plan, mode, mode_dir, py))
         sampler.start()
