@@ -230,10 +230,10 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
     windows = []
     watched = [dequeue.Watched(t.dev, t.link.rate_bps, t.link.link_class) for test in tests for t in test.saturated]
     result.dequeue_problem = dequeue.available() if timing else "turned off (emulation.dequeue_timing: false)"
-    monitor = dequeue.DequeueMonitor(watched, on_s=1.0, off_s=1.0) if result.dequeue_problem is None else None
+    monitor = None
     try:
-        if monitor:
-            monitor.start()
+        if result.dequeue_problem is None:
+            monitor = emu.dequeue_monitor(watched, on_s=1.0, off_s=1.0)
         for i, rnd in enumerate(schedule(tests, budget_bps), start=1):
             if progress:
                 progress(i, rnd)
@@ -243,7 +243,7 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
             result.rounds = i
     finally:
         cpu.stop()
-        if monitor:
+        if monitor is not None:
             result.dequeue = {k: v for k, v in monitor.stop().items() if v}
             result.dequeue_problem = monitor.error
     result.duration_s = time.monotonic() - t_start

@@ -195,6 +195,7 @@ class DequeueMonitor:
         self._dir = TRACEFS / "instances" / INSTANCE
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._exited = threading.Event()  # set by the reader once trace_pipe is closed
         self.traced_s = 0.0
 
     # -- tracefs ---------------------------------------------------------------
@@ -237,7 +238,12 @@ class DequeueMonitor:
         self._thread.start()
 
     def _run(self) -> None:
-        fd = os.open(self._dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fd = os.open(self._dir / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            self.error = f"dequeue tracing failed: {exc}"
+            self._exited.set()
+            return
         rest = ""
         try:
             on, switch_at = False, time.monotonic()
@@ -265,6 +271,7 @@ class DequeueMonitor:
             self.error = f"dequeue tracing failed: {exc}"
         finally:
             os.close(fd)
+            self._exited.set()
 
     def _drain(self, fd: int, rest: str) -> str:
         while True:
@@ -283,15 +290,16 @@ class DequeueMonitor:
                 self.timing.feed(line)
 
     def stop(self) -> dict[str, list[float]]:
-        """Stop tracing, remove the instance; the errors of every busy gap, per group."""
-        try:
-            if self._thread is not None:
-                self._stop.set()
-                self._thread.join(timeout=15)
-                if self._thread.is_alive():
-                    self.error = "dequeue monitor did not stop within 15s"
-        finally:
-            self._teardown()
+        """Stop tracing, remove the instance; the errors of every busy gap, per group. Safe to call again after
+        an interrupted call (the owner's teardown stops whatever an interrupted run left running): each step
+        is done until it is done."""
+        if self._thread is not None:
+            self._stop.set()
+            # our own event, not Thread.join/is_alive: a join interrupted by a signal can leave is_alive() False
+            # while the reader still runs with trace_pipe open (and the instance then cannot be removed)
+            if not self._exited.wait(timeout=15):
+                self.error = "dequeue monitor did not stop within 15s"
+        self._teardown()
         return self.timing.errors
 
 

@@ -27,6 +27,7 @@ from .errors import PlatformError
 from .procs import ProcessGroup
 from .registry import Registry
 from .spec import NetSpec
+from .dequeue import DequeueMonitor, Watched, remove_instance
 from .tcplan import apply as apply_tc, gso_limits
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Emulation:
         self.registry = registry
         self.run_id = run_id
         self.procs = ProcessGroup(on_start=registry.add_proc)
+        self._monitors: list[DequeueMonitor] = []
         self._net = None
         self._iprs: dict[str | None, IPRoute] = {}
         self.build_s: float | None = None
@@ -193,10 +195,25 @@ class Emulation:
             self._iprs[netns] = kernel.netlink(netns)
         return self._iprs[netns]
 
+    def dequeue_monitor(self, watched: list[Watched], on_s: float, off_s: float) -> DequeueMonitor:
+        """A started dequeue-timing monitor of this emulation's interfaces; stop it with its ``stop()``, or
+        teardown stops it (a run interrupted while tracing leaves no tracefs instance behind)."""
+        mon = DequeueMonitor(watched, on_s=on_s, off_s=off_s)
+        self._monitors.append(mon)
+        mon.start()
+        return mon
+
     # -- teardown ------------------------------------------------------------
     def teardown(self) -> list[str]:
         """Remove everything this run created; return what could not be removed."""
         t0 = time.monotonic()
+        left_tracing = []
+        for mon in self._monitors:
+            mon.stop()
+        try:
+            remove_instance()
+        except OSError as exc:
+            left_tracing.append(f"tracefs instance ({exc})")
         self.procs.stop_all()
         for ipr in self._iprs.values():
             ipr.close()
@@ -213,6 +230,7 @@ class Emulation:
         left = kernel.delete_links([c.switch_intf for c in self.spec.cables()])
         left += [n for n in kernel.list_netns() if n in {h.netns for h in self.spec.hosts}]
         left += [n for n in kernel.root_link_names() if n in set(bridges)]
+        left += left_tracing
         if not left:
             self.registry.end()
         self.teardown_s = time.monotonic() - t0

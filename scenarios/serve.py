@@ -221,12 +221,10 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             _wait_ready(proc, what)
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
-        monitor = dequeue.DequeueMonitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
+        monitor = emu.dequeue_monitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
             if dequeue.available() is None and sc.emulation.dequeue_timing else None
         driver = emu.procs.start("driver", ctl, driver_argv(plan, mode, mode_dir, py))
         sampler.start()
-        if monitor:
-            monitor.start()
         reader, errors = _drain(driver.stderr)
         if driver.stdout.readline().strip() != "start":  # the driver's own start-up is not the workload
             driver.wait(timeout=30)

@@ -113,11 +113,12 @@ def test_second_signal_during_teardown(tmp_path, sig):
         rc = run.wait(60)
         left = leftovers()
         claims_clean = "everything the run built was removed" in run.stderr
+        output = run.output()
     finally:
         run.close()
         if any(leftovers().values()):  # what the bug left: remove it (dpemu's own objects only)
             run_dpemu("clean", timeout=120)
-    assert rc == 130, f"exit {rc}\n{run.output()}"
+    assert rc == 130, f"exit {rc}\n{output}"
     assert left == {"netns": [], "links": [], "procs": [], "manifest": False} or not claims_clean, \
         f"dpemu said everything was removed but left {left}"
     assert left == {"netns": [], "links": [], "procs": [], "manifest": False}, f"left behind: {left}"
