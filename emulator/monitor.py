@@ -40,7 +40,7 @@ class ClassSample:
     backlog_bytes: int
 
 
-def _cpu_times() -> tuple[int, int]:
+def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs, from the first line of /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -105,7 +105,7 @@ class CpuSampler(_Periodic):
         self._last: tuple[int, int] | None = None
 
     def sample(self, now: float) -> None:
-        busy, total = _cpu_times()
+        busy, total = cpu_times()
         if self._last is not None and total > self._last[1]:
             self.samples.append((now, (busy - self._last[0]) / (total - self._last[1])))
         self._last = (busy, total)

@@ -129,7 +129,7 @@ class Emulation:
             if lk.skb_segs is None:
                 continue
             size, segs = gso_limits(lk.skb_segs)
-            for netns, dev in ((self.spec.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)):
+            for netns, dev in self.spec.ends(lk):
                 ipr = self.ipr(netns)
                 (idx,) = ipr.link_lookup(ifname=dev)
                 ipr.link("set", index=idx, gso_max_size=size, gso_max_segs=segs)

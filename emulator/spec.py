@@ -105,6 +105,11 @@ class NetSpec:
     def switch(self, name: str) -> SwitchSpec:
         return next(s for s in self.switches if s.name == name)
 
+    def ends(self, lk: LinkSpec) -> list[tuple[str | None, str]]:
+        """(namespace, interface) of both shaped ends of `lk`: the host's interface ("up" egress) and the switch
+        port in the root namespace ("down" egress)."""
+        return [(self.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)]
+
     def links_of(self, host: str) -> list[LinkSpec]:
         return [lk for lk in self.links if lk.host == host]
 

@@ -27,7 +27,7 @@ from emulator.errors import ConfigError
 
 from . import fabric, online, tables
 from .schema import RATE_KEY, label_of
-from .sweep import SEED_KEY, aggregate, metrics, slo_verdicts
+from .sweep import SEED_KEY, aggregate, capacities, metrics, ratio_bounds, slo_verdicts, verdicts_of
 from .tables import fmt_ms, fmt_num
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")
@@ -186,38 +186,6 @@ def _head(paper: dict, what: str, samples: list[float], ref, analytic: float | N
 # -- online capacity ----------------------------------------------------------------------------------------
 
 
-def _verdicts(points: list[dict]) -> dict[str, dict[int, dict[float, bool]]]:
-    """mode -> seed -> rate -> whether the SLO held, from the trustworthy finished points of a sweep."""
-    passed: dict[str, dict[int, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
-    for p in points:
-        if p.get("status") != "done" or not p.get("trustworthy"):
-            continue
-        rate, seed = p["values"].get(RATE_KEY), p["values"].get(SEED_KEY)
-        for mode, ok in slo_verdicts(p["metrics"]).items():
-            passed[mode][seed][rate] = ok
-    return passed
-
-
-def capacities(points: list[dict], verdicts: dict | None = None) -> dict[str, dict[int, tuple[float | None, bool]]]:
-    """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
-    trustworthy finished points of an arrival-rate sweep (``online.capacity``; ``verdicts``: their
-    ``_verdicts``, when already at hand)."""
-    return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()}
-            for mode, by_seed in (verdicts if verdicts is not None else _verdicts(points)).items()}
-
-
-def ratio_bounds(verdicts: dict[str, dict[int, dict[float, bool]]], seed: int
-                 ) -> tuple[float, float] | None:
-    """The range the DualPath / Basic capacity ratio of one seed lies in, given each search's bracket
-    (``online.bracket`` of ``_verdicts``): (DualPath's met / Basic's missed, DualPath's missed / Basic's met);
-    None unless both are bracketed."""
-    ends = [online.bracket(verdicts.get(mode, {}).get(seed, {})) for mode in ("dualpath", "basic")]
-    if any(met is None or miss is None for met, miss in ends):
-        return None
-    (d_met, d_miss), (b_met, b_miss) = ends
-    return d_met / b_miss, d_miss / b_met
-
-
 def _latency_vs_rate(groups: list[dict]) -> list[str]:
     """The paper's Fig. 10-11 shape: per mode and arrival rate, the steady state's mean TTFT, TTST and TPOT
     (mean over seeds of each run's mean) and on how many seeds the SLO held."""
@@ -244,7 +212,7 @@ def _latency_vs_rate(groups: list[dict]) -> list[str]:
 
 
 def _capacity_lines(done: list[dict], paper: dict, heads: list[dict]) -> list[str]:
-    verdicts = _verdicts(done)
+    verdicts = verdicts_of(done)
     caps = capacities(done, verdicts)
     lines = ["## Capacity (highest swept arrival rate meeting the SLO, every lower rate meeting it too)", "",
              f"SLO: mean TTFT <= {online.SLO_TTFT_S:g} s and mean TPOT <= {online.SLO_TPOT_S * 1e3:g} ms in the "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from emulator.monitor import proc_cpu_s
+from emulator.monitor import cpu_times, proc_cpu_s
 
 ROLES = ("storage", "prefill", "decode", "scheduler", "driver", "runner", "other")
 
@@ -38,10 +38,7 @@ def role_of(what: str) -> str | None:
 
 def machine_busy_s() -> float:
     """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]
-    return busy / os.sysconf("SC_CLK_TCK")
+    return cpu_times()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def snapshot(procs: list[tuple[str, object]]) -> dict:

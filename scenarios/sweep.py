@@ -17,6 +17,7 @@ every metric; the CLI's table and ``dpemu report`` read it.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 import statistics
 import time
 from dataclasses import dataclass
@@ -247,3 +248,35 @@ def aggregate(index: dict) -> list[dict]:
                      "min": min(v), "max": max(v), "n": len(v)} for k, v in g.pop("samples").items()}
         out.append({**g, "stats": stats})
     return out
+
+
+def verdicts_of(points: list[dict]) -> dict[str, dict[int, dict[float, bool]]]:
+    """mode -> seed -> rate -> whether the SLO held, from the trustworthy finished points of a sweep."""
+    passed: dict[str, dict[int, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
+    for p in points:
+        if p.get("status") != "done" or not p.get("trustworthy"):
+            continue
+        rate, seed = p["values"].get(RATE_KEY), p["values"].get(SEED_KEY)
+        for mode, ok in slo_verdicts(p["metrics"]).items():
+            passed[mode][seed][rate] = ok
+    return passed
+
+
+def capacities(points: list[dict], verdicts: dict | None = None) -> dict[str, dict[int, tuple[float | None, bool]]]:
+    """mode -> seed -> (capacity in agents/s, bracketed: a higher swept rate missed the SLO), from the
+    trustworthy finished points of an arrival-rate sweep (``online.capacity``; ``verdicts``: their
+    ``verdicts_of``, when already at hand)."""
+    return {mode: {seed: online.capacity(r) for seed, r in by_seed.items()}
+            for mode, by_seed in (verdicts if verdicts is not None else verdicts_of(points)).items()}
+
+
+def ratio_bounds(verdicts: dict[str, dict[int, dict[float, bool]]], seed: int
+                 ) -> tuple[float, float] | None:
+    """The range the DualPath / Basic capacity ratio of one seed lies in, given each search's bracket
+    (``online.bracket`` of ``verdicts_of``): (DualPath's met / Basic's missed, DualPath's missed / Basic's met);
+    None unless both are bracketed."""
+    ends = [online.bracket(verdicts.get(mode, {}).get(seed, {})) for mode in ("dualpath", "basic")]
+    if any(met is None or miss is None for met, miss in ends):
+        return None
+    (d_met, d_miss), (b_met, b_miss) = ends
+    return d_met / b_miss, d_miss / b_met

@@ -63,7 +63,7 @@ def test_capacity_is_the_highest_rate_with_every_lower_rate_passing():
 
 
 def test_capacities_of_an_arrival_rate_sweep_per_mode_and_seed():
-    from scenarios.report import RATE_KEY, SEED_KEY, capacities
+    from scenarios.sweep import RATE_KEY, SEED_KEY, capacities
 
     def point(rate, seed, basic_ok, dp_ok, trusted=True):
         return {"status": "done", "trustworthy": trusted, "values": {RATE_KEY: rate, SEED_KEY: seed},
@@ -106,7 +106,8 @@ def test_snic_balance_is_the_busiest_snic_over_the_mean_weighted_by_each_windows
 
 
 def test_the_capacity_ratio_is_bounded_by_each_searchs_bracket():
-    from scenarios.report import RATE_KEY, SEED_KEY, _verdicts, ratio_bounds
+    from scenarios.sweep import RATE_KEY, SEED_KEY, ratio_bounds
+    from scenarios.sweep import verdicts_of as _verdicts
 
     def point(mode, rate, ok, seed=0):
         return {"status": "done", "trustworthy": True, "values": {RATE_KEY: rate, SEED_KEY: seed},
