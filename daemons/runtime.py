@@ -18,6 +18,23 @@ from daemons import dualpath_pb2 as pb
 MAX_MESSAGE_BYTES = 64 << 20
 
 
+class Tasks:
+    """The background tasks of a daemon (engine loops, pushes, write-backs): spawned here, cancelled at close."""
+
+    def __init__(self):
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def cancel(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+
+
 def grpc_options(dscp: int | None = None) -> list[tuple[str, int]]:
     """Channel/server options; `dscp` marks the packets (KV vs collective traffic classes)."""
     opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

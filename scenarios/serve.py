@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from daemons import costmodel
 from daemons.kvbytes import KvGeometry
-from daemons.node import COLLECTIVE_COLUMNS
+from daemons.gpu import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
 from emulator import dequeue
 from emulator.monitor import ClassKey, TcSampler

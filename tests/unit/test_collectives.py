@@ -75,7 +75,8 @@ def test_a_decode_step_ends_with_its_alltoall_and_every_step_is_recorded(tmp_pat
     """A decode engine with collectives: one AllToAll per step, sized by the batch, delivered to its peer."""
     from daemons import dualpath_pb2 as pb
     from daemons.kvbytes import KvGeometry
-    from daemons.node import Collectives, NodeService
+    from daemons.gpu import Collectives
+    from daemons.node import NodeService
 
     class NoStorage:
         async def write(self, *a):

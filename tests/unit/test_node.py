@@ -14,7 +14,7 @@ from daemon_procs import BLOCK_TOKENS as BT
 from daemon_procs import Procs
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from daemons.node import layer_chunks
+from daemons.gpu import layer_chunks
 
 HIT, NEW, GEN, CHUNKS = 40, 100, 70, 4
 

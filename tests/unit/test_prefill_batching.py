@@ -11,7 +11,9 @@ import time
 
 from daemons import dualpath_pb2 as pb
 from daemons.kvbytes import KvGeometry
-from daemons.node import Engine, NodeService, _PrefillJob, layer_chunks
+from daemons.gpu import layer_chunks
+from daemons.node import NodeService
+from daemons.prefill_engine import PrefillEngine, PrefillJob
 
 GEOM = KvGeometry(layers=4, block_tokens=64, block_bytes=64)
 MS_PER_TOKEN = 0.001
@@ -43,8 +45,8 @@ def _request(rid: str, new: int, hit_blocks: int = 10) -> pb.PrefillRequest:
     return pb.PrefillRequest(request=spec, pe_engine=0, path=pb.READ_PATH_NONE, layerwise=True)
 
 
-def _queue(eng: Engine, *news: int) -> list[_PrefillJob]:
-    jobs = [_PrefillJob(_request(f"r{i}", n), layer_chunks(GEOM.layers, 2)) for i, n in enumerate(news)]
+def _queue(eng: PrefillEngine, *news: int) -> list[PrefillJob]:
+    jobs = [PrefillJob(_request(f"r{i}", n), layer_chunks(GEOM.layers, 2)) for i, n in enumerate(news)]
     eng.prefills.extend(jobs)
     return jobs
 
@@ -53,7 +55,7 @@ def test_whole_requests_fifo_then_the_next_one_chunked_to_fill_the_quota():
     async def go():
         svc = _service(0.050)
         j = _queue(svc.engines[0], 20, 20, 20, 5)
-        return svc._form_batch(svc.engines[0]), j
+        return svc.engines[0].form_batch(), j
 
     batch, j = asyncio.run(go())
     # 20 + 20 ms fit the 50 ms quota; 10 of the third request's 20 tokens fill it; the fourth waits its turn
@@ -65,11 +67,11 @@ def test_a_request_larger_than_the_quota_runs_alone_in_pieces():
         svc = _service(0.050)
         eng = svc.engines[0]
         (big, small) = _queue(eng, 120, 5)
-        first = svc._form_batch(eng)
+        first = eng.form_batch()
         big.computed = 50  # as the engine loop records after running a piece
-        second = svc._form_batch(eng)
+        second = eng.form_batch()
         big.computed = 100
-        third = svc._form_batch(eng)
+        third = eng.form_batch()
         return first, second, third, big, small
 
     first, second, third, big, small = asyncio.run(go())
@@ -84,7 +86,7 @@ def test_the_prediction_sees_the_tokens_already_computed_as_cached():
         (job,) = _queue(eng, 80)
         job.computed = 50
         svc.compute.asked.clear()
-        svc._form_batch(eng)
+        eng.form_batch()
         return svc.compute.asked, job
 
     asked, job = asyncio.run(go())
@@ -97,7 +99,7 @@ def test_even_one_token_over_the_quota_still_makes_progress():
         svc = _service(0.0005)  # less than one token's 1 ms
         eng = svc.engines[0]
         (job,) = _queue(eng, 3)
-        return svc._form_batch(eng), job
+        return eng.form_batch(), job
 
     batch, job = asyncio.run(go())
     assert batch == [(job, 1)]

@@ -1,0 +1,109 @@
+"""The GPU side of a compute node: how long GPU work takes, and the engines' MoE AllToAlls.
+
+GPU compute is a cost model (:mod:`daemons.costmodel`), not a GPU: an engine sleeps for the model's time x
+the time scale, the one wait in the serving plane that stands for work instead of doing it. Collectives are
+real bytes between the engines' CNICs (:mod:`traffic.collectives`), moved by a process of the node's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from daemons import costmodel
+from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
+
+COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
+
+
+class Compute(Protocol):
+    """How long GPU work takes, in wall seconds (already multiplied by the time scale)."""
+
+    def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]: ...
+
+    def decode_step_s(self, contexts: list[int]) -> float: ...
+
+
+@dataclass(frozen=True)
+class CostModelCompute:
+    model: costmodel.ModelSpec
+    time_scale: float
+
+    def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]:
+        """Per-layer seconds of prefilling a batch of (cached, new) token counts on one engine."""
+        return tuple(t * self.time_scale for t in _prefill_layers(self.model, tuple(batch)))
+
+    def decode_step_s(self, contexts: list[int]) -> float:
+        return costmodel.decode_step_time_s(self.model, contexts) * self.time_scale
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefill_layers(model: costmodel.ModelSpec, batch: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    return costmodel.prefill_layer_times_s(model, list(batch))
+
+
+def layer_chunks(layers: int, chunks: int) -> list[tuple[int, int]]:
+    """Split `layers` into `chunks` contiguous groups: [(layer_first, layers), ...]."""
+    chunks = max(1, min(chunks, layers))
+    edges = [layers * i // chunks for i in range(chunks + 1)]
+    return [(a, b - a) for a, b in itertools.pairwise(edges) if b > a]
+
+
+class Collectives:
+    """This node's engines' side of their group's MoE AllToAlls (``traffic.collectives``).
+
+    The engine group is every engine of the same role (all PEs, or all DEs), each
+    reachable on its CNIC address at the collective port. An engine cannot finish
+    a prefill layer chunk or a decode step before its AllToAll for those layers
+    completed (every peer acknowledged its share): a slow collective shows in
+    TTFT and TPOT, as on GPUs. The bytes move in the node's collective agent, a
+    process of its own (GPUs and NICs run collectives beside the host's work, not
+    in its event loop). Completion times are kept for collectives.csv."""
+
+    def __init__(self, model: costmodel.ModelSpec, byte_scale: float, group: list[str], own: list[str],
+                 dscp: int | None, time_scale: float = 1.0):
+        missing = [a for a in own if a not in group]
+        if missing:
+            raise ValueError(f"engine addresses {missing} are not in the collective group {group}")
+        self.model, self.byte_scale, self.ranks = model, byte_scale, len(group)
+        self.time_scale = time_scale
+        self.agent = CollectiveAgent(group, own, dscp)
+        self.records: list[tuple[int, str, Completion]] = []  # (engine, phase, completion)
+        self.received: ReceiverStats | None = None  # what this node's receivers got, known at close
+        self.t0 = time.monotonic()
+
+    async def start(self) -> None:
+        await self.agent.start()
+
+    async def run(self, engine: int, layer_first: int, layers: int, tokens: int, phase: str) -> None:
+        nbytes = layer_bytes(self.model, layer_first, layers, tokens, self.ranks, self.byte_scale)
+        if nbytes <= 0 or self.ranks < 2:
+            return
+        self.records.append((engine, phase, await self.agent.run(engine, nbytes)))
+
+    def write_csv(self, path: str, node: str) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLLECTIVE_COLUMNS)
+            w.writerows([f"{node}/{engine}", phase, *csv_row(c, self.t0, self.time_scale)]
+                        for engine, phase, c in self.records)
+
+    async def close(self) -> None:
+        self.received = await self.agent.close()
+
+
+class Gpu:
+    """One engine's GPU: compute for some layers of its batch, then (with collectives) their AllToAll."""
+
+    def __init__(self, index: int, compute: Compute, collectives: Collectives | None):
+        self.index, self.compute, self.collectives = index, compute, collectives
+
+    async def run(self, seconds: float, layer_first: int, layers: int, tokens: int, phase: str) -> None:
+        await asyncio.sleep(seconds)  # the cost model's GPU time: the one sleep that stands for work
+        if self.collectives is not None:
+            await self.collectives.run(self.index, layer_first, layers, tokens, phase)
