@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .names import check_ifname, owned
 from .tcplan import (SEG_WIRE_BYTES, TcOp, TrafficClass, queue_limit_bytes, shape_ops, skb_segs_for,
-                     skb_wire_bytes)
+                     skb_wire_bytes, window_skb_segs)
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,13 @@ class NetSpec:
         lk = next((lk for lk in self.links_of(host) if lk.switch == switch), None)
         if lk is None or not self.switch(switch).lossless:
             return None
-        peers = lk.fan_in or max(1, sum(1 for o in self.links if o.switch == switch and o.host != host))
+        peers = self._senders(lk)
         room = queue_limit_bytes(lk.rate_bps, lk.queue_s, lk.skb_segs) - 2 * skb_wire_bytes(lk.skb_segs)
         return max(2 * SEG_WIRE_BYTES, int(room / peers))
+
+    def _senders(self, lk: LinkSpec) -> int:
+        """Hosts that send to `lk`'s host on its switch at once, each with one connection."""
+        return lk.fan_in or max(1, sum(1 for o in self.links if o.switch == lk.switch and o.host != lk.host))
 
     def default_rcvbuf_bytes(self, host: str) -> int | None:
         """The receive buffer of a `host` socket that does not size its own: the largest of the host's lossless
@@ -153,11 +157,15 @@ class NetSpec:
     def cap_skbs(self, skb_s: float) -> "NetSpec":
         """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by
         the host that sends it and crosses its switch whole, so the slowest port it can reach bounds it: a storage
-        server's skb must not hold an SNIC port longer than an SNIC's own would."""
-        slowest: dict[str, float] = {}
+        server's skb must not hold an SNIC port longer than an SNIC's own would. On a lossless switch a skb is
+        also small enough that every port's senders each get a window of several (tcplan.WINDOW_MIN_SKBS)."""
+        segs: dict[str, int] = {}
         for lk in self.links:
-            slowest[lk.switch] = min(slowest.get(lk.switch, lk.rate_bps), lk.rate_bps)
-        links = tuple(dataclasses.replace(lk, skb_segs=skb_segs_for(slowest[lk.switch], skb_s)) for lk in self.links)
+            cap = skb_segs_for(lk.rate_bps, skb_s)
+            if self.switch(lk.switch).lossless:
+                cap = min(cap, window_skb_segs(lk.rate_bps, lk.queue_s, self._senders(lk)))
+            segs[lk.switch] = min(segs.get(lk.switch, cap), cap)
+        links = tuple(dataclasses.replace(lk, skb_segs=segs[lk.switch]) for lk in self.links)
         return dataclasses.replace(self, links=links)
 
     def validate(self) -> None:

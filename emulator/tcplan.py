@@ -53,6 +53,10 @@ GSO_MAX_BYTES = 65536
 GSO_MAX_SEGS = GSO_MAX_BYTES // SEG_WIRE_BYTES
 HZ_BURST_S = 0.001  # HTB refill granularity we size bursts for (1 ms of wall time: a property of the machine)
 QUEUE_MIN_SKBS = 4  # a queue always holds a few skbs, or bfifo drops what TCP's smallest burst sends
+# On a lossless fabric every sender's TCP window is a share of the port's queue (NetSpec.rcvbuf_bytes). A window
+# of one or two skbs runs stop-and-wait: measured on the 8-GPU cluster at time x8 (skbs of 32 kB, windows of
+# ~40 kB), reads ran at a third of the SNICs' rate. So skbs are also capped to leave each sender this many.
+WINDOW_MIN_SKBS = 4
 ROOT_HANDLE = 0x10000  # 1:
 LINK_CLASS = 0x10001  # 1:1
 DEFAULT_CLASS = 0x10010  # 1:10
@@ -122,6 +126,12 @@ def skb_segs_for(rate_bps: float, skb_s: float) -> int:
     """Segments per skb so that one skb holds a port of `rate_bps` for at most `skb_s` (at least one segment,
     at most the kernel's 64 KiB)."""
     return int(min(max(rate_bps / 8 * skb_s // SEG_WIRE_BYTES, 1), GSO_MAX_SEGS))
+
+
+def window_skb_segs(rate_bps: float, queue_s: float, senders: int) -> int:
+    """The most segments per skb for which `senders` windows of WINDOW_MIN_SKBS skbs, plus two skbs of slack,
+    fit a queue of `queue_s` at the rate (at least one segment)."""
+    return max(1, int(rate_bps / 8 * queue_s / SEG_WIRE_BYTES // (WINDOW_MIN_SKBS * senders + 2)))
 
 
 def skb_wire_bytes(skb_segs: int | None) -> int:

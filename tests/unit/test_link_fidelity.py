@@ -14,6 +14,7 @@ from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.runtime import RpcCounter, rpc_counts
 from emulator import dequeue, fidelity
 from emulator.dequeue import Timing, Watched, histogram, summarize, wire_bytes
+from emulator.tcplan import WINDOW_MIN_SKBS, skb_wire_bytes
 from scenarios import linkstats, schema, servecost
 from scenarios.plan import make_plan
 from topologies.cluster import ClusterSpec, Scale, cluster_net
@@ -99,8 +100,17 @@ def test_skb_caps_come_from_the_slowest_link_of_each_fabric():
     plan = make_plan(schema.load("default"))
     caps = {lk.link_class: lk.skb_segs for lk in plan.net.links}
     # 1 ms x 1.6 of real time: SNIC 20 Mbit/s -> 4000 B -> 2 segments; the storage NIC (80 Mbit/s) shares the
-    # storage fabric with the SNICs and gets their cap; CNIC 160 Mbit/s -> 32000 B -> 21 segments
-    assert caps == {"snic": 2, "stnic": 2, "cnic": 21}
+    # storage fabric with the SNICs and gets their cap; CNIC 160 Mbit/s -> 32000 B -> 21 segments by time, but
+    # its queue (320000 B) shared by 5 senders must hold 4 skbs each plus 2: 211 segments // 22 -> 9
+    assert caps == {"snic": 2, "stnic": 2, "cnic": 9}
+
+
+def test_every_lossless_sender_gets_a_window_of_several_skbs():
+    for name in ("default", "cluster"):
+        net = make_plan(schema.load(name)).net
+        for lk in net.links:
+            buf = net.rcvbuf_bytes(lk.host, lk.switch)
+            assert buf is not None and buf >= WINDOW_MIN_SKBS * skb_wire_bytes(lk.skb_segs), (name, lk)
 
 
 def test_lossless_receive_buffers_share_each_port_queue_among_its_senders():
@@ -108,8 +118,8 @@ def test_lossless_receive_buffers_share_each_port_queue_among_its_senders():
     net = plan.net
     # SNIC: queue 20e6/8 x 16 ms = 40000 B, less 2 skbs of 3028 B, shared by 2 storage servers
     assert net.rcvbuf_bytes("pe1", "stor") == (40000 - 2 * 3028) // 2
-    # CNIC: 160e6/8 x 16 ms = 320000 B, less 2 x 21 x 1514, shared by the 5 other nodes of the rail
-    assert net.rcvbuf_bytes("pe1", "rail0") == int((320000 - 2 * 21 * 1514) / 5)
+    # CNIC: 160e6/8 x 16 ms = 320000 B, less 2 x 9 x 1514, shared by the 5 other nodes of the rail
+    assert net.rcvbuf_bytes("pe1", "rail0") == int((320000 - 2 * 9 * 1514) / 5)
     # storage NIC: 80e6/8 x 16 ms = 160000 B, less 2 x 3028, shared by the 6 compute nodes
     assert net.rcvbuf_bytes("st1", "stor") == int((160000 - 2 * 3028) / 6)
     assert net.default_rcvbuf_bytes("pe1") == net.rcvbuf_bytes("pe1", "rail0")  # the larger one

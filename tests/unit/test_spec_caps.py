@@ -1,5 +1,5 @@
 """emulator.spec.NetSpec's lossless-fabric sizing: cap_skbs (each switch's slowest link sets every skb cap on it),
-rcvbuf_bytes (a host port's queue less two skbs, shared by its fan_in) and default_rcvbuf_bytes (the largest of a
+rcvbuf_bytes (a host port's queue less two skbs, shared by its fan_in; skbs small enough for windows of several) and default_rcvbuf_bytes (the largest of a
 host's lossless switches), on small cluster_net layouts, the shipped default scenario and hand-made NetSpecs."""
 
 from __future__ import annotations
@@ -66,16 +66,17 @@ def test_default_scenario_caps_and_rcvbuf(default_net):
     snic, cnic, stnic = link(net, "pe1-snic"), link(net, "pe1-cnic0"), link(net, "st1-nic")
     assert (snic.rate_bps, cnic.rate_bps, stnic.rate_bps) == (20e6, 160e6, 80e6)
     assert snic.queue_s == cnic.queue_s == stnic.queue_s == pytest.approx(0.016)  # 10 ms real at time x1.6
-    # skbs of 1 ms real = 1.6 ms wall: SNIC 20e6 / 8 * 1.6e-3 = 4000 B -> 2 segments; CNIC 32000 B -> 21;
+    # skbs of 1 ms real = 1.6 ms wall: SNIC 20e6 / 8 * 1.6e-3 = 4000 B -> 2 segments; CNIC 32000 B -> 21, but
+    # its 320000 B queue must give its 5 senders windows of 4 skbs (+ 2 of slack): 211 // 22 -> 9;
     # the storage NIC would get 16000 B -> 10 on its own, but shares stor with the SNICs: 2
-    assert {lk.link_class: lk.skb_segs for lk in net.links} == {"snic": 2, "cnic": 21, "stnic": 2}
+    assert {lk.link_class: lk.skb_segs for lk in net.links} == {"snic": 2, "cnic": 9, "stnic": 2}
     # SNIC: 40000 B of queue - 2 x 3028 = 33944, over fan_in 2 storage servers -> 16972
-    # CNIC: 320000 - 2 x 31794 = 256412, over the 5 other hosts of rail0 -> 51282
+    # CNIC: 320000 - 2 x 13626 = 292748, over the 5 other hosts of rail0 -> 58549
     # storage NIC: 160000 - 2 x 3028 = 153944, over fan_in 6 compute nodes -> 25657
     for h in ("pe1", "pe2", "de1", "de4"):
         assert net.rcvbuf_bytes(h, "stor") == 16972
-        assert net.rcvbuf_bytes(h, "rail0") == 51282
-        assert net.default_rcvbuf_bytes(h) == 51282  # the larger: the CNIC's
+        assert net.rcvbuf_bytes(h, "rail0") == 58549
+        assert net.default_rcvbuf_bytes(h) == 58549  # the larger: the CNIC's
     for h in ("st1", "st2"):
         assert net.rcvbuf_bytes(h, "stor") == 25657
         assert net.default_rcvbuf_bytes(h) == 25657
@@ -85,11 +86,11 @@ def test_default_scenario_caps_and_rcvbuf(default_net):
 def test_default_scenario_at_time_x1_25():
     """The previous default (bytes 5e-4, time x1.25): 12.5 ms queues, skbs of 1.25 ms."""
     net = plan.make_plan(schema.load("default", ["scale.time=1.25", "scale.bytes=5e-4"])).net
-    assert {lk.link_class: lk.skb_segs for lk in net.links} == {"snic": 2, "cnic": 16, "stnic": 2}
+    assert {lk.link_class: lk.skb_segs for lk in net.links} == {"snic": 2, "cnic": 7, "stnic": 2}
     assert net.rcvbuf_bytes("pe1", "stor") == 12597  # (31250 - 2 x 3028) / 2
-    assert net.rcvbuf_bytes("pe1", "rail0") == 40310  # (250000 - 2 x 24224) / 5 = 40310.4
+    assert net.rcvbuf_bytes("pe1", "rail0") == 45760  # (250000 - 2 x 7 x 1514) / 5 = 45760.8
     assert net.rcvbuf_bytes("st1", "stor") == 19824  # (125000 - 2 x 3028) / 6
-    assert net.default_rcvbuf_bytes("de2") == 40310
+    assert net.default_rcvbuf_bytes("de2") == 45760
 
 
 def test_default_scenario_not_lossless():
@@ -111,8 +112,9 @@ def test_cap_skbs_per_switch():
     net = hand_net()
     assert all(lk.skb_segs is None for lk in net.links)
     capped = net.cap_skbs(0.01)
-    # switch a: slowest 10e6 -> 12500 B // 1514 = 8 for both of its links; b: 125000 // 1514 = 82, capped at 43
-    assert [lk.skb_segs for lk in capped.links] == [8, 8, GSO_MAX_SEGS, GSO_MAX_SEGS]
+    # switch a (lossless): 10e6 -> 12500 B // 1514 = 8 by time, but a 12500 B queue must hold h2's window of 4
+    # skbs and 2 of slack: 8 // 6 -> 1, for both of its links; b: 125000 // 1514 = 82, capped at 43
+    assert [lk.skb_segs for lk in capped.links] == [1, 1, GSO_MAX_SEGS, GSO_MAX_SEGS]
     assert GSO_MAX_SEGS == 43
     assert all(lk.skb_segs is None for lk in net.links)  # a new NetSpec; the old one is unchanged
     assert [lk.skb_segs for lk in net.cap_skbs(1e-6).links] == [1, 1, 1, 1]  # at least one segment
@@ -121,20 +123,21 @@ def test_cap_skbs_per_switch():
 
 def test_rcvbuf_hand_net():
     net = hand_net().cap_skbs(0.01)
-    # h1 on a: 10e6 / 8 * 0.01 = 12500, but the queue holds at least 4 skbs of 8 x 1514: 48448; less 2 skbs
-    # (24224) -> 24224, shared by every other host on a (h2) -> 24224
-    assert net.rcvbuf_bytes("h1", "a") == 24224
+    # h1 on a: 10e6 / 8 * 0.01 = 12500 of queue (skbs of 1 segment); less 2 skbs (3028) -> 9472, shared by
+    # every other host on a (h2) -> 9472
+    assert net.rcvbuf_bytes("h1", "a") == 9472
     assert net.rcvbuf_bytes("h1", "b") is None  # b is not lossless
-    assert net.default_rcvbuf_bytes("h1") == 24224
+    assert net.default_rcvbuf_bytes("h1") == 9472
     assert net.default_rcvbuf_bytes("h3") is None
-    # b lossless too: 100e6 / 8 * 0.01 = 125000 is less than 4 skbs of 43 x 1514 = 65102: the queue is 260408;
-    # less 2 x 65102 = 130204, over 1 other host -> 130204; the default is the larger of a's and b's
+    # b lossless too: 100e6 / 8 * 0.01 = 125000 B of queue for 1 sender's window of 4 skbs + 2: 82 // 6 -> 13
+    # segments; less 2 x 13 x 1514 = 39364 -> 85636 for the 1 other host; the default is the larger of a's and b's
     both = hand_net(lossless_b=True).cap_skbs(0.01)
-    assert both.rcvbuf_bytes("h1", "b") == 130204
-    assert both.default_rcvbuf_bytes("h1") == 130204
-    assert both.default_rcvbuf_bytes("h3") == 130204
+    assert [lk.skb_segs for lk in both.links] == [1, 1, 13, 13]
+    assert both.rcvbuf_bytes("h1", "b") == 85636
+    assert both.default_rcvbuf_bytes("h1") == 85636
+    assert both.default_rcvbuf_bytes("h3") == 85636
 
 
 def test_rcvbuf_floor_is_two_segments():
     net = hand_net(fan_in=1000).cap_skbs(0.01)
-    assert net.rcvbuf_bytes("h1", "a") == 2 * 1514  # 24224 / 1000 = 24 B, floored at two full segments
+    assert net.rcvbuf_bytes("h1", "a") == 2 * 1514  # 9472 / 1000 = 9 B, floored at two full segments
