@@ -78,6 +78,7 @@ class LinkSpec(_Cable):
     traffic_classes: tuple[TrafficClass, ...] = ()  # DSCP classes at both ends (compute fabric)
     skb_segs: int | None = None  # cap on GSO/TSO skbs at both ends, in full segments (None: the kernel's 64 KiB)
     fan_in: int | None = None  # hosts that send to this one on its switch at once (None: every other host there)
+    own_rcvbuf: bool = False  # the host's sockets that receive on this link size their buffers (rcvbuf_bytes)
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,12 @@ class NetSpec:
         return lk.fan_in or max(1, sum(1 for o in self.links if o.switch == lk.switch and o.host != lk.host))
 
     def default_rcvbuf_bytes(self, host: str) -> int | None:
-        """The receive buffer of a `host` socket that does not size its own: the largest of the host's lossless
-        switches (a compute node's CNICs). Sockets that carry bulk data on a fabric with a smaller budget (a
-        compute node's storage reads) size theirs with :meth:`rcvbuf_bytes`."""
-        budgets = [b for lk in self.links_of(host) if (b := self.rcvbuf_bytes(host, lk.switch)) is not None]
-        return max(budgets) if budgets else None
+        """The receive buffer of a `host` socket that does not size its own: the smallest budget of the host's
+        lossless links whose sockets do not size theirs (``own_rcvbuf``: a compute node's storage reads size
+        theirs with :meth:`rcvbuf_bytes`), so that no such socket can overflow any port it receives on."""
+        budgets = [b for lk in self.links_of(host)
+                   if not lk.own_rcvbuf and (b := self.rcvbuf_bytes(host, lk.switch)) is not None]
+        return min(budgets) if budgets else None
 
     def cap_skbs(self, skb_s: float) -> "NetSpec":
         """Every link's skbs capped to `skb_s` (wall seconds) at the slowest rate of its switch. A skb is sized by

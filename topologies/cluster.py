@@ -159,7 +159,8 @@ def cluster_net(c: ClusterSpec, scale: Scale, queue_s: float = QUEUE_S,
                                       fan_in=c.prefill_nodes + c.decode_nodes))
                 continue
             links.append(LinkSpec(host, "snic", "stor", "snic", rates["snic"],  # storage servers read to it
-                                  f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s, fan_in=c.storage_servers))
+                                  f"10.{STORAGE_OCTET}.{ROLE_OCTET[role]}.{i}/16", queue_s, fan_in=c.storage_servers,
+                                  own_rcvbuf=True))  # the node's storage reads size their sockets
             for r in range(c.gpus_per_node):
                 links.append(LinkSpec(host, f"cnic{r}", f"rail{r}", "cnic", rates["cnic"],
                                       f"10.{RAIL_OCTET0 + r}.{ROLE_OCTET[role]}.{i}/16", queue_s,

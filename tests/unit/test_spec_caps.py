@@ -98,10 +98,10 @@ def test_default_scenario_not_lossless():
     assert all(net.default_rcvbuf_bytes(h.name) is None for h in net.hosts)
 
 
-def hand_net(lossless_b: bool = False, fan_in: int | None = None) -> NetSpec:
+def hand_net(lossless_b: bool = False, fan_in: int | None = None, own_a: bool = False) -> NetSpec:
     hosts = tuple(HostSpec(n, "x") for n in ("h1", "h2", "h3"))
     switches = (SwitchSpec("a", "storage", lossless=True), SwitchSpec("b", "compute", lossless=lossless_b))
-    links = (LinkSpec("h1", "n0", "a", "slow", 10e6, "10.0.0.1/16", 0.01, fan_in=fan_in),
+    links = (LinkSpec("h1", "n0", "a", "slow", 10e6, "10.0.0.1/16", 0.01, fan_in=fan_in, own_rcvbuf=own_a),
              LinkSpec("h2", "n0", "a", "fast", 100e6, "10.0.0.2/16", 0.01),
              LinkSpec("h1", "n1", "b", "fast", 100e6, "10.1.0.1/16", 0.01),
              LinkSpec("h3", "n1", "b", "fast", 100e6, "10.1.0.3/16", 0.01))
@@ -130,12 +130,16 @@ def test_rcvbuf_hand_net():
     assert net.default_rcvbuf_bytes("h1") == 9472
     assert net.default_rcvbuf_bytes("h3") is None
     # b lossless too: 100e6 / 8 * 0.01 = 125000 B of queue for 1 sender's window of 4 skbs + 2: 82 // 6 -> 13
-    # segments; less 2 x 13 x 1514 = 39364 -> 85636 for the 1 other host; the default is the larger of a's and b's
+    # segments; less 2 x 13 x 1514 = 39364 -> 85636 for the 1 other host; the default is the smaller of a's and
+    # b's (a socket that does not size its own must not overflow either port)
     both = hand_net(lossless_b=True).cap_skbs(0.01)
     assert [lk.skb_segs for lk in both.links] == [1, 1, 13, 13]
     assert both.rcvbuf_bytes("h1", "b") == 85636
-    assert both.default_rcvbuf_bytes("h1") == 85636
+    assert both.default_rcvbuf_bytes("h1") == 9472
     assert both.default_rcvbuf_bytes("h3") == 85636
+    # h1's sockets on a size their own (own_rcvbuf): the default is b's
+    own = hand_net(lossless_b=True, own_a=True).cap_skbs(0.01)
+    assert own.rcvbuf_bytes("h1", "a") == 9472 and own.default_rcvbuf_bytes("h1") == 85636
 
 
 def test_rcvbuf_floor_is_two_segments():
