@@ -62,15 +62,29 @@ def test_layer_slice_out_of_range():
         g.layer_range(6, 3)
 
 
-def test_content_cache_is_bounded_in_bytes_and_returns_the_derived_bytes():
-    import hashlib
+def test_contents_come_from_one_ring_each_trajectory_at_its_origin():
+    from daemons import kvbytes
+    g = KvGeometry(layers=4, block_tokens=64, block_bytes=100)
+    span = span_content(g, "t", 5, 3)
+    assert span == b"".join(block_content(g, "t", b) for b in (5, 6, 7))  # a span is its blocks, in order
+    o = kvbytes._origin("t")
+    assert block_content(g, "t", 5) == kvbytes._pool()[o + 500:o + 600] or o + 600 > kvbytes.POOL_BYTES
+    # the ring wraps: a span across its end is still its blocks, in order
+    ring_blocks = kvbytes.POOL_BYTES // 100
+    first = (kvbytes.POOL_BYTES - o) // 100 - 1
+    across = span_content(g, "t", first, 3)
+    assert across == b"".join(block_content(g, "t", b) for b in range(first, first + 3))
+    assert block_content(g, "t", 0) != block_content(g, "t", ring_blocks - 1)
+    # every block of a long trajectory differs from every other
+    blocks = {block_content(g, "long", b) for b in range(5000)}
+    assert len(blocks) == 5000
 
-    from daemons.kvbytes import _ContentCache
-    cache = _ContentCache(max_bytes=1000)
-    first = cache.get("t", 0, 300)
-    assert first == hashlib.shake_128(b"t/0").digest(300)
-    for b in range(1, 5):
-        cache.get("t", b, 300)
-    assert cache.bytes <= 1000 and len(cache._blocks) == 3  # blocks 2, 3, 4: the least recently used went first
-    assert ("t", 0, 300) not in cache._blocks
-    assert cache.get("t", 0, 300) == first  # derived again, identical
+
+def test_a_span_longer_than_the_ring_is_still_its_blocks():
+    from daemons import kvbytes
+    bb = 1 << 20
+    g = KvGeometry(layers=4, block_tokens=64, block_bytes=bb)
+    n = kvbytes.POOL_BYTES // bb + 2
+    span = span_content(g, "x", 1, n, 1, 2)
+    lo, hi = g.layer_range(1, 2)
+    assert span == b"".join(block_content(g, "x", b)[lo:hi] for b in range(1, 1 + n))
