@@ -35,7 +35,6 @@ parts: :mod:`daemons.traffic_manager` (SNIC, DRAM buffer, read queue, pushes),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 
@@ -49,7 +48,7 @@ from daemons.gpu import Collectives, Compute, CostModelCompute, Gpu
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import StorageClient
 from daemons.prefill_engine import PREFILL_QUOTA_S, PrefillEngine
-from daemons.runtime import RpcCounter, Tasks, grpc_options, rpc_counts, serve_until_stopped
+from daemons.runtime import RpcCounter, Tasks, grpc_options, rpc_counts, run_event_loop, serve_until_stopped
 from daemons.traffic_manager import PUSH_BYTES, TrafficManager
 
 
@@ -183,7 +182,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    asyncio.run(serve(parse_args(argv)))
+    run_event_loop(serve(parse_args(argv)))
     return 0
 
 

@@ -36,7 +36,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
-from daemons.runtime import RpcCounter, rpc_counts, serve_until_stopped
+from daemons.runtime import RpcCounter, rpc_counts, run_event_loop, serve_until_stopped
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
 POLICIES = ("paper", "round_robin")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemons.scheduler", description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True)
     p.add_argument("--config", required=True)
-    asyncio.run(serve(p.parse_args(argv)))
+    run_event_loop(serve(p.parse_args(argv)))
     return 0
 
 

@@ -20,7 +20,6 @@ trajectories start with their history in storage). Runnable without root on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.kvbytes import KvGeometry, block_content
-from daemons.runtime import RpcCounter, grpc_options, rpc_counts, serve_until_stopped
+from daemons.runtime import RpcCounter, grpc_options, rpc_counts, run_event_loop, serve_until_stopped
 
 DEFAULT_MESSAGE_BYTES = 256 * 1024
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -196,7 +195,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    asyncio.run(serve(parse_args(argv)))
+    run_event_loop(serve(parse_args(argv)))
     return 0
 
 

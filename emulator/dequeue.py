@@ -249,6 +249,7 @@ class DequeueMonitor:
         rest = ""
         try:
             on, switch_at = False, time.monotonic()
+            on_since = switch_at
             while True:
                 now = time.monotonic()
                 stopping = self._stop.is_set()

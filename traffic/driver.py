@@ -36,6 +36,7 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.runtime import run_event_loop
 from traffic.traces import play
 from traffic.workload import Trajectory, Turn, WorkloadSpec
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = WorkloadSpec(**json.loads(Path(args.workload).read_text()))
         Path(args.out).write_text(json.dumps(preload_list(play(spec)[0], args.block_tokens)))
         return 0
-    summary = asyncio.run(run(args))
+    summary = run_event_loop(run(args))
     print(json.dumps(summary), flush=True)
     return 0
 
