@@ -73,8 +73,9 @@ class Scale:
         return self.byte_scale / self.time_scale
 
     def rate(self, real_bps: float) -> float:
-        """Emulated rate of a real rate."""
-        return real_bps * self.rate_factor
+        """Emulated rate of a real rate, in whole bits per second (what tc is given; 400e9 x 8e-5 is
+        32000000.000000007 in floating point)."""
+        return float(round(real_bps * self.rate_factor))
 
     def real_rate(self, emulated_bps: float) -> float:
         return emulated_bps / self.rate_factor

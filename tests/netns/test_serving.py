@@ -52,7 +52,7 @@ def test_serving_modes_take_their_read_paths_with_a_clean_ledger(serving_run):
     assert_nothing_left("after the serving run")
 
 
-# The default (headline) scenario scaled down to a CI-sized run: the same cluster, 96 agents x 3 turns.
+# The 1-GPU default (headline) scenario scaled down to a CI-sized run: the same cluster, 96 agents x 3 turns.
 SMALL = ["--set", "serving.workload.agents=96", "--set", "serving.workload.turns_per_agent=3",
          "--set", "serving.modes=[basic, dualpath]"]
 
@@ -60,7 +60,7 @@ SMALL = ["--set", "serving.workload.agents=96", "--set", "serving.workload.turns
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, machine_free):
     out = tmp_path_factory.mktemp("small-run")
-    res = run_dpemu("run", "default", *SMALL, "--out", str(out), timeout=600)
+    res = run_dpemu("run", "default_g1", *SMALL, "--out", str(out), timeout=600)
     return res, out
 
 
@@ -69,7 +69,7 @@ def test_basic_is_storage_bound_on_the_prefill_side_and_dualpath_beats_it(small_
     res, out = small_run
     print(res.stdout)
     assert res.returncode in (0, 3), describe(res)
-    (run_dir,) = (out / "default").iterdir()
+    (run_dir,) = (out / "default_g1").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     basic, dual = summary["modes"]["basic"], summary["modes"]["dualpath"]
     print({m: (v["jct_s"], v["snic_util"]) for m, v in summary["modes"].items()})

@@ -1,6 +1,6 @@
 """Traffic classes on the compute fabric: KV and collectives carry their DSCP and land in their HTB class.
 
-A small `dpemu run default` (DualPath, with MoE AllToAll collectives, isolation
+A small `dpemu run default_g1` (DualPath, with MoE AllToAll collectives, isolation
 on). While it runs, scapy captures on a compute-fabric switch port (in the root
 namespace, where the bridge ports live) and the test checks the DSCP of every
 data packet; afterwards the per-class HTB counters in links.csv must put the
@@ -34,7 +34,7 @@ def captured_run(tmp_path_factory, machine_free):
     from scapy.all import IP, TCP, AsyncSniffer
 
     out = tmp_path_factory.mktemp("classes-run")
-    proc = subprocess.Popen([DPEMU, "run", "default", *SMALL, "--out", str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([DPEMU, "run", "default_g1", *SMALL, "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dpemu_env())
     sniffer = None
     deadline = time.monotonic() + 120
@@ -68,7 +68,7 @@ def test_kv_packets_carry_their_dscp_and_land_in_the_kv_class(captured_run):
     assert data.get(DSCP_COLLECTIVE, 0) > 50, f"no collective packets marked {DSCP_COLLECTIVE}: {dict(seen)}"
     assert set(data) == {DSCP_KV, DSCP_COLLECTIVE}, f"data packets with another DSCP on the compute fabric: {data}"
 
-    (run_dir,) = (out / "default").iterdir()
+    (run_dir,) = (out / "default_g1").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     first: dict[tuple[str, str, str], int] = {}
     moved: dict[tuple[str, str, str], int] = {}  # bytes this mode moved: counters are cumulative since build

@@ -97,7 +97,7 @@ def test_histogram_splits_early_and_late_and_summarize_reads_percentiles():
 
 # -- the plan: skb caps and lossless receive buffers ---------------------------------
 def test_skb_caps_come_from_the_slowest_link_of_each_fabric():
-    plan = make_plan(schema.load("default"))
+    plan = make_plan(schema.load("default_g1"))
     caps = {lk.link_class: lk.skb_segs for lk in plan.net.links}
     # 1 ms x 1.6 of real time: SNIC 20 Mbit/s -> 4000 B -> 2 segments; the storage NIC (80 Mbit/s) shares the
     # storage fabric with the SNICs and gets their cap; CNIC 160 Mbit/s -> 32000 B -> 21 segments by time, but
@@ -114,7 +114,7 @@ def test_every_lossless_sender_gets_a_window_of_several_skbs():
 
 
 def test_lossless_receive_buffers_share_each_port_queue_among_its_senders():
-    plan = make_plan(schema.load("default"))
+    plan = make_plan(schema.load("default_g1"))
     net = plan.net
     # SNIC: queue 20e6/8 x 16 ms = 40000 B, less 2 skbs of 3028 B, shared by 2 storage servers
     assert net.rcvbuf_bytes("pe1", "stor") == (40000 - 2 * 3028) // 2

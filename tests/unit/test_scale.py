@@ -23,9 +23,14 @@ def test_time_scale_defaults_to_real_time():
     assert Scale(1e-4).rate(400e9) == pytest.approx(40e6, rel=1e-12)
 
 
-def test_real_rate_inverts_rate():
+def test_real_rate_inverts_rate_to_within_a_bit_per_second():
     s = Scale(2.5e-4, 3.0)
-    assert s.real_rate(s.rate(1.6e12)) == pytest.approx(1.6e12, rel=1e-12)
+    assert s.real_rate(s.rate(1.6e12)) == pytest.approx(1.6e12, abs=1 / s.rate_factor)
+
+
+def test_emulated_rates_are_whole_bits_per_second():
+    assert Scale(6.4e-4, 8).rate(400e9) == 32e6  # not 32000000.000000007: tc is given whole bits
+    assert Scale(6.4e-4, 6).rate(400e9) == 42666667.0
 
 
 def test_real_bytes_and_seconds():

@@ -1,6 +1,7 @@
 """emulator.spec.NetSpec's lossless-fabric sizing: cap_skbs (each switch's slowest link sets every skb cap on it),
-rcvbuf_bytes (a host port's queue less two skbs, shared by its fan_in; skbs small enough for windows of several) and default_rcvbuf_bytes (the largest of a
-host's lossless switches), on small cluster_net layouts, the shipped default scenario and hand-made NetSpecs."""
+rcvbuf_bytes (a host port's queue less two skbs, shared by its fan_in; skbs small enough for windows of several)
+and default_rcvbuf_bytes (the smallest of a host's lossless links whose sockets do not size their own), on small
+cluster_net layouts, the shipped 1-GPU default scenario and hand-made NetSpecs."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_not_lossless_gives_none_everywhere():
 
 @pytest.fixture(scope="module")
 def default_net():
-    return plan.make_plan(schema.load("default")).net
+    return plan.make_plan(schema.load("default_g1")).net
 
 
 def test_default_scenario_caps_and_rcvbuf(default_net):
@@ -76,7 +77,7 @@ def test_default_scenario_caps_and_rcvbuf(default_net):
     for h in ("pe1", "pe2", "de1", "de4"):
         assert net.rcvbuf_bytes(h, "stor") == 16972
         assert net.rcvbuf_bytes(h, "rail0") == 58549
-        assert net.default_rcvbuf_bytes(h) == 58549  # the larger: the CNIC's
+        assert net.default_rcvbuf_bytes(h) == 58549  # the CNIC's: storage reads size their own
     for h in ("st1", "st2"):
         assert net.rcvbuf_bytes(h, "stor") == 25657
         assert net.default_rcvbuf_bytes(h) == 25657
@@ -85,7 +86,7 @@ def test_default_scenario_caps_and_rcvbuf(default_net):
 
 def test_default_scenario_at_time_x1_25():
     """The previous default (bytes 5e-4, time x1.25): 12.5 ms queues, skbs of 1.25 ms."""
-    net = plan.make_plan(schema.load("default", ["scale.time=1.25", "scale.bytes=5e-4"])).net
+    net = plan.make_plan(schema.load("default_g1", ["scale.time=1.25", "scale.bytes=5e-4"])).net
     assert {lk.link_class: lk.skb_segs for lk in net.links} == {"snic": 2, "cnic": 7, "stnic": 2}
     assert net.rcvbuf_bytes("pe1", "stor") == 12597  # (31250 - 2 x 3028) / 2
     assert net.rcvbuf_bytes("pe1", "rail0") == 45760  # (250000 - 2 x 7 x 1514) / 5 = 45760.8
@@ -94,7 +95,7 @@ def test_default_scenario_at_time_x1_25():
 
 
 def test_default_scenario_not_lossless():
-    net = plan.make_plan(schema.load("default", ["emulation.lossless=false"])).net
+    net = plan.make_plan(schema.load("default_g1", ["emulation.lossless=false"])).net
     assert all(net.default_rcvbuf_bytes(h.name) is None for h in net.hosts)
 
 
