@@ -22,6 +22,7 @@ import yaml
 
 from emulator import fidelity
 from emulator.calibrate import Calibration
+from topologies.cluster import real_link_rates
 
 from . import linkstats
 from .plan import Plan, plan_text
@@ -81,7 +82,8 @@ def class_table(plan: Plan, calib: Calibration) -> list[dict]:
                 "link_class": cls, "direction": direction, "links": len(ms),
                 "configured_bps": ms[0].configured_bps,
                 "expected_bps": min(m.expected_bps for m in ms),
-                "real_bps": plan.scenario.scale_spec().real_rate(ms[0].configured_bps),
+                "real_bps": real_link_rates(plan.scenario.cluster_spec()).get(cls) or
+                plan.scenario.scale_spec().real_rate(ms[0].configured_bps),
                 "achieved_bps": sum(m.achieved_bps for m in ok) / len(ok) if ok else None,
                 "worst_error": worst.error if worst else None,
                 "worst_link": worst.target.label if worst else None,

@@ -98,13 +98,14 @@ def invariants(c: ClusterSpec) -> dict[str, float]:
     }
 
 
+def real_link_rates(c: ClusterSpec) -> dict[str, float]:
+    """The real cluster's rate of each link class, bits per second."""
+    return {"snic": c.snic_rate_bps, "cnic": c.cnic_rate_bps, "stnic": c.storage_nic_rate_bps}
+
+
 def link_rates(c: ClusterSpec, scale: Scale) -> dict[str, float]:
     """Emulated rate of each link class, bits per second."""
-    return {
-        "snic": scale.rate(c.snic_rate_bps),
-        "cnic": scale.rate(c.cnic_rate_bps),
-        "stnic": scale.rate(c.storage_nic_rate_bps),
-    }
+    return {cls: scale.rate(bps) for cls, bps in real_link_rates(c).items()}
 
 
 def node_names(c: ClusterSpec) -> dict[str, list[str]]:
