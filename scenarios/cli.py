@@ -246,7 +246,8 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_report(args) -> int:
-    out = report.report(Path(args.dir))
+    path = Path(args.dir)  # a reproduce directory reports every experiment again, then the suite
+    out = reproduce.report_again(path) if (path / "suite.json").is_file() else report.report(path)
     console.print(f"report: {out} (plots beside it)")
     return EXIT_OK
 

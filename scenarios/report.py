@@ -57,18 +57,13 @@ def expected_speedup(cluster: dict, jct: dict[str, float]) -> tuple[float, float
 
 
 def report(path: Path) -> Path:
-    """Write DIR/report.md (and plots); return the report's path. DIR is a run, a sweep, or a
-    ``dpemu reproduce`` directory (every experiment's report again, then the suite's)."""
-    if (path / "suite.json").is_file():
-        from . import reproduce  # it reports through this module
-
-        return reproduce.report_again(path)
+    """Write DIR/report.md (and plots); return the report's path. DIR is a run or a sweep directory (a
+    ``dpemu reproduce`` directory is reported by ``reproduce.report_again``, through this module)."""
     if (path / "sweep.json").is_file():
         return _sweep_report(path)
     if (path / "summary.json").is_file():
         return _run_report(path)
-    raise ConfigError(str(path), "neither a run directory (summary.json), a sweep directory (sweep.json) nor a "
-                                 "reproduce directory (suite.json)")
+    raise ConfigError(str(path), "neither a run directory (summary.json) nor a sweep directory (sweep.json)")
 
 
 # -- one run ------------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ def test_every_point_of_the_suite_is_valid_and_planned():
             assert len({p.values["serving.workload.seed"] for p in points}) >= 3, e.scenario
     unseeded = {e.scenario for e in reproduce.SUITE if not e.seeded}
     assert unseeded == {"pd_region", "mooncake_crossover"}
-    # the suite's target is an hour; with the faithful shaping's time x1.6 it is estimated at ~66 min until the
-    # serving plane's CPU per turn comes down (issue 11, part 2): the bound says so instead of hiding it
-    assert sum(e.minutes for e in reproduce.SUITE) <= 70
+    # the suite's target is an hour (issue 11)
+    assert sum(e.minutes for e in reproduce.SUITE) <= 60
 
 
 def test_an_experiment_whose_input_is_missing_is_not_planned_and_says_why(tmp_path):
