@@ -36,32 +36,32 @@ class Experiment:
 MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
 
 
-# Minutes: measured on the last full suite run at time x1.25 (the experiments are at x1.25 again since the serving
-# plane's CPU per turn came down in issue 11; the suite with the faithful shaping is being measured again).
+# Minutes: measured on the last full suite run (results/reproduce/20261203-102347: 54.9 min, time x1.25, issue 11's
+# faithful shaping and cheaper serving plane).
 SUITE = (
-    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 9.9),
-    Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 6.2),
+    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 9.5),
+    Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 6.0),
     # append x1 and x3 (fig9_append and fig9_gen ship all four scales of each; generation x3 alone took ~5 min,
     # its long decode tails, so it is left to `dpemu run fig9_gen`)
     Experiment("fig9_append", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3",
-                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 6.9),
+                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 6.6),
     # 2 probes per search from rates near the capacities: the start, then 1.25x up or down. 25 s windows: with
     # 20 s, Basic passed 3.75 agents/s on 2 seeds of 3 that 25 s windows failed (too short for the queue to show)
-    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.9),
-    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 4.5),
+    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.2),
+    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 4.3),
     Experiment("fig13_balance", (), 3.4),
-    Experiment("isolation", (), 2.5),
+    Experiment("isolation", (), 2.3),
     Experiment("pd_region", ("sweep.points=[{cluster.prefill_nodes: 1, cluster.decode_nodes: 8}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 4}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 1}, "
                              "{cluster.prefill_nodes: 4, cluster.decode_nodes: 1}, "
-                             "{cluster.prefill_nodes: 8, cluster.decode_nodes: 1}]",), 3.3,
+                             "{cluster.prefill_nodes: 8, cluster.decode_nodes: 1}]",), 3.0,
                seeded=False),  # utilizations against formulas, one run per P/D
     Experiment("mooncake_crossover", ("serving.workload.trace.requests=40", "sweep.points=["
                                       "{cluster.snic_rate: 50Gbit, cluster.cnic_rate: 400Gbit, "
                                       "cluster.storage.nic_rate: 200Gbit, scale.bytes: 0.0005}, "
                                       "{cluster.snic_rate: 1250Mbit, cluster.cnic_rate: 10Gbit, "
-                                      "cluster.storage.nic_rate: 5Gbit, scale.bytes: 0.02}]"), 6.7,
+                                      "cluster.storage.nic_rate: 5Gbit, scale.bytes: 0.02}]"), 5.6,
                seeded=False, needs=(MOONCAKE_TRACE,)),  # the trace's arrivals and hits are fixed: no seed to vary
 )
 
