@@ -93,7 +93,7 @@ def _ring(start: int, nbytes: int) -> bytes:
     pool, start = _pool(), start % POOL_BYTES
     if nbytes <= POOL_BYTES:
         return pool[start:start + nbytes]
-    parts = []
+    parts = []  # after POOL_BYTES the ring is back at `start`: every piece starts there
     while nbytes > 0:
         take = min(nbytes, POOL_BYTES)
         parts.append(pool[start:start + take])
@@ -130,8 +130,8 @@ def verify_span(geom: KvGeometry, trajectory: str, first_block: int, blocks: int
                 layers: int, data: bytes, expected: bytes | None = None) -> list[int]:
     """Blocks of the span whose bytes in `data` are wrong or missing (empty list = all good).
 
-    `expected` is the span's correct bytes if the caller has them already
-    (:class:`ExpectedSpans`); otherwise they are derived here."""
+    `expected` is the span's correct bytes if the caller has them already; otherwise they are derived here
+    (one slice of the ring and one strided copy)."""
     if expected is None:
         expected = span_content(geom, trajectory, first_block, blocks, layer_first, layers)
     if data == expected:
@@ -143,31 +143,3 @@ def verify_span(geom: KvGeometry, trajectory: str, first_block: int, blocks: int
     if not bad:  # every block matched, so the length did not: trailing garbage
         bad.append(first_block + blocks - 1)
     return bad
-
-
-class ExpectedSpans:
-    """The correct bytes of the spans a node receives for its live requests.
-
-    A request's KV arrives in several layer chunks; the expected Full Blocks of a
-    span are derived once per request and sliced per chunk, so verifying costs
-    one derivation per block and request, not one per chunk. ``drop`` when the
-    request leaves the node."""
-
-    def __init__(self, geom: KvGeometry):
-        self.geom = geom
-        self._full: dict[str, dict[tuple[str, int, int], bytes]] = {}
-
-    def __len__(self) -> int:
-        return len(self._full)
-
-    def layer_slice(self, request_id: str, trajectory: str, first_block: int, blocks: int,
-                    layer_first: int = 0, layers: int = 0) -> bytes:
-        spans = self._full.setdefault(request_id, {})
-        key = (trajectory, first_block, blocks)
-        full = spans.get(key)
-        if full is None:
-            full = spans[key] = span_content(self.geom, trajectory, first_block, blocks)
-        return layer_slices(self.geom, full, blocks, layer_first, layers)
-
-    def drop(self, request_id: str) -> None:
-        self._full.pop(request_id, None)

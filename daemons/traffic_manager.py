@@ -17,7 +17,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.gpu import layer_chunks
-from daemons.kvbytes import ExpectedSpans, KvGeometry, layer_slices, verify_span
+from daemons.kvbytes import KvGeometry, layer_slices, verify_span
 from daemons.kvclient import Ledger, StorageClient, calls_of
 from daemons.runtime import grpc_options
 
@@ -55,7 +55,6 @@ class TrafficManager:
         self.dscp_kv = dscp_kv
         self.read_queue_tokens = 0
         self.ledger = Ledger()
-        self.expected = ExpectedSpans(geom)  # what the KV pushed to this node must be
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._held: dict[str, int] = {}  # buffer bytes a request holds (a DE: until its decode starts)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
@@ -94,7 +93,6 @@ class TrafficManager:
     def forget(self, request_id: str) -> None:
         """The request left this node: drop what was kept to receive its KV."""
         self._inboxes.pop(request_id, None)
-        self.expected.drop(request_id)
 
     # -- SNIC ----------------------------------------------------------------------
     async def read(self, spec: pb.RequestSpec, reserve: bool) -> tuple[bytes, float, float]:
@@ -170,10 +168,7 @@ class TrafficManager:
         nbytes = corrupt = 0
         for msg in batch.items:
             s = msg.span
-            expected = self.expected.layer_slice(msg.request_id, s.trajectory, s.first_block, s.blocks,
-                                                 s.layer_first, s.layers)
-            bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, s.layer_first, s.layers, msg.data,
-                              expected)
+            bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, s.layer_first, s.layers, msg.data)
             self.ledger.blocks_verified += s.blocks - len(bad)
             self.ledger.blocks_corrupt += len(bad)
             corrupt += len(bad)
