@@ -80,6 +80,22 @@ class _Load:
 
 
 @dataclass
+class _Claim:
+    """What one placed turn holds: its engines' loads and its reader's queue, until each is released."""
+    pe_eng: EngineLoad
+    de_eng: EngineLoad
+    path: int
+    reader: str | None
+    hit_tokens: int
+    new_tokens: int
+    de_tokens: int
+    wait_s: float
+    pe_ld: _Load
+    de_ld: _Load
+    held: set[str] = field(default_factory=lambda: {"pe", "read", "de"})
+
+
+@dataclass
 class _Pending:
     turn: pb.TurnRequest
     done: asyncio.Future
@@ -151,54 +167,72 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                                 NodeLoad(de_node, self.read_queue[de_node]))
         return pb.READ_PATH_PE if side == "pe" else pb.READ_PATH_DE
 
+    def _place_ready(self) -> list[tuple[_Pending, _Claim]]:
+        """Place turns from the head of the FIFO while the head can be placed; each is charged to its
+        engines and read queue as it is placed, before the next placement reads the loads (a burst placed
+        in one pass on stale loads would all land on one engine and one read side)."""
+        placed_now = []
+        while self.queue:  # FIFO: the head waits until it can be placed
+            placed = self._place(self.queue[0].turn)
+            if placed is None:
+                break
+            item = self.queue.popleft()
+            placed_now.append((item, self._claim(item, *placed)))
+        return placed_now
+
     async def _dispatch(self) -> None:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            while self.queue:  # FIFO: the head waits until it can be placed
-                placed = self._place(self.queue[0].turn)
-                if placed is None:
-                    break
-                item = self.queue.popleft()
-                task = asyncio.ensure_future(self._run(item, *placed))
+            for item, claim in self._place_ready():
+                task = asyncio.ensure_future(self._run(item, claim))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     # -- one turn ------------------------------------------------------------------
-    async def _run(self, item: _Pending, pe_eng: EngineLoad, de_eng: EngineLoad) -> None:
+    def _claim(self, item: _Pending, pe_eng: EngineLoad, de_eng: EngineLoad) -> _Claim:
+        """Charge the turn to its engines and its reader's read queue, at the moment it is placed."""
         turn, spec = item.turn, item.turn.request
-        wait_s = time.monotonic() - item.submitted
         path = self._path(pe_eng.node, de_eng.node)
         reader = {pb.READ_PATH_PE: pe_eng.node, pb.READ_PATH_DE: de_eng.node}.get(path)
-        hit_tokens = turn.context_tokens - spec.new_tokens
-        pe_ld, de_ld = self.pe_load[(pe_eng.node, pe_eng.engine)], self.de_load[(de_eng.node, de_eng.engine)]
-        de_tokens = turn.context_tokens + spec.gen_tokens
-        held = {"pe": True, "read": reader is not None}
-
-        def release(what: str) -> None:  # idempotent: each account is returned exactly once
-            if not held.pop(what, False):
-                return
-            if what == "pe":
-                pe_ld.requests -= 1
-                pe_ld.tokens -= spec.new_tokens
-            else:
-                self.read_queue[reader] -= hit_tokens
-            self._changed.set()
-
-        pe_ld.requests += 1
-        pe_ld.tokens += spec.new_tokens
-        de_ld.requests += 1
-        de_ld.tokens += de_tokens
+        claim = _Claim(pe_eng, de_eng, path, reader, turn.context_tokens - spec.new_tokens, spec.new_tokens,
+                       turn.context_tokens + spec.gen_tokens, time.monotonic() - item.submitted,
+                       self.pe_load[(pe_eng.node, pe_eng.engine)], self.de_load[(de_eng.node, de_eng.engine)])
+        claim.pe_ld.requests += 1
+        claim.pe_ld.tokens += claim.new_tokens
+        claim.de_ld.requests += 1
+        claim.de_ld.tokens += claim.de_tokens
         if reader:
-            self.read_queue[reader] += hit_tokens
+            self.read_queue[reader] += claim.hit_tokens
+        return claim
+
+    def _release(self, claim: _Claim, what: str) -> None:
+        """Return one account of the claim ("read", "pe" or "de"), exactly once."""
+        if what not in claim.held:
+            return
+        claim.held.discard(what)
+        if what == "pe":
+            claim.pe_ld.requests -= 1
+            claim.pe_ld.tokens -= claim.new_tokens
+        elif what == "read":
+            if claim.reader:
+                self.read_queue[claim.reader] -= claim.hit_tokens
+        else:
+            claim.de_ld.requests -= 1
+            claim.de_ld.tokens -= claim.de_tokens
+        self._changed.set()
+
+    async def _run(self, item: _Pending, claim: _Claim) -> None:
+        spec, pe_eng, de_eng, path = item.turn.request, claim.pe_eng, claim.de_eng, claim.path
+        turn = item.turn
         try:
             pe_node, de_node = self.nodes[pe_eng.node], self.nodes[de_eng.node]
             pre = await self._stub(pe_eng.node).Prefill(pb.PrefillRequest(
                 request=spec, pe_engine=pe_eng.engine, path=path, layerwise=self.cfg.mode != "basic",
                 de_mgmt=de_node.mgmt, de_cnic=de_node.cnics[de_eng.engine], de_engine=de_eng.engine,
                 pe_cnic=pe_node.cnics[pe_eng.engine]))
-            release("read")
-            release("pe")
+            self._release(claim, "read")
+            self._release(claim, "pe")
             dec = await self._stub(de_eng.node).Decode(pb.DecodeRequest(
                 request=spec, de_engine=de_eng.engine, context_tokens=turn.context_tokens))
             decode_start = time.monotonic() - dec.decode_s
@@ -207,18 +241,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             item.done.set_result(pb.TurnResult(
                 pe=f"{pe_eng.node}/{pe_eng.engine}", de=f"{de_eng.node}/{de_eng.engine}",
                 path={pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de"}.get(path, "none"),
-                kv_bytes=pre.kv_bytes, wait_s=wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
+                kv_bytes=pre.kv_bytes, wait_s=claim.wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
                 decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s,
                 alloc_s=pre.alloc_s, ttst_s=ttst))
         except Exception as exc:  # noqa: BLE001 - the driver gets the error; the scheduler goes on
             if not item.done.done():
                 item.done.set_exception(exc)
         finally:
-            release("read")
-            release("pe")
-            de_ld.requests -= 1
-            de_ld.tokens -= de_tokens
-            self._changed.set()
+            for what in ("read", "pe", "de"):
+                self._release(claim, what)
 
 
 async def serve(args) -> None:

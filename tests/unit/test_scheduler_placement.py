@@ -1,0 +1,66 @@
+"""The scheduler's placement pass, without any RPC: a burst of queued turns is charged as it is placed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from daemons import dualpath_pb2 as pb
+from daemons.scheduler import SchedulerConfig, SchedulerService, _Pending
+
+GPUS, HIT_BLOCKS, BLOCK_TOKENS, NEW = 8, 500, 64, 400
+
+
+def _service(mode: str, policy: str, beta: float = 1e12) -> SchedulerService:
+    nodes = [{"name": name, "role": role, "mgmt": f"127.0.0.1:{7100 + i}",
+              "cnics": [f"127.0.0.1:{8000 + 10 * i + g}" for g in range(GPUS)]}
+             for i, (name, role) in enumerate([("pe1", "pe"), ("pe2", "pe"), ("de1", "de"), ("de2", "de")])]
+    cfg = SchedulerConfig.from_json({"mode": mode, "policy": policy, "layer_chunks": 2, "alpha_tokens": 1e12,
+                                     "beta_tokens": beta, "hbm_tokens": 10**9, "nodes": nodes})
+    return SchedulerService(cfg)
+
+
+def _burst(service: SchedulerService, n: int) -> list:
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(n):
+            spec = pb.RequestSpec(request_id=f"r{i}", trajectory=f"a{i}", hit_blocks=HIT_BLOCKS,
+                                  new_tokens=NEW, gen_tokens=10)
+            turn = pb.TurnRequest(agent=f"a{i}", request=spec, context_tokens=HIT_BLOCKS * BLOCK_TOKENS + NEW)
+            service.queue.append(_Pending(turn, loop.create_future()))
+        return service._place_ready()
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("policy", ["paper", "round_robin"])
+def test_a_burst_spreads_over_every_engine_and_both_read_sides(policy):
+    placed = _burst(_service("dualpath", policy), 64)
+    assert len(placed) == 64
+    pe = Counter((c.pe_eng.node, c.pe_eng.engine) for _, c in placed)
+    de = Counter((c.de_eng.node, c.de_eng.engine) for _, c in placed)
+    assert len(pe) == 2 * GPUS and max(pe.values()) == 4  # 64 turns over 16 PE engines, 4 each
+    assert len(de) == 2 * GPUS and max(de.values()) == 4
+    readers = Counter(c.reader for _, c in placed)
+    assert set(readers) == {"pe1", "pe2", "de1", "de2"}, readers
+    assert max(readers.values()) - min(readers.values()) <= 2  # each turn: the shorter of its two queues
+
+
+def test_the_loads_are_charged_at_placement_and_returned_exactly_once():
+    service = _service("dualpath", "paper")
+    placed = _burst(service, 10)
+    assert sum(ld.requests for ld in service.pe_load.values()) == 10
+    assert sum(service.read_queue.values()) == 10 * (HIT_BLOCKS * BLOCK_TOKENS)
+    for _, claim in placed:
+        for what in ("read", "pe", "de", "pe"):  # a second release of the same account is a no-op
+            service._release(claim, what)
+    assert all(ld.requests == ld.tokens == 0 for ld in [*service.pe_load.values(), *service.de_load.values()])
+    assert set(service.read_queue.values()) == {0}
+
+
+def test_the_head_waits_once_every_engine_is_above_beta():
+    service = _service("dualpath", "paper", beta=NEW * 2)  # an engine takes at most 3 turns' new tokens
+    placed = _burst(service, 100)
+    assert len(placed) == 3 * 2 * GPUS and len(service.queue) == 100 - 48
