@@ -104,7 +104,7 @@ def plan_text(plan: Plan) -> str:
     lines += ["", "## bridges"] + [f"{s.bridge:10s} {s.fabric} fabric" for s in net.switches]
     lines += ["", "## links (host interface <-> switch port, each direction shaped)"]
     lines += [f"{lk.host_intf:12s} {lk.ip:17s} <-> {lk.switch_intf:15s} on {net.switch(lk.switch).bridge:9s} "
-              f"{lk.link_class:5s} {format_rate(lk.rate_bps):>9s} (real {format_rate(lk.rate_bps / factor)})"
+              f"{lk.link_class:5s} {format_rate(lk.rate_bps):>9s} (real {format_rate(lk.rate_bps / factor, 4)})"
               for lk in net.links]
     lines += ["", "## management network (unshaped: control messages only)"]
     lines += [f"{c.host_intf:12s} {c.ip:17s} <-> {c.switch_intf:15s} on {net.switch(c.switch).bridge}"
