@@ -121,14 +121,15 @@ DS660B = ModelSpec(  # deepseek-ai/DeepSeek-V3.2-Exp config.json (backbone ident
 DSV3 = dataclasses.replace(DS660B, name="dsv3", kv_format="bf16", dsa_top_k=0, indexer_heads=0,
                            indexer_head_dim=0)
 
-DS27B = ModelSpec(  # ASSUMPTION: the paper's "DS 27B" (30 layers) has no public config; V3.2-like, ~27B total
-    name="ds27b", layers=30, hidden=4096, vocab=129280,  # layers from the paper; width/vocab assumed
-    q_heads=32, kv_heads=1, head_dim=128, v_head_dim=128,  # 32 x 128 = hidden, V3 head shapes
-    q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,  # V3.2 MLA -> same 656 B/layer FP8 cache
-    intermediate=11264, dense_layers=1,                # ~2.75 x hidden, one leading dense layer
-    experts=64, experts_per_token=6, shared_experts=2, moe_intermediate=1024,  # V2-Lite-like routing
-    kv_format="fp8", dsa_top_k=2048, indexer_heads=64, indexer_head_dim=128,  # V3.2 indexer unchanged
-    weight_bytes_per_param=1.0, gemm_fp8=True,
+DS27B = ModelSpec(  # the paper's "DS 27B": shape from paper appendix A.2 (vocab not given there: V3's assumed)
+    name="ds27b", layers=30, hidden=2560, vocab=129280,  # A.2: 30 layers, hidden 2560
+    q_heads=32, kv_heads=1, head_dim=128, v_head_dim=128,  # A.2: 32 attention heads; V3 head shapes kept
+    q_lora_rank=0, kv_lora_rank=512, qk_rope_head_dim=64,  # A.2: no Q-LoRA (full-rank query); V3 MLA latent
+    intermediate=12288, dense_layers=1,                # A.2: dense intermediate 12288, 1 initial dense layer
+    experts=72, experts_per_token=6, shared_experts=2, moe_intermediate=1536,  # A.2: 72 routed, 6 on, 2 shared
+    kv_format="fp8", dsa_top_k=1024, indexer_heads=32, indexer_head_dim=64,  # A.2: indexer 32 x 64, top-k 1024;
+    #                                                    FP8 cache as V3.2 -> the same 656 B/layer
+    weight_bytes_per_param=1.0, gemm_fp8=True,         # indexer queries from the hidden state (no q latent)
     prefill_ep_gpus=8, decode_ep_gpus=8)               # paper default 1P1D: experts over one node's 8 GPUs
 
 QWEN32B = ModelSpec(  # Qwen/Qwen2.5-32B config.json
