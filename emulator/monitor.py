@@ -10,6 +10,7 @@ wire" means in dpemu. Interface counters would under-count GSO headers.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -130,6 +131,10 @@ class TcSampler(_Periodic):
         super().__init__(period_s)
         self.keys = list(keys)
         self.samples: list[ClassSample] = []
+        # per key, its samples sorted by time and their times (for bisect), built from `samples` on demand:
+        # a run's figures ask for thousands of windows, and scanning every sample per window was quadratic
+        self._by_key: dict[ClassKey, tuple[list[float], list[ClassSample]]] = {}
+        self._indexed = 0
         self._counters: dict[str | None, ClassCounters] = {}
         self._index: dict[tuple[str | None, str], int] = {}
 
@@ -172,14 +177,29 @@ class TcSampler(_Periodic):
     def counts(self, key: ClassKey, t0: float, t1: float) -> tuple[int, int, float] | None:
         """(bytes, packets, seconds) that `key` sent between the samples nearest to t0 and t1. Packets are
         segments: HTB counts a GSO skb as its segments, each with its own headers in the bytes."""
-        pts = [s for s in self.samples if s.key == key]
+        times, pts = self._series(key)
         if len(pts) < 2:
             return None
-        a = min(pts, key=lambda s: abs(s.t_s - t0))
-        b = min(pts, key=lambda s: abs(s.t_s - t1))
+        a, b = pts[_nearest(times, t0)], pts[_nearest(times, t1)]
         if b.t_s <= a.t_s:
             return None
         return b.bytes - a.bytes, b.packets - a.packets, b.t_s - a.t_s
+
+    def _series(self, key: ClassKey) -> tuple[list[float], list[ClassSample]]:
+        """`key`'s samples in time order (ties in the order they were taken) and their times."""
+        if self._indexed < len(self.samples):
+            touched = set()
+            for smp in self.samples[self._indexed:]:
+                times, pts = self._by_key.setdefault(smp.key, ([], []))
+                if times and smp.t_s < times[-1]:
+                    touched.add(smp.key)
+                times.append(smp.t_s)
+                pts.append(smp)
+            for k in touched:  # appended out of time order (only ever by hand): sort, stably
+                pts = sorted(self._by_key[k][1], key=lambda smp: smp.t_s)
+                self._by_key[k] = ([smp.t_s for smp in pts], pts)
+            self._indexed = len(self.samples)
+        return self._by_key.get(key, ([], []))
 
     def delta(self, key: ClassKey, t0: float, t1: float) -> tuple[int, float] | None:
         """(bytes, seconds) that `key` sent between the samples nearest to t0 and t1."""
@@ -190,3 +210,13 @@ class TcSampler(_Periodic):
         """Average wire rate of `key` between the samples nearest to t0 and t1."""
         d = self.delta(key, t0, t1)
         return None if d is None else d[0] * 8 / d[1]
+
+
+def _nearest(times: list[float], t: float) -> int:
+    """Index of the time nearest to t in sorted `times` (the earliest of equally near ones)."""
+    i = bisect.bisect_left(times, t)
+    if i == len(times):
+        i -= 1
+    if i > 0 and t - times[i - 1] <= times[i] - t:
+        i = bisect.bisect_left(times, times[i - 1])  # the first of a run of equal times
+    return i
