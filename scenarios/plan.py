@@ -119,7 +119,8 @@ def plan_text(plan: Plan) -> str:
         hold_ms = skb_wire_bytes(lk.skb_segs) * 8 / lk.rate_bps * 1e3
         for ns, dev in net.ends(lk):
             lines.append(f"ip {f'-n {ns} ' if ns else ''}link set dev {dev} gso_max_size {size} gso_max_segs {segs}"
-                         f"  # {skb_wire_bytes(lk.skb_segs)} B on the wire, {hold_ms:.2f} ms at {format_rate(lk.rate_bps)}")
+                         f"  # {skb_wire_bytes(lk.skb_segs)} B on the wire, {hold_ms:.2f} ms at "
+                         f"{format_rate(lk.rate_bps)}")
     lines += ["", "## tc operations"] + [render(op) for op in plan.tc_ops]
     lines += ["", f"## processes ({len(plan.rounds)} calibration round(s))"]
     lines += [f"{what}: {' '.join(argv)}" for what, argv in process_argvs(plan)]
