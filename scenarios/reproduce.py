@@ -36,32 +36,33 @@ class Experiment:
 MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
 
 
-# Minutes: measured on the last full suite run (results/reproduce/20261203-102347: 54.9 min, time x1.25, issue 11's
-# faithful shaping and cheaper serving plane).
+# Minutes: measured on 2026-12-03 (issue 11, stop 18), each experiment's latest run: fig7, fig8, fig9, ablation and
+# fig13 after the scheduler and sampler changes (results/reproduce/20261203-163701, -165451, -171257); the other
+# four in the suite run 20261203-151648, before the sampler change, which only shortens them. 60.9 min in all.
 SUITE = (
-    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 9.5),
-    Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 6.0),
+    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 9.8),
+    Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 5.9),
     # append x1 and x3 (fig9_append and fig9_gen ship all four scales of each; generation x3 alone took ~5 min,
     # its long decode tails, so it is left to `dpemu run fig9_gen`)
     Experiment("fig9_append", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3",
-                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 6.6),
+                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 6.7),
     # 2 probes per search from rates near the capacities: the start, then 1.25x up or down. 25 s windows: with
     # 20 s, Basic passed 3.75 agents/s on 2 seeds of 3 that 25 s windows failed (too short for the queue to show)
-    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.2),
-    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 4.3),
-    Experiment("fig13_balance", (), 10.8),  # 8 GPUs per node since issue 11: 6 runs of ~1.8 min
-    Experiment("isolation", (), 2.3),
+    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.4),
+    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 5.0),
+    Experiment("fig13_balance", (), 8.2),  # 8 GPUs per node since issue 11
+    Experiment("isolation", (), 2.4),
     Experiment("pd_region", ("sweep.points=[{cluster.prefill_nodes: 1, cluster.decode_nodes: 8}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 4}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 1}, "
                              "{cluster.prefill_nodes: 4, cluster.decode_nodes: 1}, "
-                             "{cluster.prefill_nodes: 8, cluster.decode_nodes: 1}]",), 3.0,
+                             "{cluster.prefill_nodes: 8, cluster.decode_nodes: 1}]",), 3.1,
                seeded=False),  # utilizations against formulas, one run per P/D
     Experiment("mooncake_crossover", ("serving.workload.trace.requests=40", "sweep.points=["
                                       "{cluster.snic_rate: 50Gbit, cluster.cnic_rate: 400Gbit, "
                                       "cluster.storage.nic_rate: 200Gbit, scale.bytes: 0.0005}, "
                                       "{cluster.snic_rate: 1250Mbit, cluster.cnic_rate: 10Gbit, "
-                                      "cluster.storage.nic_rate: 5Gbit, scale.bytes: 0.02}]"), 5.6,
+                                      "cluster.storage.nic_rate: 5Gbit, scale.bytes: 0.02}]"), 5.4,
                seeded=False, needs=(MOONCAKE_TRACE,)),  # the trace's arrivals and hits are fixed: no seed to vary
 )
 
