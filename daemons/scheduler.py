@@ -90,8 +90,6 @@ class _Claim:
     new_tokens: int
     de_tokens: int
     wait_s: float
-    pe_ld: _Load
-    de_ld: _Load
     held: set[str] = field(default_factory=lambda: {"pe", "read", "de"})
 
 
@@ -196,30 +194,29 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         path = self._path(pe_eng.node, de_eng.node)
         reader = {pb.READ_PATH_PE: pe_eng.node, pb.READ_PATH_DE: de_eng.node}.get(path)
         claim = _Claim(pe_eng, de_eng, path, reader, turn.context_tokens - spec.new_tokens, spec.new_tokens,
-                       turn.context_tokens + spec.gen_tokens, time.monotonic() - item.submitted,
-                       self.pe_load[(pe_eng.node, pe_eng.engine)], self.de_load[(de_eng.node, de_eng.engine)])
-        claim.pe_ld.requests += 1
-        claim.pe_ld.tokens += claim.new_tokens
-        claim.de_ld.requests += 1
-        claim.de_ld.tokens += claim.de_tokens
-        if reader:
-            self.read_queue[reader] += claim.hit_tokens
+                       turn.context_tokens + spec.gen_tokens, time.monotonic() - item.submitted)
+        self._charge(claim, +1)
         return claim
+
+    def _charge(self, claim: _Claim, sign: int, what: tuple[str, ...] = ("pe", "read", "de")) -> None:
+        """Add (sign +1) or return (-1) the claim's accounts named in `what`."""
+        if "pe" in what:
+            ld = self.pe_load[(claim.pe_eng.node, claim.pe_eng.engine)]
+            ld.requests += sign
+            ld.tokens += sign * claim.new_tokens
+        if "read" in what and claim.reader:
+            self.read_queue[claim.reader] += sign * claim.hit_tokens
+        if "de" in what:
+            ld = self.de_load[(claim.de_eng.node, claim.de_eng.engine)]
+            ld.requests += sign
+            ld.tokens += sign * claim.de_tokens
 
     def _release(self, claim: _Claim, what: str) -> None:
         """Return one account of the claim ("read", "pe" or "de"), exactly once."""
         if what not in claim.held:
             return
         claim.held.discard(what)
-        if what == "pe":
-            claim.pe_ld.requests -= 1
-            claim.pe_ld.tokens -= claim.new_tokens
-        elif what == "read":
-            if claim.reader:
-                self.read_queue[claim.reader] -= claim.hit_tokens
-        else:
-            claim.de_ld.requests -= 1
-            claim.de_ld.tokens -= claim.de_tokens
+        self._charge(claim, -1, (what,))
         self._changed.set()
 
     async def _run(self, item: _Pending, claim: _Claim) -> None:

@@ -64,25 +64,18 @@ def test_a_malformed_row_names_its_line(tmp_path, index, old, new, needle):
         read_profile(path)
 
 
-def test_malformed_headers_and_comments_name_their_line(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("model,op\n", r":1: not a dpemu gpu profile"),
+    (f"{MAGIC}\n# gpu: X\nmodel,op\n", r":3: header"),
+    (f"{MAGIC}\n# no colon here\n", r":2: provenance"),
+    (f"{MAGIC}\n# gpu: X\n# gpu: Y\n", r":3: .*repeated"),
+    (f"{MAGIC}\n{','.join(HEADER)}\n# late: comment\n", r":3: comment after the header"),
+    (f"{MAGIC}\n# gpu: X\n", r":2: no header"),
+])
+def test_malformed_headers_and_comments_name_their_line(tmp_path, text, message):
     path = tmp_path / "p.csv"
-    path.write_text("model,op\n")
-    with pytest.raises(ValueError, match=r":1: not a dpemu gpu profile"):
-        read_profile(path)
-    path.write_text(f"{MAGIC}\n# gpu: X\nmodel,op\n")
-    with pytest.raises(ValueError, match=r":3: header"):
-        read_profile(path)
-    path.write_text(f"{MAGIC}\n# no colon here\n")
-    with pytest.raises(ValueError, match=r":2: provenance"):
-        read_profile(path)
-    path.write_text(f"{MAGIC}\n# gpu: X\n# gpu: Y\n")
-    with pytest.raises(ValueError, match=r":3: .*repeated"):
-        read_profile(path)
-    path.write_text(f"{MAGIC}\n{','.join(HEADER)}\n# late: comment\n")
-    with pytest.raises(ValueError, match=r":3: comment after the header"):
-        read_profile(path)
-    path.write_text(f"{MAGIC}\n# gpu: X\n")
-    with pytest.raises(ValueError, match=r":2: no header"):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
         read_profile(path)
 
 
