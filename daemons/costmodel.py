@@ -45,6 +45,7 @@ class GpuSpec:
     hbm_efficiency: float = 0.8      # fraction of peak HBM bandwidth streaming kernels achieve
     hbm_usable_fraction: float = 0.9  # rest: activations, workspace, allocator slack
     layer_overhead_s: float = 10e-6  # launch/synchronisation gaps per layer not hidden by CUDA graphs
+    h2d_bytes_per_s: float = 55e9    # pinned host->HBM copy over PCIe Gen5 x16 (55.3 GB/s measured on an H200)
 
 
 # H800 and H100 SXM share tensor-core peaks and HBM (H800 differs in NVLink and FP64 only).
@@ -157,7 +158,7 @@ MODELS = types.MappingProxyType({m.name: m for m in (DS660B, DS27B, QWEN32B, DSV
 
 
 # -- shapes ------------------------------------------------------------------------------------------------
-def _attention_params(m: ModelSpec) -> int:
+def attention_params(m: ModelSpec) -> int:
     if not m.kv_lora_rank:
         return m.hidden * (2 * m.q_heads * m.head_dim + 2 * m.kv_heads * m.head_dim)
     q_dim = m.q_heads * (m.head_dim + m.qk_rope_head_dim)
@@ -171,19 +172,19 @@ def _attention_params(m: ModelSpec) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _layer_params(m: ModelSpec, layer: int) -> tuple[int, int, int]:
+def layer_params(m: ModelSpec, layer: int) -> tuple[int, int, int]:
     """(always-active params, params of one routed expert, routed experts) of one layer."""
     if layer < m.dense_layers:
-        return _attention_params(m) + 3 * m.hidden * m.intermediate, 0, 0
+        return attention_params(m) + 3 * m.hidden * m.intermediate, 0, 0
     expert = 3 * m.hidden * m.moe_intermediate      # gate, up, down (SwiGLU)
-    return _attention_params(m) + m.shared_experts * expert + m.hidden * m.experts, expert, m.experts
+    return attention_params(m) + m.shared_experts * expert + m.hidden * m.experts, expert, m.experts
 
 
 def param_counts(m: ModelSpec) -> tuple[int, int]:
     """(total, activated per token) parameters, embedding and LM head included, MTP excluded."""
     total = active = 2 * m.vocab * m.hidden
     for layer in range(m.layers):
-        fixed, expert, n = _layer_params(m, layer)
+        fixed, expert, n = layer_params(m, layer)
         total += fixed + n * expert
         active += fixed + m.experts_per_token * expert * (n > 0)
     return total, active
@@ -216,14 +217,14 @@ def kv_bytes(m: ModelSpec, tokens: int) -> int:
                for layer in range(m.layers))
 
 
-def _indexer_key_bytes_per_layer_token(m: ModelSpec) -> int:
+def indexer_key_bytes_per_layer_token(m: ModelSpec) -> int:
     return m.indexer_head_dim + 4 if m.dsa_top_k else 0   # FP8 key + one FP32 scale
 
 
 def indexer_key_bytes_per_token(m: ModelSpec) -> int:
     """HBM bytes of the DSA indexer keys per token: excluded from kv_bytes, as the paper's 656 B/layer
     excludes them; counted in HBM traffic and HBM capacity."""
-    return _indexer_key_bytes_per_layer_token(m) * m.layers
+    return indexer_key_bytes_per_layer_token(m) * m.layers
 
 
 def weight_bytes_per_gpu(m: ModelSpec, ep_gpus: int) -> float:
@@ -231,7 +232,7 @@ def weight_bytes_per_gpu(m: ModelSpec, ep_gpus: int) -> float:
     _check_ep(m, ep_gpus)
     params = 2 * m.vocab * m.hidden
     for layer in range(m.layers):
-        fixed, expert, n = _layer_params(m, layer)
+        fixed, expert, n = layer_params(m, layer)
         params += fixed + n * expert / ep_gpus
     return params * m.weight_bytes_per_param
 
@@ -282,7 +283,7 @@ class LayerCost:
         return self.overhead_s + max(self.compute_s, self.memory_s)
 
 
-def _batch_sums(m: ModelSpec, requests: list[tuple[int, int]], cap: int | None) -> tuple[int, int, int, int]:
+def batch_sums(m: ModelSpec, requests: list[tuple[int, int]], cap: int | None) -> tuple[int, int, int, int]:
     """What a layer's attention work depends on, summed over the batch's (cached, new) requests: keys the
     queries attend, latent keys streamed from HBM (the union they attend, plus the new KV), keys the DSA
     indexer scores, and context tokens. The same for every layer with the same key cap, so computed once
@@ -308,14 +309,14 @@ def _layer_cap(m: ModelSpec, layer: int) -> int | None:
 def _layer_cost(m: ModelSpec, layer: int, requests: list[tuple[int, int]], ep_gpus: int,
                 gpu: GpuSpec, sums: tuple[int, int, int, int] | None = None) -> LayerCost:
     """Work of `layer` for requests of (cached, new) tokens; decode is (context, 1) per sequence.
-    `sums`: the batch's _batch_sums for this layer's cap, if the caller has them."""
+    `sums`: the batch's batch_sums for this layer's cap, if the caller has them."""
     _check_tokens(layer, "layer")
     if layer >= m.layers:
         raise CostModelError(f"{m.name} has layers 0..{m.layers - 1}, not {layer}")
     _check_ep(m, ep_gpus)
-    keys, streamed, scored, context = sums or _batch_sums(m, requests, _layer_cap(m, layer))
+    keys, streamed, scored, context = sums or batch_sums(m, requests, _layer_cap(m, layer))
     tokens = sum(new for _, new in requests)
-    fixed, expert, n = _layer_params(m, layer)
+    fixed, expert, n = layer_params(m, layer)
     gemm = 2.0 * tokens * (fixed + m.experts_per_token * expert * (n > 0))
     weights = float(fixed)
     if n:  # local experts touched by at least one of the EP group's tokens (each GPU with a like batch)
@@ -333,7 +334,7 @@ def _layer_cost(m: ModelSpec, layer: int, requests: list[tuple[int, int]], ep_gp
     indexer = 0.0
     if m.dsa_top_k:
         indexer = float(2 * m.indexer_heads * m.indexer_head_dim * scored)
-        kv_read += _indexer_key_bytes_per_layer_token(m) * context
+        kv_read += indexer_key_bytes_per_layer_token(m) * context
     gemm_peak = gpu.fp8_flops_per_s if m.gemm_fp8 else gpu.bf16_flops_per_s
     attention_s = attention / (gpu.bf16_flops_per_s * gpu.attention_mfu)
     compute_s = (gemm / (gemm_peak * gpu.gemm_mfu) + attention_s
@@ -350,7 +351,7 @@ def _layer_costs(m: ModelSpec, requests: list[tuple[int, int]], ep_gpus: int, gp
     for layer in range(m.layers):
         cap = _layer_cap(m, layer)
         if cap not in sums:
-            sums[cap] = _batch_sums(m, requests, cap)
+            sums[cap] = batch_sums(m, requests, cap)
         out.append(_layer_cost(m, layer, requests, ep_gpus, gpu, sums[cap]))
     return out
 

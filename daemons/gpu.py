@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from daemons import costmodel
+from daemons import costmodel, costprofile
 from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
 
 COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
@@ -26,24 +26,81 @@ class Compute(Protocol):
 
     def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]: ...
 
+    def prefill_attention_s(self, batch: list[tuple[int, int]]) -> float:
+        """Predicted attention time of the batch's busiest layer (the PE quota's measure)."""
+
     def decode_step_s(self, contexts: list[int]) -> float: ...
+
+    def prefill_hbm_tokens(self) -> int:
+        """Context tokens whose KV fits a PE GPU's HBM beside its weights (Basic's batch limit)."""
+
+    def h2d_s(self, tokens: int) -> float:
+        """Copying `tokens` tokens of KV from host DRAM into HBM (Basic's copy before its prefill)."""
+
+
+# Where GPU time comes from (`cluster.gpu_model`): the layer profile measured on a real H200 converted to the
+# paper's Hopper (daemons.costprofile), or the analytic roofline with constant efficiencies (daemons.costmodel).
+GPU_MODELS = ("profile", "roofline")
 
 
 @dataclass(frozen=True)
 class CostModelCompute:
     model: costmodel.ModelSpec
     time_scale: float
+    gpu_model: str = "roofline"
+
+    def __post_init__(self) -> None:
+        if self.gpu_model not in GPU_MODELS:
+            raise ValueError(f"gpu model {self.gpu_model!r} is not one of {', '.join(GPU_MODELS)}")
 
     def prefill_layers_s(self, batch: list[tuple[int, int]]) -> tuple[float, ...]:
         """Per-layer seconds of prefilling a batch of (cached, new) token counts on one engine."""
-        return tuple(t * self.time_scale for t in _prefill_layers(self.model, tuple(batch)))
+        return tuple(t * self.time_scale for t in _prefill_layers(self.model, self.gpu_model, tuple(batch)))
+
+    def prefill_attention_s(self, batch: list[tuple[int, int]]) -> float:
+        if self.gpu_model == "profile":
+            s = _profiled(self.model).op_s("attention", "prefill", list(batch))
+        else:
+            m = self.model
+            s = max(costmodel.prefill_layer_cost(m, list(batch), layer).attention_s
+                    for layer in {0, m.dense_layers % m.layers, m.layers - 1})
+        return s * self.time_scale
+
+    def prefill_hbm_tokens(self) -> int:
+        return costmodel.kv_capacity_tokens(self.model, ep_gpus=self.model.prefill_ep_gpus)
+
+    def h2d_s(self, tokens: int) -> float:
+        nbytes = tokens * costmodel.kv_bytes_per_token(self.model)
+        return nbytes / costmodel.HOPPER.h2d_bytes_per_s * self.time_scale
 
     def decode_step_s(self, contexts: list[int]) -> float:
+        if self.gpu_model == "profile":
+            return _profiled(self.model).decode_step_time_s(contexts) * self.time_scale
         return costmodel.decode_step_time_s(self.model, contexts) * self.time_scale
+
+    def describe(self) -> str:
+        """Where this engine's GPU time comes from, in one line."""
+        if self.gpu_model == "profile":
+            return _profiled(self.model).describe()
+        return f"{self.model.name}: analytic roofline on {costmodel.HOPPER.name} (constant efficiencies)"
+
+    def outside_grid(self) -> dict[str, int]:
+        """Predictions so far whose batch lay outside the profile's grid, by op and phase."""
+        if self.gpu_model != "profile":
+            return {}
+        return {f"{op}/{phase}": n for (op, phase), n in sorted(_profiled(self.model).outside.items())}
+
+
+@functools.lru_cache(maxsize=8)
+def _profiled(model: costmodel.ModelSpec) -> costprofile.ProfiledModel:
+    return costprofile.ProfiledModel(model)
 
 
 @functools.lru_cache(maxsize=4096)
-def _prefill_layers(model: costmodel.ModelSpec, batch: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+def _prefill_layers(model: costmodel.ModelSpec, gpu_model: str,
+                    batch: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    if gpu_model == "profile":
+        return _profiled(model).prefill_layer_times_s(list(batch))
     return costmodel.prefill_layer_times_s(model, list(batch))
 
 

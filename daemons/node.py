@@ -35,8 +35,10 @@ parts: :mod:`daemons.traffic_manager` (SNIC, DRAM buffer, read queue, pushes),
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -44,7 +46,7 @@ from daemons import costmodel
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.decode_engine import DecodeEngine
-from daemons.gpu import Collectives, Compute, CostModelCompute, Gpu
+from daemons.gpu import GPU_MODELS, Collectives, Compute, CostModelCompute, Gpu
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import StorageClient
 from daemons.prefill_engine import PREFILL_QUOTA_S, PrefillEngine
@@ -137,14 +139,18 @@ async def serve(args) -> None:
                                   [f"{c.rsplit(':', 1)[0]}:{cport}" for c in cnics], args.dscp_collective,
                                   args.time_scale)
         await collectives.start()
-    service = NodeService(args.name, args.role, geom, len(cnics), storage,
-                          CostModelCompute(model, args.time_scale), args.dram_buffer_bytes, args.dscp_kv,
-                          prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
+    compute = CostModelCompute(model, args.time_scale, args.gpu_model)
+    service = NodeService(args.name, args.role, geom, len(cnics), storage, compute, args.dram_buffer_bytes,
+                          args.dscp_kv, prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
                           push_bytes=args.push_bytes)
     service.rpcs = RpcCounter()
     server = grpc.aio.server(options=grpc_options(args.dscp_kv), interceptors=[service.rpcs])
     pb_grpc.add_NodeServicer_to_server(service, server)
+
     async def stop() -> None:
+        if args.gpu_out:
+            Path(args.gpu_out).write_text(json.dumps({"model": compute.describe(),
+                                                      "outside_grid": compute.outside_grid()}))
         if collectives is not None and args.collectives_out:
             collectives.write_csv(args.collectives_out, args.name)
         await service.close()
@@ -165,6 +171,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--block-bytes", type=int, required=True)
     p.add_argument("--dram-buffer-bytes", type=int, required=True)
     p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--gpu-model", choices=GPU_MODELS, default="profile",
+                   help="GPU time from the measured layer profile or the analytic roofline (default: %(default)s)")
     p.add_argument("--prefill-quota-s", type=float, default=PREFILL_QUOTA_S,
                    help="compute quota of one PE batch, real GPU seconds (default: %(default)s, the paper's)")
     p.add_argument("--dscp-kv", type=int, default=None)
@@ -177,6 +185,7 @@ def parse_args(argv: list[str] | None = None):
                         "chunk / decode step; empty = no collectives")
     p.add_argument("--dscp-collective", type=int, default=None)
     p.add_argument("--byte-scale", type=float, default=1.0, help="scale of collective bytes (as of KV)")
+    p.add_argument("--gpu-out", default="", help="write where GPU time came from (JSON) here at stop")
     p.add_argument("--collectives-out", default="", help="write this node's collectives.csv here at stop")
     return p.parse_args(argv)
 

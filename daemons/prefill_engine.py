@@ -21,8 +21,9 @@ from daemons.kvbytes import span_content
 from daemons.runtime import Tasks
 from daemons.traffic_manager import TrafficManager
 
-# Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted compute fits this
-# quota (real GPU seconds); the request that does not fit is chunked (binary search on its tokens).
+# Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted attention time per
+# layer fits this quota (real GPU seconds); the request that does not fit is chunked (binary search on its
+# tokens). Basic (no layerwise prefill) also needs the whole batch's KV in the GPU's free HBM.
 PREFILL_QUOTA_S = 0.300
 
 
@@ -122,22 +123,31 @@ class PrefillEngine:
                                kv_bytes=job.kv_bytes, alloc_s=alloc_s)
 
     # -- batches -------------------------------------------------------------------
+    def _cached(self, job: PrefillJob) -> int:
+        return job.spec.hit_blocks * self.geom.block_tokens + job.computed
+
     def _predict_s(self, job: PrefillJob, tokens: int) -> float:
-        cached = job.spec.hit_blocks * self.geom.block_tokens + job.computed
-        return sum(self.compute.prefill_layers_s([(cached, tokens)]))
+        return self.compute.prefill_attention_s([(self._cached(job), tokens)])
 
     def form_batch(self) -> list[tuple[PrefillJob, int]]:
-        """The next batch, FIFO: whole requests while their predicted compute fits the quota, then as many
-        tokens of the next one as fit (binary search); a batch always makes progress."""
+        """The next batch, FIFO: whole requests while their predicted attention time per layer fits the quota
+        (Basic: and their KV the free HBM), then as many tokens of the next one as fit the quota (binary
+        search); a batch always makes progress."""
         batch: list[tuple[PrefillJob, int]] = []
         left = self.quota_s
         head = self.prefills[0]
+        hbm_left = self.compute.prefill_hbm_tokens()
         for job in self.prefills:
             if job.done.done():
                 continue
             if (job.layerwise, job.chunks) != (head.layerwise, head.chunks):
                 break  # one batch, one way of moving KV
             remaining = job.spec.new_tokens - job.computed
+            if not job.layerwise:  # Basic holds every layer's KV of the whole batch in HBM at once
+                context = self._cached(job) + remaining
+                if batch and context > hbm_left:
+                    break
+                hbm_left -= context
             t = self._predict_s(job, remaining)
             if t <= left:
                 batch.append((job, remaining))
@@ -185,7 +195,9 @@ class PrefillEngine:
         if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
             for job, _ in live:
                 await self._arrived(job, len(job.chunks))
-            await self.gpu.run(sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill")
+            # the whole hit KV goes DRAM -> HBM before the first layer: on the critical path, unlike layerwise
+            copy_s = self.compute.h2d_s(sum(self._cached(j) for j, _ in live if j.computed == 0))
+            await self.gpu.run(copy_s + sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill")
             for ci, chunk in enumerate(head.chunks):
                 self._send(live, chunk, last=ci == len(head.chunks) - 1)
         else:

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.costmodel import MODELS
+from daemons.gpu import CostModelCompute
 from emulator import calibrate, fidelity
 from emulator.errors import FidelityError
 from emulator.procs import netns_argv
@@ -122,6 +124,8 @@ def plan_text(plan: Plan) -> str:
                          f"  # {skb_wire_bytes(lk.skb_segs)} B on the wire, {hold_ms:.2f} ms at "
                          f"{format_rate(lk.rate_bps)}")
     lines += ["", "## tc operations"] + [render(op) for op in plan.tc_ops]
+    lines += ["", "## GPU time (cost model; every engine sleeps it x the time scale)",
+              CostModelCompute(MODELS[sc.cluster.model], 1.0, sc.cluster.gpu_model).describe()]
     lines += ["", f"## processes ({len(plan.rounds)} calibration round(s))"]
     lines += [f"{what}: {' '.join(argv)}" for what, argv in process_argvs(plan)]
     lines += ["", "## checks", f"peak aggregate traffic predicted: {format_rate(plan.predicted_bps)}"]

@@ -27,6 +27,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
 from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
 from emulator.tcplan import MIN_DEFAULT_SHARE
+from daemons.gpu import GPU_MODELS
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
@@ -52,6 +53,9 @@ class Storage(_Model):
 
 class Cluster(_Model):
     model: Literal[MODELS] = "ds660b"  # type: ignore[valid-type]
+    gpu_model: Literal[GPU_MODELS] = Field(  # type: ignore[valid-type]
+        "profile", description="GPU time: the layer profile measured on an H200, converted to H800/H100, or "
+                               "the analytic roofline (docs/costmodel.md)")
     prefill_nodes: StrictInt = Field(ge=1, le=MAX_NODES_PER_ROLE)
     decode_nodes: StrictInt = Field(ge=1, le=MAX_NODES_PER_ROLE)
     gpus_per_node: StrictInt = Field(8, ge=1, le=MAX_GPUS_PER_NODE)

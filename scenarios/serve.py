@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from daemons import costmodel
+from daemons.gpu import CostModelCompute
 from daemons.kvbytes import KvGeometry
 from daemons.gpu import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
@@ -110,6 +111,7 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
             python, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
             "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
             "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time), "--dscp-kv", dscp_kv,
+            "--gpu-model", sc.cluster.gpu_model, "--gpu-out", str(mode_dir / f"gpu-{n['name']}.json"),
             *rcvbuf(n["name"]), *coll]))
     ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
     out.append(("scheduler", net.host(CONTROL_HOST).netns, [
@@ -205,7 +207,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     preload = mode_dir / "preload.json"
     trajectories, starts = play(spec)
     preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
-    per_token_s = costmodel.prefill_time_s(lay.model, [(32_768, 429)]) / 429
+    per_token_s = sum(CostModelCompute(lay.model, 1.0, sc.cluster.gpu_model).prefill_layers_s([(32_768, 429)])) / 429
     sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
                  "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
                  "beta_tokens": beta_tokens(per_token_s),
@@ -279,6 +281,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
         summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}
+    summary["gpu"] = _merge_gpu(mode_dir, [n["name"] for n in lay.nodes])
     collective_bytes = 0
     if sc.serving.collectives:
         summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
@@ -286,6 +289,17 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     summary["cnic_kv_gbps"] = _cnic_kv_gbps(sampler, keys, t0, t1, collective_bytes,
                                             sc.scale.bytes / sc.scale.time)
     return summary, (t0, t1)
+
+
+def _merge_gpu(mode_dir: Path, names: list[str]) -> dict:
+    """Where the nodes' GPU time came from, and how many predictions lay outside the profile's grid."""
+    parts = [json.loads(p.read_text()) for name in names if (p := mode_dir / f"gpu-{name}.json").exists()]
+    outside: dict[str, int] = {}
+    for part in parts:
+        for key, n in part["outside_grid"].items():
+            outside[key] = outside.get(key, 0) + n
+    return {"model": sorted({p["model"] for p in parts}), "outside_grid": dict(sorted(outside.items())),
+            "nodes_reporting": len(parts)}
 
 
 def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_bytes: int,

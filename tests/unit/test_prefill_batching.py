@@ -22,33 +22,68 @@ MS_PER_TOKEN = 0.001
 class LinearGpu:
     """Prefill: 1 ms per new token, spread evenly over the layers; records every batch it is asked about."""
 
-    def __init__(self):
-        self.asked: list[list[tuple[int, int]]] = []
-
     def prefill_layers_s(self, batch):
         self.asked.append(list(batch))
         total = sum(new for _, new in batch) * MS_PER_TOKEN
         return (total / GEOM.layers,) * GEOM.layers
 
+    def prefill_attention_s(self, batch):  # the quota's measure: here all of the 1 ms per token
+        self.asked.append(list(batch))
+        return sum(new for _, new in batch) * MS_PER_TOKEN
+
     def decode_step_s(self, contexts):
         return 0.0
 
+    def __init__(self, hbm_tokens: int = 10**9):
+        self.asked: list[list[tuple[int, int]]] = []
+        self.hbm_tokens = hbm_tokens
 
-def _service(quota_s: float) -> NodeService:
-    return NodeService("pe1", "pe", GEOM, 1, storage=None, compute=LinearGpu(), buffer_bytes=1 << 20,
+    def prefill_hbm_tokens(self):
+        return self.hbm_tokens
+
+    def h2d_s(self, tokens):
+        return 0.0
+
+
+def _service(quota_s: float, hbm_tokens: int = 10**9) -> NodeService:
+    return NodeService("pe1", "pe", GEOM, 1, storage=None, compute=LinearGpu(hbm_tokens), buffer_bytes=1 << 20,
                        prefill_quota_s=quota_s)
 
 
-def _request(rid: str, new: int, hit_blocks: int = 10) -> pb.PrefillRequest:
+def _request(rid: str, new: int, hit_blocks: int = 10, layerwise: bool = True) -> pb.PrefillRequest:
     spec = pb.RequestSpec(request_id=rid, trajectory=rid, hit_blocks=hit_blocks, new_tokens=new, gen_tokens=1,
                           layer_chunks=2)
-    return pb.PrefillRequest(request=spec, pe_engine=0, path=pb.READ_PATH_NONE, layerwise=True)
+    return pb.PrefillRequest(request=spec, pe_engine=0, path=pb.READ_PATH_NONE, layerwise=layerwise)
 
 
-def _queue(eng: PrefillEngine, *news: int) -> list[PrefillJob]:
-    jobs = [PrefillJob(_request(f"r{i}", n), layer_chunks(GEOM.layers, 2)) for i, n in enumerate(news)]
+def _queue(eng: PrefillEngine, *news: int, layerwise: bool = True) -> list[PrefillJob]:
+    jobs = [PrefillJob(_request(f"r{i}", n, layerwise=layerwise), layer_chunks(GEOM.layers, 2))
+            for i, n in enumerate(news)]
     eng.prefills.extend(jobs)
     return jobs
+
+
+def test_basic_batches_only_what_the_free_hbm_holds_and_layerwise_ignores_it():
+    async def go():
+        out = {}
+        for layerwise in (False, True):
+            svc = _service(10.0, hbm_tokens=2 * 640 + 50)  # two requests of 10 blocks x 64 + a few tokens
+            jobs = _queue(svc.engines[0], 20, 20, 20, layerwise=layerwise)
+            out[layerwise] = ([n for _, n in svc.engines[0].form_batch()], jobs)
+        return out
+
+    out = asyncio.run(go())
+    assert out[False][0] == [20, 20]      # the third's 660 context tokens do not fit what is left
+    assert out[True][0] == [20, 20, 20]   # layerwise holds one layer chunk at a time
+
+
+def test_basic_runs_a_request_larger_than_the_hbm_alone():
+    async def go():
+        svc = _service(10.0, hbm_tokens=100)
+        _queue(svc.engines[0], 20, 20, layerwise=False)
+        return [n for _, n in svc.engines[0].form_batch()]
+
+    assert asyncio.run(go()) == [20]
 
 
 def test_whole_requests_fifo_then_the_next_one_chunked_to_fill_the_quota():
