@@ -130,10 +130,10 @@ def _coords(op: str, batch: list[tuple[int, int]]) -> tuple[float, ...]:
 
 
 # -- efficiency tables ------------------------------------------------------------------------------------
-def _interp(xs: list[float], ys: list[float], x: float) -> tuple[float, bool]:
-    """Piecewise-linear y(x) through sorted xs; clamped (and not inside) beyond the ends."""
+def _interp(xs: list[float], ys: list[float], x: float, tol: float = 1e-5) -> tuple[float, bool]:
+    """Piecewise-linear y(x) through sorted xs; clamped (and not inside, beyond `tol`) past the ends."""
     if x <= xs[0] or x >= xs[-1]:
-        inside = xs[0] - 1e-9 <= x <= xs[-1] + 1e-9
+        inside = xs[0] - tol <= x <= xs[-1] + tol
         return (ys[0] if x <= xs[0] else ys[-1]), inside
     i = bisect.bisect_right(xs, x)
     f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
@@ -151,22 +151,25 @@ class Table:
         if not points:
             raise ValueError("an efficiency table needs points")
         lines: dict[float, dict[float, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        exact_v: dict[float, list[float]] = collections.defaultdict(list)
         for coords, eta in points:
             v = round(coords[1], 2) if len(coords) > 1 else 0.0
             lines[v][round(coords[0], 6)].append(eta)
-        self.vs = sorted(lines)
-        self.lines = [(sorted(lines[v]), [sum(lines[v][u]) / len(lines[v][u]) for u in sorted(lines[v])])
-                      for v in self.vs]
+            exact_v[v].append(coords[1] if len(coords) > 1 else 0.0)
+        keys = sorted(lines)
+        self.vs = [sum(exact_v[k]) / len(exact_v[k]) for k in keys]   # each line at its points' own context
+        self.lines = [(sorted(lines[k]), [sum(lines[k][u]) / len(lines[k][u]) for u in sorted(lines[k])])
+                      for k in keys]
         us = [u for xs, _ in self.lines for u in xs]
         self.u_range = (min(us), max(us))
 
     def eta(self, coords: tuple[float, ...]) -> tuple[float, bool]:
         u = coords[0]
-        inside = self.u_range[0] - 1e-9 <= u <= self.u_range[1] + 1e-9
+        inside = self.u_range[0] - 1e-5 <= u <= self.u_range[1] + 1e-5
         along = [_interp(xs, ys, u)[0] for xs, ys in self.lines]
         if len(self.vs) == 1:
             return along[0], inside
-        value, in_v = _interp(self.vs, along, coords[1])
+        value, in_v = _interp(self.vs, along, coords[1], tol=0.01)  # lines are keyed to 0.01 in log context
         return value, inside and in_v
 
 
@@ -210,14 +213,15 @@ def _tables(m: cm.ModelSpec, rows: tuple[ProfileRow, ...], gpu: cm.GpuSpec) -> d
         eta = op_work(m, r.op, batch, ep).roofline_s(gpu) / (r.time_ms * 1e-3)
         points[(r.op, "any" if r.op in _GEMM_OPS else r.phase)].append((_coords(r.op, batch), eta))
     tables = {k: Table(v) for k, v in points.items()}
-    # GQA: what a whole layer adds beyond its linear and attention ops (KV append, norms, residuals), in time
-    resid = collections.defaultdict(list)
+    # GQA: a whole layer over its linear + attention ops (KV append, norms, residuals), where and as measured
+    ratios = collections.defaultdict(list)
     for key, ops in other.items():
         if {"layer", "linear", _MHA} <= set(ops):
-            phase, b, _, new = key.split(":")
-            resid[phase].append((math.log(int(b) * int(new)), max(0.0, ops["layer"] - ops["linear"] - ops[_MHA])))
-    for phase, pts in resid.items():  # a Table averages the points it has twice
-        tables[("other_ms", phase)] = Table([((x,), y) for x, y in pts])
+            phase, b, cached, new = key.split(":")
+            batch = [(int(cached), int(new))] * int(b)
+            ratios[phase].append((_coords(_MHA, batch), ops["layer"] / (ops["linear"] + ops[_MHA])))
+    for phase, pts in ratios.items():
+        tables[("layer_ratio", phase)] = Table(pts)
     return tables
 
 
@@ -290,12 +294,9 @@ class ProfiledModel:
                        work.hbm_bytes / (self.gpu.hbm_bytes_per_s * STREAM_EFFICIENCY))
         return work.roofline_s(self.gpu) / self._eta(op, phase, batch)
 
-    def _other_s(self, phase: str, batch: list[tuple[int, int]]) -> float:
-        table = self.tables.get(("other_ms", phase))
-        if table is None:
-            return 0.0
-        value, _ = table.eta((math.log(sum(n for _, n in batch)),))
-        return value * 1e-3 * self.bw_ratio   # KV append, norms: memory-bound
+    def _layer_ratio(self, phase: str, batch: list[tuple[int, int]]) -> float:
+        table = self.tables.get(("layer_ratio", phase))
+        return 1.0 if table is None else table.eta(_coords(_MHA, batch))[0]
 
     def _lm_head_s(self, batch: list[tuple[int, int]]) -> float:
         m = self.m
@@ -308,7 +309,8 @@ class ProfiledModel:
         m = self.m
         tokens = sum(n for _, n in batch)
         if not m.kv_lora_rank:  # GQA, dense (qwen32b)
-            dense = self.op_s("linear", phase, batch) + self.op_s(_MHA, phase, batch) + self._other_s(phase, batch)
+            dense = (self.op_s("linear", phase, batch) + self.op_s(_MHA, phase, batch)) \
+                * self._layer_ratio(phase, batch)
             return dense, dense, self._lm_head_s(batch)
         common = self.op_s("mla_proj", phase, batch) + self.op_s(_MHA, phase, batch)
         if m.dsa_top_k:

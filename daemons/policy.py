@@ -17,13 +17,20 @@ are unit-tested exactly as the paper states them:
   whose HBM cannot hold the request.
 - Read path: the side (PE node or DE node) with the shorter read queue.
 
-``round_robin`` cycles through engines and alternates nothing else: the
-comparison point of the paper's load-balance figure.
+``RoundRobin`` cycles through engines regardless of load (the comparison point
+of the paper's load-balance figure) and, for the alternating variant, through
+the read sides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# paper: section 5's PE, DE and read-side choices. round_robin*: engines in a fixed cycle (Fig. 13's baseline; the
+# paper does not say how its round robin picks the read side, so three variants): the side with the shorter
+# read queue (round_robin), always the prefill side (round_robin_pe_reads), or each side in turn
+# (round_robin_alternating).
+POLICIES = ("paper", "round_robin", "round_robin_pe_reads", "round_robin_alternating")
 
 ALPHA_READ_S = 3.0
 BETA_COMPUTE_S = 5.0
@@ -109,6 +116,13 @@ class RoundRobin:
 
     def choose(self, kind: str, engines: list[EngineLoad]) -> EngineLoad:
         ordered = sorted(engines, key=lambda e: (e.node, e.engine))
-        i = self._next.get(kind, 0) % len(ordered)
+        return ordered[self._step(kind, len(ordered))]
+
+    def alternate(self, kind: str, options: tuple[str, ...]) -> str:
+        """The next of `options` in turn (the alternating read side)."""
+        return options[self._step(kind, len(options))]
+
+    def _step(self, kind: str, n: int) -> int:
+        i = self._next.get(kind, 0) % n
         self._next[kind] = i + 1
-        return ordered[i]
+        return i

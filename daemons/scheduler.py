@@ -35,11 +35,10 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from daemons.policy import EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
+from daemons.policy import POLICIES, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
 from daemons.runtime import RpcCounter, rpc_counts, run_event_loop, serve_until_stopped
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
-POLICIES = ("paper", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 for (n, i), ld in self.de_load.items()]
 
     def _place(self, turn: pb.TurnRequest) -> tuple[EngineLoad, EngineLoad] | None:
-        if self.cfg.policy == "round_robin":
+        if self.cfg.policy.startswith("round_robin"):
             return self._rr.choose("pe", self._pe_loads()), self._rr.choose("de", self._de_loads())
         nodes = {n: NodeLoad(n, q) for n, q in self.read_queue.items()}
         pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
@@ -161,8 +160,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             return pb.READ_PATH_NONE
         if self.cfg.mode in ("basic", "layerwise"):
             return pb.READ_PATH_PE
-        side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
-                                NodeLoad(de_node, self.read_queue[de_node]))
+        if self.cfg.policy == "round_robin_pe_reads":
+            side = "pe"
+        elif self.cfg.policy == "round_robin_alternating":
+            side = self._rr.alternate("read", ("pe", "de"))
+        else:
+            side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
+                                    NodeLoad(de_node, self.read_queue[de_node]))
         return pb.READ_PATH_PE if side == "pe" else pb.READ_PATH_DE
 
     def _place_ready(self) -> list[tuple[_Pending, _Claim]]:

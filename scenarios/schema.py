@@ -28,6 +28,7 @@ from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
 from emulator.tcplan import MIN_DEFAULT_SHARE
 from daemons.gpu import GPU_MODELS
+from daemons.policy import POLICIES
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
@@ -208,7 +209,7 @@ class Serving(_Model):
     modes: list[Literal["basic", "layerwise", "dualpath", "oracle"]] = Field(
         ["basic", "dualpath", "oracle"], min_length=1,
         description="layerwise: Basic's prefill-side reads with layerwise prefill (the paper's first ablation step)")
-    policy: Literal["paper", "round_robin"] = "paper"
+    policy: Literal[POLICIES] = "paper"  # type: ignore[valid-type]
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
     collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "
                                                  "marked with traffic_classes.dscp_collective")

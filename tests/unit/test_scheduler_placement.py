@@ -48,6 +48,25 @@ def test_a_burst_spreads_over_every_engine_and_both_read_sides(policy):
     assert max(readers.values()) - min(readers.values()) <= 2  # each turn: the shorter of its two queues
 
 
+def test_round_robin_read_side_variants():
+    sides = {}
+    for policy in ("round_robin_pe_reads", "round_robin_alternating"):
+        placed = _burst(_service("dualpath", policy), 64)
+        sides[policy] = [c.path for _, c in placed]
+    assert set(sides["round_robin_pe_reads"]) == {pb.READ_PATH_PE}
+    alt = sides["round_robin_alternating"]
+    assert alt[:4] == [pb.READ_PATH_PE, pb.READ_PATH_DE] * 2 and alt.count(pb.READ_PATH_DE) == 32
+    # the engines still cycle as plain round robin does
+    placed = _burst(_service("dualpath", "round_robin_alternating"), 16)
+    assert len({(c.pe_eng.node, c.pe_eng.engine) for _, c in placed}) == 16
+
+
+def test_basic_reads_on_the_prefill_side_under_every_policy():
+    for policy in ("round_robin_alternating", "paper"):
+        placed = _burst(_service("basic", policy), 8)
+        assert {c.path for _, c in placed} == {pb.READ_PATH_PE}
+
+
 def test_the_loads_are_charged_at_placement_and_returned_exactly_once():
     service = _service("dualpath", "paper")
     placed = _burst(service, 10)
