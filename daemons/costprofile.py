@@ -381,3 +381,30 @@ def profiled_models() -> tuple[str, ...]:
     """Names of the models the committed profile covers."""
     _, rows = load(str(PROFILE_PATH))
     return tuple(sorted({r.model for r in rows}))
+
+
+# -- the checks `dpemu bench gpu` prints -------------------------------------------------------------------
+CHECK_POINTS = (("prefill 1 x (32721 + 429)", "prefill", [(32721, 429)]),
+                ("prefill 20 x (30000 + 300)", "prefill", [(30000, 300)] * 20),
+                ("decode 32 at 32K", "decode", [32768] * 32),
+                ("decode 64 at 17K", "decode", [17183] * 64))
+
+
+def checks(gpu: cm.GpuSpec = cm.HOPPER) -> dict:
+    """Fig. 3 (paper, fitted, kernels only) and each profiled model's times at a few points against the analytic
+    roofline, on `gpu`: what `dpemu bench gpu` prints and writes."""
+    ds = ProfiledModel(cm.DS660B, gpu)
+    out = {"source": ds.describe(), "forward_s": ds.forward_s,
+           "fig3": {"paper": dict(FIG3_RELATIVE), "fit_batch": FIG3_FIT_BATCH, "ours": fig3_relative(ds),
+                    "kernels_only": fig3_relative(ProfiledModel(cm.DS660B, gpu, forward_s=0.0))},
+           "points": {}}
+    for name in profiled_models():
+        m, pm = cm.MODELS[name], ProfiledModel(cm.MODELS[name], gpu)
+        rows = {}
+        for label, phase, arg in CHECK_POINTS:
+            if phase == "prefill":
+                rows[label] = (pm.prefill_time_s(arg), cm.prefill_time_s(m, arg, gpu))
+            else:
+                rows[label] = (pm.decode_step_time_s(arg), cm.decode_step_time_s(m, arg, gpu))
+        out["points"][name] = rows
+    return out

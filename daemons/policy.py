@@ -15,7 +15,8 @@ are unit-tested exactly as the paper states them:
   engines that stay under Z after taking the request are preferred, fewest
   requests first; else the engine with the fewest tokens; never an engine
   whose HBM cannot hold the request.
-- Read path: the side (PE node or DE node) with the shorter read queue.
+- Read path: the side (PE node or DE node) with the shorter read queue; or, with
+  split reads, both sides, the shorter queue taking more (``split_blocks``).
 
 ``RoundRobin`` cycles through engines regardless of load (the comparison point
 of the paper's load-balance figure) and, for the alternating variant, through
@@ -31,6 +32,11 @@ from dataclasses import dataclass
 # read queue (round_robin), always the prefill side (round_robin_pe_reads), or each side in turn
 # (round_robin_alternating).
 POLICIES = ("paper", "round_robin", "round_robin_pe_reads", "round_robin_alternating")
+
+# How DualPath reads one request's hit KV: from one side, the one with the shorter read queue (choose, the
+# paper's), or from both, split so that both read queues drain at the same time (split: beyond the paper, which
+# leaves it as future work).
+READ_PATHS = ("choose", "split")
 
 ALPHA_READ_S = 3.0
 BETA_COMPUTE_S = 5.0
@@ -96,6 +102,14 @@ def choose_de(engines: list[EngineLoad], request_tokens: int, queued_tokens: dic
 def choose_read_side(pe_node: NodeLoad, de_node: NodeLoad) -> str:
     """'pe' or 'de': the node with the shorter storage read queue reads (ties: PE, the classic path)."""
     return "de" if de_node.read_queue_tokens < pe_node.read_queue_tokens else "pe"
+
+
+def split_blocks(hit_blocks: int, block_tokens: int, pe_queue_tokens: int, de_queue_tokens: int) -> int:
+    """Hit blocks the PE side reads (the first ones; the DE side reads the rest) so that, with SNICs of equal
+    rate, both read queues then drain together: pe + x = de + (hit - x), rounded to whole blocks and clamped."""
+    hit = hit_blocks * block_tokens
+    x = (hit + de_queue_tokens - pe_queue_tokens) / 2
+    return max(0, min(hit_blocks, round(x / block_tokens)))
 
 
 def alpha_tokens(snic_bps: float, kv_bytes_per_token: float) -> float:

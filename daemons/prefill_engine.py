@@ -33,7 +33,7 @@ class PrefillJob:
 
     request: pb.PrefillRequest
     chunks: list[tuple[int, int]]       # layer groups of its layerwise transfers
-    hit: bytes = b""                    # PE read path: the hit Full Blocks as read from storage
+    hit: bytes = b""                    # PE read path: the hit Full Blocks as read from storage (split: its part)
     arrivals: asyncio.Queue | None = None  # DE read path: hit KV layer chunks pushed by the DE
     fetch: asyncio.Task | None = None   # DE read path: the DE's Fetch call
     chunks_in: int = 0                  # DE read path: hit KV layer chunks arrived so far
@@ -54,6 +54,13 @@ class PrefillJob:
     @property
     def path(self) -> int:
         return self.request.path
+
+    @property
+    def own_blocks(self) -> int:
+        """Hit blocks this PE node read itself (the first ones): all on the PE path, none on the DE path."""
+        if self.path == pb.READ_PATH_PE:
+            return self.spec.hit_blocks
+        return min(self.request.pe_blocks, self.spec.hit_blocks) if self.path == pb.READ_PATH_SPLIT else 0
 
 
 class PrefillEngine:
@@ -86,16 +93,18 @@ class PrefillEngine:
                 alloc_s = (await tm.stub(request.de_mgmt, kv=False).Reserve(
                     pb.ReserveRequest(request_id=spec.request_id, bytes=tm.de_buffer_bytes(spec)))).waited_s
                 reserved = True
-            elif request.path == pb.READ_PATH_DE:  # Fetch reserves it: one call less per request
+            elif request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # Fetch reserves it: one call less
                 reserved = True
-            if request.path == pb.READ_PATH_PE:
-                job.hit, own_alloc_s, read_s = await tm.read(spec, reserve=True)
-                alloc_s += own_alloc_s
-                job.kv_bytes += len(job.hit)
-            elif request.path == pb.READ_PATH_DE:
+            if request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # the DE reads (its part), then pushes
                 job.arrivals = tm.inbox(spec.request_id)
                 job.fetch = self.tasks.spawn(tm.stub(request.de_mgmt, kv=False).Fetch(
-                    pb.FetchRequest(request=spec, pe_cnic=request.pe_cnic, de_engine=request.de_engine)))
+                    pb.FetchRequest(request=spec, pe_cnic=request.pe_cnic, de_engine=request.de_engine,
+                                    first_block=job.own_blocks)))
+            if request.path in (pb.READ_PATH_PE, pb.READ_PATH_SPLIT):  # this node reads (its part)
+                job.hit, own_alloc_s, read_s = await tm.read(spec, reserve=True, blocks=job.own_blocks)
+                alloc_s += own_alloc_s
+                job.kv_bytes += len(job.hit)
+            if job.arrivals is not None:
                 # ready once the DE holds the hit KV in its buffer: its first layer chunk has arrived
                 await self._arrived(job, 1)
             t_ready = time.monotonic()
@@ -103,9 +112,9 @@ class PrefillEngine:
             if self.loop_task is None or self.loop_task.done():
                 self.loop_task = self.tasks.spawn(self._loop())
             await job.done
-            if job.fetch is not None:
+            if job.fetch is not None:  # split: both sides read at once, the slower one counts
                 fetched = await job.fetch
-                read_s, alloc_s = fetched.read_s, fetched.alloc_s
+                read_s, alloc_s = max(read_s, fetched.read_s), max(alloc_s, fetched.alloc_s)
         except BaseException:
             if job.fetch is not None:
                 job.fetch.cancel()
@@ -231,19 +240,20 @@ class PrefillEngine:
         """Start sending a computed layer chunk of each request's KV PE -> DE, one call per request.
         PE read path: its hit KV with its first part and its new tokens' KV with its last part, layer chunk
         by layer chunk. DE read path: only the new tokens' KV (the DE holds the hit KV), all layers at once
-        after the last chunk - it is ~2% of the bytes and one call instead of one per chunk."""
+        after the last chunk - it is ~2% of the bytes and one call instead of one per chunk. Split reads: the
+        hit blocks this node read, and the new tokens' KV, layer chunk by layer chunk as on the PE path."""
         tm = self.tm
         for job, n in live:
             spec, msgs = job.spec, []
             final_part = job.computed + n == spec.new_tokens
-            if job.path == pb.READ_PATH_PE and job.computed == 0 and spec.hit_blocks:
-                msgs += tm.kv_msgs(spec, job.hit, 0, spec.hit_blocks, chunk)
-            if final_part and (job.path == pb.READ_PATH_PE or (job.path == pb.READ_PATH_DE and last)):
+            per_chunk = job.path in (pb.READ_PATH_PE, pb.READ_PATH_SPLIT)
+            if per_chunk and job.computed == 0 and job.own_blocks:
+                msgs += tm.kv_msgs(spec, job.hit, 0, job.own_blocks, chunk)
+            if final_part and (per_chunk or (job.path == pb.READ_PATH_DE and last)):
                 nb = tm.new_blocks(spec)
                 if not job.new_full:
                     job.new_full = span_content(self.geom, spec.trajectory, spec.hit_blocks, nb)
-                msgs += tm.kv_msgs(spec, job.new_full, spec.hit_blocks, nb,
-                                   chunk if job.path == pb.READ_PATH_PE else (0, 0))
+                msgs += tm.kv_msgs(spec, job.new_full, spec.hit_blocks, nb, chunk if per_chunk else (0, 0))
             if msgs:
                 job.kv_bytes += sum(len(m.data) for m in msgs)
                 job.pushes.append(self.tasks.spawn(tm.push(job.request.de_cnic, msgs)))
@@ -252,8 +262,8 @@ class PrefillEngine:
         """The request is prefilled: done once every KV message of it reached the DE."""
         try:
             await asyncio.gather(*job.pushes)
-            if job.path == pb.READ_PATH_DE:
-                job.kv_bytes += self.geom.span_bytes(job.spec.hit_blocks)
+            if job.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # what the DE read itself
+                job.kv_bytes += self.geom.span_bytes(job.spec.hit_blocks - job.own_blocks)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting Prefill call
             if not job.done.done():
                 job.done.set_exception(exc)

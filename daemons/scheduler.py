@@ -35,10 +35,12 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from daemons.policy import POLICIES, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe, choose_read_side
+from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe,
+                            choose_read_side, split_blocks)
 from daemons.runtime import RpcCounter, rpc_counts, run_event_loop, serve_until_stopped
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
+PATH_NAMES = {pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de", pb.READ_PATH_SPLIT: "split"}  # requests.csv "path"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class SchedulerConfig:
     beta_tokens: float
     hbm_tokens: int
     nodes: tuple[NodeInfo, ...]
+    read_path: str = "choose"
 
     @classmethod
     def from_json(cls, data: dict) -> "SchedulerConfig":
@@ -65,11 +68,13 @@ class SchedulerConfig:
             raise ValueError(f"mode must be one of {MODES}, not {data['mode']!r}")
         if data["policy"] not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {data['policy']!r}")
+        if data.get("read_path", "choose") not in READ_PATHS:
+            raise ValueError(f"read_path must be one of {READ_PATHS}, not {data['read_path']!r}")
         nodes = tuple(NodeInfo(n["name"], n["role"], n["mgmt"], tuple(n["cnics"])) for n in data["nodes"])
         if not any(n.role == "pe" for n in nodes) or not any(n.role == "de" for n in nodes):
             raise ValueError("the cluster needs at least one prefill and one decode node")
         return cls(data["mode"], data["policy"], int(data["layer_chunks"]), float(data["alpha_tokens"]),
-                   float(data["beta_tokens"]), int(data["hbm_tokens"]), nodes)
+                   float(data["beta_tokens"]), int(data["hbm_tokens"]), nodes, data.get("read_path", "choose"))
 
 
 @dataclass
@@ -80,12 +85,12 @@ class _Load:
 
 @dataclass
 class _Claim:
-    """What one placed turn holds: its engines' loads and its reader's queue, until each is released."""
+    """What one placed turn holds: its engines' loads and its readers' queues, until each is released."""
     pe_eng: EngineLoad
     de_eng: EngineLoad
     path: int
-    reader: str | None
-    hit_tokens: int
+    pe_blocks: int                # split reads: the hit blocks the PE node reads
+    reads: dict[str, int]         # node -> hit tokens it reads for this turn
     new_tokens: int
     de_tokens: int
     wait_s: float
@@ -155,11 +160,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         de_eng = choose_de(self._de_loads(), turn.context_tokens + turn.request.gen_tokens)
         return None if de_eng is None else (pe_eng, de_eng)
 
-    def _path(self, pe_node: str, de_node: str) -> int:
+    def _path(self, pe_node: str, de_node: str, spec: pb.RequestSpec, hit_tokens: int) -> tuple[int, int]:
+        """(read path, hit blocks the PE node reads) of a turn placed on these nodes."""
         if self.cfg.mode == "oracle":
-            return pb.READ_PATH_NONE
+            return pb.READ_PATH_NONE, 0
         if self.cfg.mode in ("basic", "layerwise"):
-            return pb.READ_PATH_PE
+            return pb.READ_PATH_PE, spec.hit_blocks
+        if self.cfg.read_path == "split" and spec.hit_blocks:
+            pe_blocks = split_blocks(spec.hit_blocks, hit_tokens // spec.hit_blocks, self.read_queue[pe_node],
+                                     self.read_queue[de_node])
+            return pb.READ_PATH_SPLIT, pe_blocks
         if self.cfg.policy == "round_robin_pe_reads":
             side = "pe"
         elif self.cfg.policy == "round_robin_alternating":
@@ -167,7 +177,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         else:
             side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
                                     NodeLoad(de_node, self.read_queue[de_node]))
-        return pb.READ_PATH_PE if side == "pe" else pb.READ_PATH_DE
+        return (pb.READ_PATH_PE, spec.hit_blocks) if side == "pe" else (pb.READ_PATH_DE, 0)
 
     def _place_ready(self) -> list[tuple[_Pending, _Claim]]:
         """Place turns from the head of the FIFO while the head can be placed; each is charged to its
@@ -193,11 +203,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     # -- one turn ------------------------------------------------------------------
     def _claim(self, item: _Pending, pe_eng: EngineLoad, de_eng: EngineLoad) -> _Claim:
-        """Charge the turn to its engines and its reader's read queue, at the moment it is placed."""
+        """Charge the turn to its engines and its readers' read queues, at the moment it is placed."""
         turn, spec = item.turn, item.turn.request
-        path = self._path(pe_eng.node, de_eng.node)
-        reader = {pb.READ_PATH_PE: pe_eng.node, pb.READ_PATH_DE: de_eng.node}.get(path)
-        claim = _Claim(pe_eng, de_eng, path, reader, turn.context_tokens - spec.new_tokens, spec.new_tokens,
+        hit = turn.context_tokens - spec.new_tokens
+        path, pe_blocks = self._path(pe_eng.node, de_eng.node, spec, hit)
+        if path == pb.READ_PATH_NONE:
+            reads = {}
+        else:  # the PE node reads its first pe_blocks, the DE node the rest
+            pe_tokens = hit if path == pb.READ_PATH_PE else pe_blocks * (hit // max(1, spec.hit_blocks))
+            reads = {n: t for n, t in ((pe_eng.node, pe_tokens), (de_eng.node, hit - pe_tokens)) if t}
+        claim = _Claim(pe_eng, de_eng, path, pe_blocks, reads, spec.new_tokens,
                        turn.context_tokens + spec.gen_tokens, time.monotonic() - item.submitted)
         self._charge(claim, +1)
         return claim
@@ -208,8 +223,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             ld = self.pe_load[(claim.pe_eng.node, claim.pe_eng.engine)]
             ld.requests += sign
             ld.tokens += sign * claim.new_tokens
-        if "read" in what and claim.reader:
-            self.read_queue[claim.reader] += sign * claim.hit_tokens
+        if "read" in what:
+            for node, tokens in claim.reads.items():
+                self.read_queue[node] += sign * tokens
         if "de" in what:
             ld = self.de_load[(claim.de_eng.node, claim.de_eng.engine)]
             ld.requests += sign
@@ -231,7 +247,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             pre = await self._stub(pe_eng.node).Prefill(pb.PrefillRequest(
                 request=spec, pe_engine=pe_eng.engine, path=path, layerwise=self.cfg.mode != "basic",
                 de_mgmt=de_node.mgmt, de_cnic=de_node.cnics[de_eng.engine], de_engine=de_eng.engine,
-                pe_cnic=pe_node.cnics[pe_eng.engine]))
+                pe_cnic=pe_node.cnics[pe_eng.engine], pe_blocks=claim.pe_blocks))
             self._release(claim, "read")
             self._release(claim, "pe")
             dec = await self._stub(de_eng.node).Decode(pb.DecodeRequest(
@@ -241,7 +257,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             ttst = decode_start + dec.second_token_s - item.submitted if dec.second_token_s else 0.0
             item.done.set_result(pb.TurnResult(
                 pe=f"{pe_eng.node}/{pe_eng.engine}", de=f"{de_eng.node}/{de_eng.engine}",
-                path={pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de"}.get(path, "none"),
+                path=PATH_NAMES.get(path, "none"),
                 kv_bytes=pre.kv_bytes, wait_s=claim.wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
                 decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s,
                 alloc_s=pre.alloc_s, ttst_s=ttst))

@@ -95,32 +95,38 @@ class TrafficManager:
         self._inboxes.pop(request_id, None)
 
     # -- SNIC ----------------------------------------------------------------------
-    async def read(self, spec: pb.RequestSpec, reserve: bool) -> tuple[bytes, float, float]:
-        """Storage -> this node's buffer, through the SNIC: the hit blocks' bytes (verified), the seconds
-        waiting for buffer room and the seconds spent reading. `reserve` False: the buffer space was
-        reserved already (a DE's Reserve)."""
-        tokens = spec.hit_blocks * self.geom.block_tokens
+    async def read(self, spec: pb.RequestSpec, reserve: bool, first_block: int = 0,
+                   blocks: int | None = None) -> tuple[bytes, float, float]:
+        """Storage -> this node's buffer, through the SNIC: the bytes (verified) of hit blocks `first_block`
+        .. + `blocks` (default: all of them), the seconds waiting for buffer room and the seconds spent reading.
+        `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
+        blocks = spec.hit_blocks - first_block if blocks is None else blocks
+        tokens = blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         try:
             t_alloc = time.monotonic()
             if reserve:
-                await self.reserve(spec.request_id, self.geom.span_bytes(spec.hit_blocks))
+                await self.reserve(spec.request_id, self.geom.span_bytes(blocks))
             t0 = time.monotonic()
-            data = await self.storage.read(spec.request_id, spec.trajectory, 0, spec.hit_blocks, self.ledger)
+            data = await self.storage.read(spec.request_id, spec.trajectory, first_block, blocks, self.ledger) \
+                if blocks else b""
             return data, t0 - t_alloc, time.monotonic() - t0
         finally:
             self.read_queue_tokens -= tokens
 
     async def fetch(self, request: pb.FetchRequest) -> pb.FetchReply:
         """DE read path: storage -> this node's buffer, then the hit KV to the PE engine chunk by chunk,
-        forwarding the very bytes read."""
-        spec = request.request
+        forwarding the very bytes read. Split reads: only hit blocks from `first_block` on (the PE node
+        reads the ones before)."""
+        spec, first = request.request, request.first_block
+        if first > spec.hit_blocks:
+            raise ValueError(f"request {spec.request_id}: first block {first} past its {spec.hit_blocks} hit blocks")
         t0 = time.monotonic()
         await self.reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
         alloc_s = time.monotonic() - t0
-        data, _, read_s = await self.read(spec, reserve=False)
+        data, _, read_s = await self.read(spec, reserve=False, first_block=first)
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
-            await self.push(request.pe_cnic, self.kv_msgs(spec, data, 0, spec.hit_blocks, chunk))
+            await self.push(request.pe_cnic, self.kv_msgs(spec, data, first, spec.hit_blocks - first, chunk))
         return pb.FetchReply(read_s=read_s, alloc_s=alloc_s)
 
     def write(self, request_id: str, trajectory: str, first_block: int, blocks: int):

@@ -8,6 +8,9 @@
   what a turn costs the machine (``scenarios.servecost``): CPU core-ms per turn in all and per process role,
   gRPC calls, messages and bytes per turn, turns per wall second. It measures the serving plane, so the run's
   fidelity verdict is printed but does not fail the benchmark.
+- ``dpemu bench gpu``: the profiled GPU model's checks (no cluster, no root): Fig. 3's relative throughput
+  against the paper's, with and without the fitted EP-group cost, and each profiled model's prefill and decode
+  times at a few points against the analytic roofline (docs/costmodel.md).
 - ``dpemu bench load``: clusters of growing size with every link calibrated at
   once (no CPU budget), at a fixed rate; prints aggregate offered traffic
   against CPU. The kernel budget is the largest aggregate below 85% CPU with
@@ -25,6 +28,7 @@ import json
 import time
 from pathlib import Path
 
+from daemons import costprofile
 from emulator import calibrate, dequeue, fidelity
 from emulator.net import Emulation
 from emulator.tcplan import htb_burst_bytes, queue_limit_bytes, skb_wire_bytes
@@ -117,12 +121,37 @@ def run_serve(scenario: str, sets: list[str], out_root: Path, say) -> list[dict]
     return rows
 
 
+def run_gpu(say) -> list[dict]:
+    """The profiled GPU model's checks (no cluster, no root): Fig. 3 and a few points against the roofline."""
+    c = costprofile.checks()
+    say(c["source"])
+    fig = c["fig3"]
+    say(f"Fig. 3 (DS 660B, one prefill engine, 30K cached + 300 new; EP-group cost {c['forward_s'] * 1e3:.2f} ms "
+        f"per MoE layer fitted at batch {fig['fit_batch']}):")
+    say(f"  {'batch':>5s} {'paper':>6s} {'ours':>6s} {'error':>7s} {'kernels only':>13s}")
+    for b, want in fig["paper"].items():
+        got = fig["ours"][b]
+        say(f"  {b:5d} {want:6.2f} {got:6.2f} {got / want - 1:+7.1%} {fig['kernels_only'][b]:13.2f}"
+            + ("  (fitted)" if b == fig["fit_batch"] else ""))
+    say("per engine on the paper's Hopper (profiled / analytic roofline):")
+    rows = []
+    for model, points in c["points"].items():
+        for label, (prof, roof) in points.items():
+            say(f"  {model:8s} {label:28s} {prof * 1e3:9.1f} ms {roof * 1e3:9.1f} ms")
+            rows.append({"model": model, "point": label, "profile_s": prof, "roofline_s": roof})
+    rows.append({"fig3": fig, "forward_s": c["forward_s"], "source": c["source"]})
+    return rows
+
+
 def cmd_bench(args) -> int:
-    platform.require_root()
-    platform.require_tools()
-    duration = parse_duration(args.duration)
     say = print
-    if args.what == "serve":
+    if args.what != "gpu":
+        platform.require_root()
+        platform.require_tools()
+    duration = parse_duration(args.duration)
+    if args.what == "gpu":
+        rows = run_gpu(say)
+    elif args.what == "serve":
         rows = run_serve(args.scenario or "default", args.set, Path(args.out), say)
     elif args.what == "rates":
         rows = run_rates([parse_rate(r) for r in args.rates.split(",")], duration, say)
@@ -139,7 +168,7 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="re-measure this machine's shaping range and CPU budget")
-    b.add_argument("what", choices=["rates", "load", "serve"])
+    b.add_argument("what", choices=["rates", "load", "serve", "gpu"])
     b.add_argument("scenario", nargs="?", default=None, help="bench serve: the scenario (default: default)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="bench serve: overrides")
     b.add_argument("--rates", default="5Mbit,10Mbit,20Mbit,50Mbit,100Mbit,500Mbit,1Gbit,2Gbit,4Gbit",

@@ -5,7 +5,8 @@
     dpemu check                            what this machine lacks
     dpemu clean                            remove leftovers of a killed run
     dpemu list                             the scenarios that ship
-    dpemu bench rates|load                 re-measure the limits in emulator/fidelity.py
+    dpemu bench rates|load|serve          re-measure the limits in emulator/fidelity.py, a turn's cost
+    dpemu bench gpu                        the profiled GPU model's checks (Fig. 3; no root needed)
 
 Exit codes: 0 done and trustworthy; 1 error (bad input, missing tool, busy);
 2 usage; 3 finished but the fidelity check failed; 130 interrupted.
@@ -60,7 +61,8 @@ def _calibration_table(summary: dict) -> Table:
 
 def _serving_table(summary: dict) -> Table:
     """One row per mode, within 80 columns: JCT and latencies in real seconds (TPOT in ms), utilizations 0..1;
-    turns are counted by the reads per side (pe/de; oracle reads nothing) and in the lines printed per mode."""
+    turns are counted by the reads per side (pe/de; oracle reads nothing; split reads both) and in the lines
+    printed per mode."""
     t = Table(title="serving (real seconds; utilization: wire bytes / rate, middle 80% of JCT)",
               box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
     for col in ("mode", "JCT\ns", "reads\npe/de", "SNIC\npe", "SNIC\nde", "CNIC\npe", "CNIC\nde",
@@ -68,7 +70,9 @@ def _serving_table(summary: dict) -> Table:
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
     for mode, m in summary["modes"].items():
-        t.add_row(mode, fmt_num(m["jct_s"], "{:.1f}"), f"{m['paths']['pe']}/{m['paths']['de']}",
+        paths = m["paths"]
+        reads = f"{paths['pe']}/{paths['de']}" if not paths.get("split") else f"split {paths['split']}"
+        t.add_row(mode, fmt_num(m["jct_s"], "{:.1f}"), reads,
                   fmt_num(m["snic_util"]["pe"]), fmt_num(m["snic_util"]["de"]), fmt_num(m["cnic_util"]["pe"]),
                   fmt_num(m["cnic_util"]["de"]),
                   f"{fmt_num(m['ttft_s']['p50'], '{:.1f}')}/{fmt_num(m['ttft_s']['p99'], '{:.1f}')}",

@@ -28,7 +28,7 @@ from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
 from emulator.tcplan import MIN_DEFAULT_SHARE
 from daemons.gpu import GPU_MODELS
-from daemons.policy import POLICIES
+from daemons.policy import POLICIES, READ_PATHS
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
@@ -210,6 +210,9 @@ class Serving(_Model):
         ["basic", "dualpath", "oracle"], min_length=1,
         description="layerwise: Basic's prefill-side reads with layerwise prefill (the paper's first ablation step)")
     policy: Literal[POLICIES] = "paper"  # type: ignore[valid-type]
+    read_path: Literal[READ_PATHS] = Field(  # type: ignore[valid-type]
+        "choose", description="dualpath: each request reads from the side with the shorter read queue (choose, "
+                              "the paper's) or from both, split so the two queues drain together (split)")
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
     collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "
                                                  "marked with traffic_classes.dscp_collective")

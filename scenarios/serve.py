@@ -208,7 +208,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     trajectories, starts = play(spec)
     preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
     per_token_s = sum(CostModelCompute(lay.model, 1.0, sc.cluster.gpu_model).prefill_layers_s([(32_768, 429)])) / 429
-    sched_cfg = {"mode": mode, "policy": sc.serving.policy, "layer_chunks": sc.serving.layer_chunks,
+    sched_cfg = {"mode": mode, "policy": sc.serving.policy, "read_path": sc.serving.read_path,
+                 "layer_chunks": sc.serving.layer_chunks,
                  "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
                  "beta_tokens": beta_tokens(per_token_s),
                  "hbm_tokens": costmodel.kv_capacity_tokens(lay.model), "nodes": lay.nodes}
@@ -429,7 +430,7 @@ def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: 
     tpot = sorted(float(r["tpot_s"]) for r in rows)
     return {
         "jct_s": round(driver_summary["jct_s"], 3), "requests": len(rows),
-        "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "none")},
+        "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "split", "none")},
         "snic_util": _utils(sampler, keys, a, b, "snic", "down"),  # storage -> node: reads
         "cnic_util": _utils(sampler, keys, a, b, "cnic", "down"),  # KV arriving at PE GPUs / DE buffers
         "ttft_s": {"p50": online.percentile(ttft, 50), "p99": online.percentile(ttft, 99)},

@@ -160,3 +160,16 @@ def test_basic_copy_and_hbm_limit_come_from_the_model():
     assert cap == cm.kv_capacity_tokens(cm.DS660B, ep_gpus=16)
     assert 5 < cap / 32721 < 40   # a handful of 64K-set contexts, not one and not hundreds
     assert math.isfinite(c.prefill_attention_s([(32721, 429)]))
+
+
+def test_bench_gpu_prints_fig3_beside_the_paper():
+    from scenarios import bench
+
+    lines: list[str] = []
+    rows = bench.run_gpu(lines.append)
+    text = "\n".join(lines)
+    assert "Fig. 3" in text and "(fitted)" in text and "h200.csv" in text
+    fig = rows[-1]["fig3"]
+    assert fig["paper"] == cp.FIG3_RELATIVE and set(fig["ours"]) == set(cp.FIG3_RELATIVE)
+    assert {r["model"] for r in rows[:-1]} == set(PROFILED)
+    assert all(r["profile_s"] > 0 and r["roofline_s"] > 0 for r in rows[:-1])

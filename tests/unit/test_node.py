@@ -40,10 +40,10 @@ def _spec(rid: str, traj: str = "t1") -> pb.RequestSpec:
                           layer_chunks=CHUNKS)
 
 
-def _prefill(c, spec, path, layerwise=True) -> pb.PrefillReply:
+def _prefill(c, spec, path, layerwise=True, pe_blocks=0) -> pb.PrefillReply:
     return c["pe1"]["stub"].Prefill(pb.PrefillRequest(
         request=spec, pe_engine=1, path=path, layerwise=layerwise, de_mgmt=c["de1"]["mgmt"],
-        de_cnic=c["de1"]["cnic"][0], de_engine=0, pe_cnic=c["pe1"]["cnic"][1]), timeout=60)
+        de_cnic=c["de1"]["cnic"][0], de_engine=0, pe_cnic=c["pe1"]["cnic"][1], pe_blocks=pe_blocks), timeout=60)
 
 
 def _decode(c, spec) -> pb.DecodeReply:
@@ -100,6 +100,26 @@ def test_de_read_path_moves_hit_kv_over_the_compute_fabric(cluster):
     status = cluster["de1"]["stub"].Status(pb.StatusRequest())
     # the DE buffer holds the hit KV it read plus the new KV (reserved by Fetch, held until decode)
     assert status.buffer_bytes == (HIT + NEW_BLOCKS) * BB
+    _decode(cluster, spec)
+    assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
+
+
+@pytest.mark.parametrize("pe_blocks", [15, 0, HIT])
+def test_split_reads_read_each_part_on_its_side_and_forward_it_once(cluster, pe_blocks):
+    spec = _spec(f"r-split-{pe_blocks}", "t2")
+    reply = _prefill(cluster, spec, pb.READ_PATH_SPLIT, pe_blocks=pe_blocks)
+    assert reply.read_s >= 0 and reply.prefill_s > 0
+    pe, de = _ledger(cluster, "pe1"), _ledger(cluster, "de1")
+    de_part = HIT - pe_blocks
+    assert (pe.blocks_read, de.blocks_read) == (pe_blocks, de_part)  # each SNIC reads its own part
+    assert de.blocks_forwarded == CHUNKS * de_part                  # DE -> PE: its part, chunk by chunk
+    assert pe.blocks_verified == pe_blocks + CHUNKS * de_part       # PE: its read + every pushed piece
+    # PE -> DE: the PE's part and the new tokens' KV, chunk by chunk (the DE holds its own part)
+    assert pe.blocks_forwarded == CHUNKS * (pe_blocks + NEW_BLOCKS)
+    assert de.blocks_verified == de_part + CHUNKS * (pe_blocks + NEW_BLOCKS)
+    assert pe.blocks_corrupt == de.blocks_corrupt == pe.blocks_lost == 0
+    assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == (HIT + NEW_BLOCKS) * BB
+    assert cluster["pe1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
     _decode(cluster, spec)
     assert cluster["de1"]["stub"].Status(pb.StatusRequest()).buffer_bytes == 0
 

@@ -76,3 +76,14 @@ def test_round_robin_cycles_regardless_of_load():
     engines = [pe("pe2", 0, 0), pe("pe1", 1, 10**9), pe("pe1", 0, 5)]
     picks = [rr.choose("pe", engines) for _ in range(4)]
     assert [(e.node, e.engine) for e in picks] == [("pe1", 0), ("pe1", 1), ("pe2", 0), ("pe1", 0)]
+
+
+def test_split_blocks_level_the_two_read_queues():
+    from daemons.policy import split_blocks
+    assert split_blocks(100, 64, 0, 0) == 50                      # empty queues: half each
+    assert split_blocks(100, 64, 64 * 40, 0) == 30                # PE 40 blocks behind: it takes 20 fewer
+    assert split_blocks(100, 64, 0, 64 * 1000) == 100             # DE far behind: all on the PE side
+    assert split_blocks(100, 64, 64 * 1000, 0) == 0               # and the other way round
+    pe, de = 64 * 40, 64 * 10
+    x = split_blocks(100, 64, pe, de)
+    assert abs((pe + 64 * x) - (de + 64 * (100 - x))) <= 64       # both drain together, to a block

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -43,7 +44,7 @@ def test_a_burst_spreads_over_every_engine_and_both_read_sides(policy):
     de = Counter((c.de_eng.node, c.de_eng.engine) for _, c in placed)
     assert len(pe) == 2 * GPUS and max(pe.values()) == 4  # 64 turns over 16 PE engines, 4 each
     assert len(de) == 2 * GPUS and max(de.values()) == 4
-    readers = Counter(c.reader for _, c in placed)
+    readers = Counter(node for _, c in placed for node in c.reads)
     assert set(readers) == {"pe1", "pe2", "de1", "de2"}, readers
     assert max(readers.values()) - min(readers.values()) <= 2  # each turn: the shorter of its two queues
 
@@ -59,6 +60,21 @@ def test_round_robin_read_side_variants():
     # the engines still cycle as plain round robin does
     placed = _burst(_service("dualpath", "round_robin_alternating"), 16)
     assert len({(c.pe_eng.node, c.pe_eng.engine) for _, c in placed}) == 16
+
+
+def test_split_reads_fill_both_queues_level():
+    service = _service("dualpath", "paper")
+    service.cfg = dataclasses.replace(service.cfg, read_path="split")
+    placed = _burst(service, 16)
+    assert {c.path for _, c in placed} == {pb.READ_PATH_SPLIT}
+    hit = HIT_BLOCKS * BLOCK_TOKENS
+    for _, c in placed:  # every turn's hit tokens charged once, across its two readers
+        assert sum(c.reads.values()) == hit and c.reads.get(c.pe_eng.node, 0) == c.pe_blocks * BLOCK_TOKENS
+    assert sum(service.read_queue.values()) == 16 * hit
+    # the first turn on empty queues splits in half; later ones keep each PE / DE pair of queues level
+    assert placed[0][1].pe_blocks == HIT_BLOCKS // 2
+    q = service.read_queue
+    assert max(q.values()) - min(q.values()) <= 2 * hit
 
 
 def test_basic_reads_on_the_prefill_side_under_every_policy():
