@@ -36,21 +36,21 @@ class Experiment:
 MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
 
 
-# Minutes: measured on 2026-12-03 (issue 11, stop 18), each experiment's latest run: fig7, fig8, fig9, ablation and
-# fig13 after the scheduler and sampler changes (results/reproduce/20261203-163701, -165451, -171257); the other
-# four in the suite run 20261203-151648, before the sampler change, which only shortens them. 60.9 min in all.
+# Minutes measured on the 2-core VM with the profiled GPU (issue 12): fig7, fig9, online, ablation and fig13 in
+# results/reproduce/20261203-184246; fig8, isolation, pd_region and mooncake from before issue 12 (suite run
+# 20261203-151648), not re-run with the profiled GPU yet. 80.4 min in all.
 SUITE = (
-    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 9.8),
+    Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 13.9),
     Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 5.9),
     # append x1 and x3 (fig9_append and fig9_gen ship all four scales of each; generation x3 alone took ~5 min,
     # its long decode tails, so it is left to `dpemu run fig9_gen`)
     Experiment("fig9_append", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3",
-                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 6.7),
+                               "sweep.grid={serving.workload.append_scale: [1, 3]}"), 8.6),
     # 2 probes per search from rates near the capacities: the start, then 1.25x up or down. 25 s windows: with
     # 20 s, Basic passed 3.75 agents/s on 2 seeds of 3 that 25 s windows failed (too short for the queue to show)
-    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 14.4),
-    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 5.0),
-    Experiment("fig13_balance", (), 8.2),  # 8 GPUs per node since issue 11
+    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 9.1),
+    Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 6.5),
+    Experiment("fig13_balance", (), 25.5),  # 8 GPUs per node since issue 11; 4 policies x 3 seeds since issue 12
     Experiment("isolation", (), 2.4),
     Experiment("pd_region", ("sweep.points=[{cluster.prefill_nodes: 1, cluster.decode_nodes: 8}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 4}, "

@@ -38,9 +38,9 @@ def test_serving_modes_take_their_read_paths_with_a_clean_ledger(serving_run):
         assert all(float(r["ttft_s"]) > 0 and float(r["tpot_s"]) > 0 for r in rows), name
         links = list(csv.DictReader((run_dir / name / "links.csv").open()))
         assert {lk["link"] for lk in links} >= {"pe1-snic", "de1-snic", "pe1-cnic0", "de1-cnic1"}
-    assert modes["basic"]["paths"] == {"pe": 8, "de": 0, "none": 0}  # only the prefill side reads
+    assert modes["basic"]["paths"] == {"pe": 8, "de": 0, "split": 0, "none": 0}  # only the prefill side reads
     assert modes["dualpath"]["paths"]["pe"] + modes["dualpath"]["paths"]["de"] == 8
-    assert modes["oracle"]["paths"] == {"pe": 0, "de": 0, "none": 8}
+    assert modes["oracle"]["paths"] == {"pe": 0, "de": 0, "split": 0, "none": 8}
     assert modes["oracle"]["ledger"]["blocks_read"] == 0
     ledger = summary["ledger"]
     assert ledger["blocks_corrupt"] == 0 and ledger["blocks_lost"] == 0
