@@ -164,11 +164,16 @@ def attention_params(m: ModelSpec) -> int:
     q_dim = m.q_heads * (m.head_dim + m.qk_rope_head_dim)
     q = m.hidden * m.q_lora_rank + m.q_lora_rank * q_dim if m.q_lora_rank else m.hidden * q_dim
     kv = m.hidden * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * m.q_heads * (m.head_dim + m.v_head_dim)
-    indexer = 0
-    if m.dsa_top_k:  # wq_b from the query latent, wk and the per-head weights from the hidden state
-        indexer = (m.q_lora_rank or m.hidden) * m.indexer_heads * m.indexer_head_dim \
-            + m.hidden * (m.indexer_head_dim + m.indexer_heads)
-    return q + kv + m.q_heads * m.v_head_dim * m.hidden + indexer
+    return q + kv + m.q_heads * m.v_head_dim * m.hidden + indexer_params(m)
+
+
+def indexer_params(m: ModelSpec) -> int:
+    """DSA lightning indexer weights of one layer (part of attention_params; 0 without DSA): wq_b from the
+    query latent (the hidden state without Q-LoRA), wk and the per-head weights from the hidden state."""
+    if not m.dsa_top_k:
+        return 0
+    return (m.q_lora_rank or m.hidden) * m.indexer_heads * m.indexer_head_dim \
+        + m.hidden * (m.indexer_head_dim + m.indexer_heads)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -70,13 +70,6 @@ class Work:
         return max(self.flops / peak, self.hbm_bytes / gpu.hbm_bytes_per_s)
 
 
-def _indexer_params(m: cm.ModelSpec) -> int:
-    if not m.dsa_top_k:
-        return 0
-    return (m.q_lora_rank or m.hidden) * m.indexer_heads * m.indexer_head_dim \
-        + m.hidden * (m.indexer_head_dim + m.indexer_heads)
-
-
 def _expert_params(m: cm.ModelSpec) -> int:
     return 3 * m.hidden * m.moe_intermediate
 
@@ -93,7 +86,7 @@ def op_work(m: cm.ModelSpec, op: str, batch: list[tuple[int, int]], ep_gpus: int
         params = cm.attention_params(m) + 3 * m.hidden * m.intermediate
         return _gemm(params, tokens, params * wb, m)
     if op == "mla_proj":  # MLA projections with the absorbed W_UK / W_UV, no indexer
-        params = cm.attention_params(m) - _indexer_params(m)
+        params = cm.attention_params(m) - cm.indexer_params(m)
         return _gemm(params, tokens, params * wb, m)
     if op == "dense_ffn":
         params = 3 * m.hidden * m.intermediate
@@ -114,8 +107,8 @@ def op_work(m: cm.ModelSpec, op: str, batch: list[tuple[int, int]], ep_gpus: int
         return Work(float(pair * keys), "bf16", float(cm.kv_bytes_per_layer_token(m) * streamed))
     if op == "indexer":
         _, _, scored, context = cm.batch_sums(m, batch, cap)
-        flops = 2.0 * m.indexer_heads * m.indexer_head_dim * scored + 2.0 * tokens * _indexer_params(m)
-        hbm = cm.indexer_key_bytes_per_layer_token(m) * context + _indexer_params(m) * wb
+        flops = 2.0 * m.indexer_heads * m.indexer_head_dim * scored + 2.0 * tokens * cm.indexer_params(m)
+        hbm = cm.indexer_key_bytes_per_layer_token(m) * context + cm.indexer_params(m) * wb
         return Work(flops, "fp8", float(hbm))
     raise cm.CostModelError(f"{m.name}: no op {op!r}")
 
@@ -197,14 +190,13 @@ def _row_batch(r: ProfileRow) -> list[tuple[int, int]]:
 def _tables(m: cm.ModelSpec, rows: tuple[ProfileRow, ...], gpu: cm.GpuSpec) -> dict[tuple[str, str], Table]:
     """(op, phase) -> efficiency table of this model's rows; GEMM ops share one table over both phases."""
     points: dict[tuple[str, str], list] = collections.defaultdict(list)
-    other: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    whole: dict[tuple[str, int, int, int], dict[str, float]] = collections.defaultdict(dict)
     for r in rows:
         if r.model != m.name:
             continue
         batch = _row_batch(r)
-        key = f"{r.phase}:{r.batch}:{r.cached}:{r.new}"
         if r.op in ("layer", "linear", _MHA):
-            other[key][r.op] = r.time_ms
+            whole[(r.phase, r.batch, r.cached, r.new)][r.op] = r.time_ms
         if r.op == "layer":
             continue
         if r.op == _MHA and m.kv_lora_rank:
@@ -215,10 +207,9 @@ def _tables(m: cm.ModelSpec, rows: tuple[ProfileRow, ...], gpu: cm.GpuSpec) -> d
     tables = {k: Table(v) for k, v in points.items()}
     # GQA: a whole layer over its linear + attention ops (KV append, norms, residuals), where and as measured
     ratios = collections.defaultdict(list)
-    for key, ops in other.items():
+    for (phase, b, cached, new), ops in whole.items():
         if {"layer", "linear", _MHA} <= set(ops):
-            phase, b, cached, new = key.split(":")
-            batch = [(int(cached), int(new))] * int(b)
+            batch = [(cached, new)] * b
             ratios[phase].append((_coords(_MHA, batch), ops["layer"] / (ops["linear"] + ops[_MHA])))
     for phase, pts in ratios.items():
         tables[("layer_ratio", phase)] = Table(pts)

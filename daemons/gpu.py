@@ -67,7 +67,7 @@ class CostModelCompute:
         return s * self.time_scale
 
     def prefill_hbm_tokens(self) -> int:
-        return costmodel.kv_capacity_tokens(self.model, ep_gpus=self.model.prefill_ep_gpus)
+        return _prefill_hbm_tokens(self.model)
 
     def h2d_s(self, tokens: int) -> float:
         nbytes = tokens * costmodel.kv_bytes_per_token(self.model)
@@ -89,6 +89,11 @@ class CostModelCompute:
         if self.gpu_model != "profile":
             return {}
         return {f"{op}/{phase}": n for (op, phase), n in sorted(_profiled(self.model).outside.items())}
+
+
+@functools.lru_cache(maxsize=8)
+def _prefill_hbm_tokens(model: costmodel.ModelSpec) -> int:  # asked at every batch: sums every layer's weights
+    return costmodel.kv_capacity_tokens(model, ep_gpus=model.prefill_ep_gpus)
 
 
 @functools.lru_cache(maxsize=8)
