@@ -230,6 +230,16 @@ class NodeStub:
                 request_serializer=daemons_dot_dualpath__pb2.StatusRequest.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.LockstepArrive = channel.unary_unary(
+                '/dualpath.v1.Node/LockstepArrive',
+                request_serializer=daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.LockstepGo.FromString,
+                _registered_method=True)
+        self.LockstepLeave = channel.unary_unary(
+                '/dualpath.v1.Node/LockstepLeave',
+                request_serializer=daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.LockstepGo.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -278,6 +288,19 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LockstepArrive(self, request, context):
+        """Lockstep (daemons/lockstep.py), served by the node that hosts an EP group's rendezvous
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LockstepLeave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +338,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=daemons_dot_dualpath__pb2.StatusRequest.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.NodeStatus.SerializeToString,
+            ),
+            'LockstepArrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockstepArrive,
+                    request_deserializer=daemons_dot_dualpath__pb2.LockstepArrival.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.LockstepGo.SerializeToString,
+            ),
+            'LockstepLeave': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockstepLeave,
+                    request_deserializer=daemons_dot_dualpath__pb2.LockstepArrival.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.LockstepGo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +539,60 @@ class Node:
             '/dualpath.v1.Node/Status',
             daemons_dot_dualpath__pb2.StatusRequest.SerializeToString,
             daemons_dot_dualpath__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockstepArrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/LockstepArrive',
+            daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+            daemons_dot_dualpath__pb2.LockstepGo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockstepLeave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/LockstepLeave',
+            daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+            daemons_dot_dualpath__pb2.LockstepGo.FromString,
             options,
             channel_credentials,
             insecure,

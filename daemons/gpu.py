@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from daemons import costmodel, costprofile
+from daemons.lockstep import LockstepMember
 from traffic.collectives import ROW_COLUMNS, CollectiveAgent, Completion, ReceiverStats, csv_row, layer_bytes
 
 COLLECTIVE_COLUMNS = ["engine", "phase", *ROW_COLUMNS]  # a node's collectives.csv
@@ -160,12 +161,23 @@ class Collectives:
 
 
 class Gpu:
-    """One engine's GPU: compute for some layers of its batch, then (with collectives) their AllToAll."""
+    """One engine's GPU: compute for some layers of its batch, in lockstep with its EP group where it has one
+    (the group's slowest engine sets the chunk's time), then (with collectives) their AllToAll."""
 
-    def __init__(self, index: int, compute: Compute, collectives: Collectives | None):
-        self.index, self.compute, self.collectives = index, compute, collectives
+    def __init__(self, index: int, compute: Compute, collectives: Collectives | None,
+                 lockstep: LockstepMember | None = None):
+        self.index, self.compute, self.collectives, self.lockstep = index, compute, collectives, lockstep
 
-    async def run(self, seconds: float, layer_first: int, layers: int, tokens: int, phase: str) -> None:
+    async def run(self, seconds: float, layer_first: int, layers: int, tokens: int, phase: str,
+                  chunk: tuple[int, int] = (0, 1), attention_s: float = 0.0) -> None:
+        """`seconds` of this engine's own GPU time for layer chunk `chunk` = (index, chunks) of its forward."""
+        if self.lockstep is not None:
+            seconds = await self.lockstep.chunk(chunk[0], chunk[1], seconds, attention_s)
         await asyncio.sleep(seconds)  # the cost model's GPU time: the one sleep that stands for work
         if self.collectives is not None:
             await self.collectives.run(self.index, layer_first, layers, tokens, phase)
+
+    async def idle(self) -> None:
+        """No forward to run: the EP group stops waiting for this engine."""
+        if self.lockstep is not None:
+            await self.lockstep.leave()

@@ -49,6 +49,7 @@ from daemons.decode_engine import DecodeEngine
 from daemons.gpu import GPU_MODELS, Collectives, Compute, CostModelCompute, Gpu
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import StorageClient
+from daemons.lockstep import LockstepGroup, LockstepMember
 from daemons.prefill_engine import PREFILL_QUOTA_S, PrefillEngine
 from daemons.runtime import RpcCounter, Tasks, grpc_options, rpc_counts, run_event_loop, serve_until_stopped
 from daemons.traffic_manager import PUSH_BYTES, TrafficManager
@@ -60,20 +61,38 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, name: str, role: str, geom: KvGeometry, engines: int, storage: StorageClient,
                  compute: Compute, buffer_bytes: int, dscp_kv: int | None = None,
                  prefill_quota_s: float = PREFILL_QUOTA_S, collectives: Collectives | None = None,
-                 push_bytes: int = PUSH_BYTES):
+                 push_bytes: int = PUSH_BYTES, lockstep: list[tuple[str, str] | None] | None = None,
+                 hosted: dict[str, int] | None = None):
         self.name, self.role, self.geom = name, role, geom
         self.compute = compute
         self.collectives = collectives
         self.tm = TrafficManager(geom, storage, buffer_bytes, dscp_kv, push_bytes)
         self.tasks = Tasks()
         self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
-        gpus = [Gpu(i, compute, collectives) for i in range(engines)]
+        # lockstep: engine i's EP group (name, host's management address), and the groups this node hosts
+        self.groups = {g: LockstepGroup(g, size) for g, size in (hosted or {}).items()}
+        self.members = [self._member(i, m) for i, m in enumerate(lockstep or [None] * engines)]
+        gpus = [Gpu(i, compute, collectives, self.members[i]) for i in range(engines)]
         self.engines: list[PrefillEngine] | list[DecodeEngine]
         if role == "pe":
             self.engines = [PrefillEngine(i, self.tm, compute, g, self.tasks, prefill_quota_s)
                             for i, g in enumerate(gpus)]
         else:
             self.engines = [DecodeEngine(i, name, self.tm, compute, g, self.tasks) for i, g in enumerate(gpus)]
+
+    def _member(self, index: int, group: tuple[str, str] | None) -> LockstepMember | None:
+        if group is None:
+            return None
+        name, host = group
+        return LockstepMember(name, f"{self.name}/{index}",
+                              lambda msg, t: self.tm.stub(host, kv=False).LockstepArrive(msg, timeout=t),
+                              lambda msg, t: self.tm.stub(host, kv=False).LockstepLeave(msg, timeout=t))
+
+    def lockstep_stats(self) -> dict:
+        """What this node's engines waited for their EP groups (the bubbles), real seconds."""
+        members = [m for m in self.members if m is not None]
+        return {"engines": len(members), "waited_s": round(sum(m.waited_s for m in members), 4),
+                "timeouts": sum(m.timeouts for m in members)}
 
     @property
     def ledger(self):
@@ -115,6 +134,21 @@ class NodeService(pb_grpc.NodeServicer):
     async def Decode(self, request: pb.DecodeRequest, context):  # noqa: N802
         return await self._engine(request.de_engine, DecodeEngine, "Decode").decode(request)
 
+    # -- lockstep (the host of an EP group's rendezvous) ----------------------------------------------------
+    def _group(self, name: str) -> LockstepGroup:
+        if name not in self.groups:
+            raise ValueError(f"{self.name} does not host lockstep group {name!r}")
+        return self.groups[name]
+
+    async def LockstepArrive(self, request: pb.LockstepArrival, context):  # noqa: N802
+        start, cost = await self._group(request.group).arrive(request.member, request.seq, request.chunk,
+                                                              request.chunks, request.cost_s, request.attention_s)
+        return pb.LockstepGo(start=start, cost_s=cost)
+
+    async def LockstepLeave(self, request: pb.LockstepArrival, context):  # noqa: N802
+        self._group(request.group).leave(request.member, request.seq)
+        return pb.LockstepGo()
+
     async def Status(self, request, context):  # noqa: N802
         lg, tm = self.ledger, self.tm
         return pb.NodeStatus(
@@ -142,7 +176,8 @@ async def serve(args) -> None:
     compute = CostModelCompute(model, args.time_scale, args.gpu_model)
     service = NodeService(args.name, args.role, geom, len(cnics), storage, compute, args.dram_buffer_bytes,
                           args.dscp_kv, prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
-                          push_bytes=args.push_bytes)
+                          push_bytes=args.push_bytes, lockstep=_lockstep_members(args.lockstep, len(cnics)),
+                          hosted={g: int(n) for g, n in (e.split(":") for e in args.lockstep_host.split(",") if e)})
     service.rpcs = RpcCounter()
     server = grpc.aio.server(options=grpc_options(args.dscp_kv), interceptors=[service.rpcs])
     pb_grpc.add_NodeServicer_to_server(service, server)
@@ -150,12 +185,25 @@ async def serve(args) -> None:
     async def stop() -> None:
         if args.gpu_out:
             Path(args.gpu_out).write_text(json.dumps({"model": compute.describe(),
-                                                      "outside_grid": compute.outside_grid()}))
+                                                      "outside_grid": compute.outside_grid(),
+                                                      "lockstep": service.lockstep_stats()}))
+        for name, group in service.groups.items():
+            group.write_csv(str(Path(args.lockstep_out) / f"lockstep-{name}.csv"), args.time_scale)
         if collectives is not None and args.collectives_out:
             collectives.write_csv(args.collectives_out, args.name)
         await service.close()
 
     await serve_until_stopped(server, [args.mgmt, *cnics], stop)
+
+
+def _lockstep_members(spec: str, engines: int) -> list[tuple[str, str] | None]:
+    """--lockstep GROUP@HOST per engine, comma separated ("" = none): [(group, host address) | None]."""
+    if not spec:
+        return [None] * engines
+    entries = spec.split(",")
+    if len(entries) != engines:
+        raise ValueError(f"--lockstep names {len(entries)} engines' groups, this node has {engines} engines")
+    return [tuple(e.split("@", 1)) if e else None for e in entries]  # type: ignore[misc]
 
 
 def parse_args(argv: list[str] | None = None):
@@ -185,6 +233,11 @@ def parse_args(argv: list[str] | None = None):
                         "chunk / decode step; empty = no collectives")
     p.add_argument("--dscp-collective", type=int, default=None)
     p.add_argument("--byte-scale", type=float, default=1.0, help="scale of collective bytes (as of KV)")
+    p.add_argument("--lockstep", default="",
+                   help="GROUP@HOST_MGMT per engine, comma separated: the EP group each engine runs its layer chunks "
+                        "in lockstep with, and the management address of the node hosting it; empty = none")
+    p.add_argument("--lockstep-host", default="", help="GROUP:SIZE of each EP group this node hosts, comma separated")
+    p.add_argument("--lockstep-out", default=".", help="directory of the hosted groups' lockstep-GROUP.csv")
     p.add_argument("--gpu-out", default="", help="write where GPU time came from (JSON) here at stop")
     p.add_argument("--collectives-out", default="", help="write this node's collectives.csv here at stop")
     return p.parse_args(argv)

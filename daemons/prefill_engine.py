@@ -177,7 +177,15 @@ class PrefillEngine:
         return batch
 
     async def _loop(self) -> None:
-        """The PE engine's GPU: batches of ready requests, one after the other."""
+        """The PE engine's GPU: batches of ready requests, one after the other; idle (out of its EP group's
+        lockstep) once none is left."""
+        while True:
+            await self._batches()
+            await self.gpu.idle()
+            if not self.prefills:  # none came while it left the group
+                return
+
+    async def _batches(self) -> None:
         while self.prefills:
             if self.prefills[0].done.done():  # failed while queued (a chunked request's first part)
                 self.prefills.popleft()
@@ -198,15 +206,17 @@ class PrefillEngine:
     async def _run_batch(self, batch: list[tuple[PrefillJob, int]]) -> None:
         """Compute one batch; layerwise, each layer chunk's KV leaves as soon as the chunk is computed."""
         head = batch[0][0]
-        per_layer = self.compute.prefill_layers_s(
-            [(j.spec.hit_blocks * self.geom.block_tokens + j.computed, n) for j, n in batch])
+        shape = [(self._cached(j), n) for j, n in batch]
+        per_layer = self.compute.prefill_layers_s(shape)
+        attention_s = self.compute.prefill_attention_s(shape)  # per layer: what lockstep's Fig. 14 compares
         live = list(batch)
         if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
             for job, _ in live:
                 await self._arrived(job, len(job.chunks))
             # the whole hit KV goes DRAM -> HBM before the first layer: on the critical path, unlike layerwise
             copy_s = self.compute.h2d_s(sum(self._cached(j) for j, _ in live if j.computed == 0))
-            await self.gpu.run(copy_s + sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill")
+            await self.gpu.run(copy_s + sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill",
+                               attention_s=attention_s * self.geom.layers)
             for ci, chunk in enumerate(head.chunks):
                 self._send(live, chunk, last=ci == len(head.chunks) - 1)
         else:
@@ -220,7 +230,8 @@ class PrefillEngine:
                         job.done.set_exception(exc)
                 live = ok
                 lf, nl = chunk
-                await self.gpu.run(sum(per_layer[lf:lf + nl]), lf, nl, sum(n for _, n in live), "prefill")
+                await self.gpu.run(sum(per_layer[lf:lf + nl]), lf, nl, sum(n for _, n in live), "prefill",
+                                   chunk=(ci, len(head.chunks)), attention_s=attention_s * nl)
                 self._send(live, chunk, last=ci == len(head.chunks) - 1)
         for job, n in live:
             job.computed += n

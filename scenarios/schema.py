@@ -216,6 +216,8 @@ class Serving(_Model):
     layer_chunks: StrictInt = Field(4, ge=1, description="layer groups per layerwise transfer")
     collectives: bool = Field(False, description="MoE AllToAll per prefill layer chunk and decode step, "
                                                  "marked with traffic_classes.dscp_collective")
+    lockstep: bool = Field(True, description="the prefill engines of an EP model (ds*) run each layer chunk in "
+                                             "lockstep with their EP group: its slowest engine sets the time")
     isolation_compare: bool = Field(False, description="after the modes, re-shape the compute fabric with "
                                                        "traffic_classes.isolation flipped and run dualpath again")
     block_tokens: StrictInt = Field(64, ge=1)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 from daemons import costmodel
 from daemons.gpu import CostModelCompute
 from daemons.kvbytes import KvGeometry
+from daemons.lockstep import groups as lockstep_groups
 from daemons.gpu import COLLECTIVE_COLUMNS
 from daemons.policy import alpha_tokens, beta_tokens
 from emulator import dequeue
@@ -44,7 +45,7 @@ from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import fabric, linkstats, online, servecost
+from . import fabric, gpustats, linkstats, online, servecost
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
@@ -103,6 +104,7 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
         size = net.rcvbuf_bytes(host, snic.switch)
         return [] if size is None else ["--storage-rcvbuf", str(size)]
 
+    lockstep = _lockstep(plan, lay, mode_dir)
     for n in lay.nodes:
         coll = ["--collective-group", ",".join(groups[n["role"]]), "--dscp-collective",
                 str(sc.traffic_classes.dscp_collective), "--byte-scale", str(sc.scale.bytes),
@@ -112,12 +114,36 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
             "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
             "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time), "--dscp-kv", dscp_kv,
             "--gpu-model", sc.cluster.gpu_model, "--gpu-out", str(mode_dir / f"gpu-{n['name']}.json"),
-            *rcvbuf(n["name"]), *coll]))
+            *rcvbuf(n["name"]), *coll, *lockstep[n["name"]]]))
     ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
     out.append(("scheduler", net.host(CONTROL_HOST).netns, [
         python, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",
         "--config", str(mode_dir / "scheduler.json")]))
     return out
+
+
+def _lockstep(plan, lay: ServingLayout, mode_dir: Path) -> dict[str, list[str]]:
+    """Per node, its lockstep flags: its engines' EP group @ host (--lockstep) and the groups it hosts
+    (--lockstep-host). The prefill engines of an EP model, in (node, engine) order, form groups of the model's
+    prefill EP width (all of them where there are fewer); each group's first node hosts its rendezvous, which
+    writes lockstep-<group>.csv (daemons/lockstep.py)."""
+    flags: dict[str, list[str]] = {n["name"]: [] for n in lay.nodes}
+    if not (plan.scenario.serving.lockstep and lay.model.experts):
+        return flags
+    members: dict[str, list[str]] = {n: [] for n in flags}
+    hosted: dict[str, list[str]] = {n: [] for n in flags}
+    pe = [(n["name"], n["mgmt"]) for n in lay.nodes if n["role"] == "pe" for _ in n["cnics"]]
+    for gi, group in enumerate(lockstep_groups(pe, lay.model.prefill_ep_gpus)):
+        host, host_mgmt = group[0]
+        hosted[host].append(f"pe{gi}:{len(group)}")
+        for node, _ in group:  # in engine order within each node
+            members[node].append(f"pe{gi}@{host_mgmt}")
+    for n in flags:
+        if members[n]:
+            flags[n] += ["--lockstep", ",".join(members[n])]
+        if hosted[n]:
+            flags[n] += ["--lockstep-host", ",".join(hosted[n]), "--lockstep-out", str(mode_dir)]
+    return flags
 
 
 def driver_argv(plan, mode: str, mode_dir: Path, python: str = sys.executable) -> list[str]:
@@ -282,7 +308,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     if not spec.offline:  # Poisson agents, or a trace's arrivals (its mean rate)
         rate = spec.arrival_rate_per_s or round(len(starts) / max(max(starts), 1e-9), 4)
         summary["online"] = {"arrival_rate": rate, **online.steady_state(rows)}
-    summary["gpu"] = _merge_gpu(mode_dir, [n["name"] for n in lay.nodes])
+    summary["gpu"] = gpustats.merge_gpu(mode_dir, [n["name"] for n in lay.nodes])
     collective_bytes = 0
     if sc.serving.collectives:
         summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
@@ -290,17 +316,6 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     summary["cnic_kv_gbps"] = _cnic_kv_gbps(sampler, keys, t0, t1, collective_bytes,
                                             sc.scale.bytes / sc.scale.time)
     return summary, (t0, t1)
-
-
-def _merge_gpu(mode_dir: Path, names: list[str]) -> dict:
-    """Where the nodes' GPU time came from, and how many predictions lay outside the profile's grid."""
-    parts = [json.loads(p.read_text()) for name in names if (p := mode_dir / f"gpu-{name}.json").exists()]
-    outside: dict[str, int] = {}
-    for part in parts:
-        for key, n in part["outside_grid"].items():
-            outside[key] = outside.get(key, 0) + n
-    return {"model": sorted({p["model"] for p in parts}), "outside_grid": dict(sorted(outside.items())),
-            "nodes_reporting": len(parts)}
 
 
 def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_bytes: int,

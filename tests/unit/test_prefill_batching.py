@@ -20,10 +20,11 @@ MS_PER_TOKEN = 0.001
 
 
 class LinearGpu:
-    """Prefill: 1 ms per new token, spread evenly over the layers; records every batch it is asked about."""
+    """Prefill: 1 ms per new token, spread evenly over the layers; records every batch it is asked to predict
+    (asked) and every batch it computes (ran)."""
 
     def prefill_layers_s(self, batch):
-        self.asked.append(list(batch))
+        self.ran.append(list(batch))
         total = sum(new for _, new in batch) * MS_PER_TOKEN
         return (total / GEOM.layers,) * GEOM.layers
 
@@ -36,6 +37,7 @@ class LinearGpu:
 
     def __init__(self, hbm_tokens: int = 10**9):
         self.asked: list[list[tuple[int, int]]] = []
+        self.ran: list[list[tuple[int, int]]] = []
         self.hbm_tokens = hbm_tokens
 
     def prefill_hbm_tokens(self):
@@ -160,5 +162,5 @@ def test_prefills_complete_in_fifo_order_and_the_gpu_is_never_double_booked():
     eng = svc.engines[0]
     assert not eng.prefills and eng.unfinished_requests == 0 and eng.unfinished_tokens == 0
     # batches: [a 30, b 20] [b 10, c 40] [c 30, d 10]: each at most the quota, FIFO
-    run = [b for b in svc.compute.asked if len(b) > 1]
+    run = [b for b in svc.compute.ran if len(b) > 1]
     assert [[new for _, new in b] for b in run] == [[30, 20], [10, 40], [30, 10]]

@@ -1,0 +1,163 @@
+"""Lockstep: the GPUs of an expert-parallel group run each layer chunk of a forward together.
+
+The DS models run expert parallelism with DP attention (paper section 7): each GPU of an EP group holds its
+own requests, and all of them meet at every MoE layer's AllToAll, so no GPU gets past a layer before the
+slowest one. A layer chunk of a forward therefore lasts its slowest engine's chunk, and the others wait in
+bubbles. This is what the prefill engines' 300 ms attention quota exists to bound, and what the paper's
+Fig. 14 measures: attention time max / avg across the GPUs of an EP group per forward (~1.06 with its
+scheduler). Equal batches (Fig. 3's) pay nothing for lockstep; unequal ones pay the gap.
+
+The rendezvous: the first node of each EP group hosts a :class:`LockstepGroup`; every engine of the group is a
+:class:`LockstepMember` calling it on the management network. The messages carry times only, never KV (the
+AllToAll's bytes are ``serving.collectives``). A member arrives when its next chunk is ready to compute (its
+KV is on the GPU); the group's chunk starts once every engine of the current forward has arrived, and every
+member sleeps until that start plus the slowest arrival's cost, on the host's monotonic clock. All namespaces
+share one kernel's ``CLOCK_MONOTONIC``, so the RPC's latency is not added to GPU time.
+
+Forwards: an engine that joins while the group is inside a forward (a chunk past its first) waits in the lobby
+for the next forward, as a GPU cannot join a forward half way. An engine with no work leaves the group; the
+others do not wait for it (on GPUs it runs an empty forward that costs nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from daemons import dualpath_pb2 as pb
+
+LOCKSTEP_DEADLINE_S = 300.0  # real seconds one chunk may wait for its group (a stalled member, a dead host)
+LOCKSTEP_COLUMNS = ["t_s", "chunk", "members", "group_size", "cost_max_s", "cost_mean_s", "attention_max_s",
+                    "attention_sum_s"]  # one row per group chunk, real seconds (lockstep-<group>.csv)
+
+
+def groups(members: list, width: int) -> list[list]:
+    """EP groups of `width` consecutive engines, in (node, engine) order; fewer engines make one group."""
+    width = max(1, min(width, len(members)))
+    return [members[i:i + width] for i in range(0, len(members), width)]
+
+
+@dataclass
+class _Arrival:
+    chunk: int
+    chunks: int
+    cost_s: float
+    attention_s: float
+    go: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class LockstepGroup:
+    """The host's side: which engines are in the current forward, who has arrived, and one row per chunk."""
+
+    def __init__(self, name: str, size: int, clock: Callable[[], float] = time.monotonic):
+        self.name, self.size, self.clock = name, size, clock
+        self.active: set[str] = set()         # engines in the current forward
+        self.arrived: dict[str, _Arrival] = {}
+        self.lobby: dict[str, _Arrival] = {}  # joined inside a forward: wait for the next one
+        self.at_boundary = True               # the last chunk ended every forward in it
+        self.seq: dict[str, int] = {}
+        self.rows: list[tuple] = []
+        self.t0 = clock()
+
+    def _fresh(self, member: str, seq: int) -> None:
+        if seq <= self.seq.get(member, -1):
+            raise ValueError(f"lockstep {self.name}: call {seq} of {member} is older than its call "
+                             f"{self.seq[member]}")
+        self.seq[member] = seq
+
+    def arrive(self, member: str, seq: int, chunk: int, chunks: int, cost_s: float,
+               attention_s: float) -> asyncio.Future:
+        """`member` is ready to compute `chunk` of its forward: a future of (start, group cost)."""
+        self._fresh(member, seq)
+        for old in (self.arrived.pop(member, None), self.lobby.pop(member, None)):
+            if old is not None:  # it gave up waiting (its deadline) and computed alone: this call replaces it
+                old.go.cancel()
+        a = _Arrival(chunk, chunks, cost_s, attention_s)
+        if member in self.active or self.at_boundary:
+            self.active.add(member)
+            self.arrived[member] = a
+        else:
+            self.lobby[member] = a
+        self._settle()
+        return a.go
+
+    def leave(self, member: str, seq: int) -> None:
+        """`member` has no forward to run: the group stops waiting for it."""
+        self._fresh(member, seq)
+        self.active.discard(member)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.lobby and (self.at_boundary or not self.active):
+            self.at_boundary = True
+            self.active |= self.lobby.keys()
+            self.arrived.update(self.lobby)
+            self.lobby.clear()
+        if self.active and self.active <= self.arrived.keys():
+            self._fire()
+            if self.lobby and self.at_boundary:  # joiners wait for the continuing engines' next arrival
+                self._settle()
+
+    def _fire(self) -> None:
+        now = self.clock()
+        arrivals = list(self.arrived.values())
+        cost = max(a.cost_s for a in arrivals)
+        attention = [a.attention_s for a in arrivals]
+        self.rows.append((now - self.t0, min(a.chunk for a in arrivals), len(arrivals), self.size, cost,
+                          sum(a.cost_s for a in arrivals) / len(arrivals), max(attention), sum(attention)))
+        for a in arrivals:
+            if not a.go.done():
+                a.go.set_result((now, cost))
+        self.arrived = {}
+        self.at_boundary = all(a.chunk + 1 >= a.chunks for a in arrivals)
+
+    def write_csv(self, path: str, time_scale: float) -> None:
+        """One row per group chunk; times in real seconds (divide by the time scale for GPU seconds)."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(LOCKSTEP_COLUMNS)
+            w.writerows([round(r[0], 4), r[1], r[2], r[3], *(round(x, 6) for x in r[4:])] for r in self.rows)
+
+
+Call = Callable[[pb.LockstepArrival, float], Awaitable[pb.LockstepGo]]
+
+
+class LockstepMember:
+    """One engine's side: arrive with a chunk's cost, get the seconds to sleep; leave when idle."""
+
+    def __init__(self, group: str, member: str, arrive: Call, leave: Call,
+                 deadline_s: float = LOCKSTEP_DEADLINE_S, clock: Callable[[], float] = time.monotonic):
+        self.group, self.member, self._arrive, self._leave = group, member, arrive, leave
+        self.deadline_s, self.clock = deadline_s, clock
+        self.seq = 0
+        self.in_group = False
+        self.waited_s = 0.0   # seconds slept beyond its own chunks' costs (the bubbles)
+        self.timeouts = 0     # chunks that ran on their own cost because the group did not answer in time
+
+    def _msg(self, **kw) -> pb.LockstepArrival:
+        self.seq += 1
+        return pb.LockstepArrival(group=self.group, member=self.member, seq=self.seq, **kw)
+
+    async def chunk(self, chunk: int, chunks: int, cost_s: float, attention_s: float) -> float:
+        """Wait for the group's chunk to start; the seconds to sleep from now until it ends."""
+        self.in_group = True
+        try:
+            go = await self._arrive(self._msg(chunk=chunk, chunks=chunks, cost_s=cost_s,
+                                              attention_s=attention_s), self.deadline_s)
+        except Exception:  # noqa: BLE001 - the host did not answer: this engine computes on its own time
+            self.timeouts += 1
+            return cost_s
+        self.waited_s += max(0.0, go.cost_s - cost_s)
+        return max(0.0, go.start + go.cost_s - self.clock())
+
+    async def leave(self) -> None:
+        if not self.in_group:
+            return
+        self.in_group = False
+        try:
+            await self._leave(self._msg(), self.deadline_s)
+        except Exception:  # noqa: BLE001 - its next arrival re-joins it; until then the host waits for it
+            self.timeouts += 1
