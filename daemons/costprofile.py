@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from daemons import costmodel as cm
@@ -249,6 +250,15 @@ def deepep_normal_s(m: cm.ModelSpec, ep_gpus: int, tokens: int) -> float:
 
 
 # -- the model ---------------------------------------------------------------------------------------------
+class LayerParts(NamedTuple):
+    """One engine's own share of a layer (seconds; `tokens` its batch's new tokens): see layer_parts."""
+    dense: float   # a dense layer (all of it is the engine's own)
+    common: float  # a MoE layer less its experts and AllToAll: projections, attention, indexer
+    normal: float  # the AllToAll's bandwidth time at its tokens (DeepEP normal kernels; prefill)
+    head: float    # the LM head
+    tokens: int
+
+
 class ProfiledModel:
     """One model's layer times on `gpu` from the profile: each op at its measured efficiency of `gpu`'s roofline.
 
@@ -295,26 +305,51 @@ class ProfiledModel:
         return work.roofline_s(self.gpu) / self._eta(self.gemm_op, "any", [(0, len(batch))])
 
     # -- layers --
-    def _layer_kinds(self, batch: list[tuple[int, int]], phase: str, ep: int) -> tuple[float, float, float]:
-        """(dense layer, MoE layer, LM head) seconds for the batch."""
+    def layer_parts(self, batch: list[tuple[int, int]], phase: str, ep: int) -> LayerParts:
+        """One engine's own share of each layer kind for the batch: what does not depend on the rest of its EP
+        group (everything but the routed experts, which compute the whole group's tokens)."""
         m = self.m
         tokens = sum(n for _, n in batch)
         if not m.kv_lora_rank:  # GQA, dense (qwen32b)
             dense = (self.op_s("linear", phase, batch) + self.op_s(_MHA, phase, batch)) \
                 * self._layer_ratio(phase, batch)
-            return dense, dense, self._lm_head_s(batch)
+            return LayerParts(dense, dense, 0.0, self._lm_head_s(batch), tokens)
         common = self.op_s("mla_proj", phase, batch) + self.op_s(_MHA, phase, batch)
         if m.dsa_top_k:
             common += self.op_s("indexer", phase, batch)
-        dense = common + self.op_s("dense_ffn", phase, batch)
-        moe = dense
-        if m.experts:
-            compute = common + self.op_s("experts", phase, batch, ep)
-            if phase == "prefill":  # two micro-batches hide the AllToAll's bandwidth behind compute
-                moe = max(compute, deepep_normal_s(m, ep, tokens)) + deepep_latency_s(m, ep) + self.forward_s
-            else:                   # low-latency kernels overlapped with the other micro-batch
-                moe = max(compute, deepep_latency_s(m, ep, tokens))
-        return dense, moe, self._lm_head_s(batch)
+        normal = deepep_normal_s(m, ep, tokens) if m.experts and phase == "prefill" else 0.0
+        return LayerParts(common + self.op_s("dense_ffn", phase, batch), common, normal, self._lm_head_s(batch),
+                          tokens)
+
+    def moe_layer_s(self, common: float, normal: float, tokens: float, phase: str, ep: int) -> float:
+        """A MoE layer: the engine's own part (`common`), the routed and shared experts at `tokens` tokens per
+        GPU of the group, and the AllToAll."""
+        m = self.m
+        if not m.experts:
+            return common
+        compute = common + self.op_s("experts", phase, [(0, max(1, round(tokens)))], ep)
+        if phase == "prefill":  # two micro-batches hide the AllToAll's bandwidth behind compute
+            return max(compute, normal) + deepep_latency_s(m, ep) + self.forward_s
+        return max(compute, deepep_latency_s(m, ep, round(tokens)))  # low-latency kernels, overlapped
+
+    def group_layer_s(self, parts: list[LayerParts], group_size: int, phase: str = "prefill",
+                      ep: int | None = None) -> tuple[float, float, float]:
+        """(dense layer, MoE layer, LM head) seconds of a forward of the engines of one EP group in lockstep:
+        each layer waits for its slowest engine's own part, and the routed experts of every GPU compute the
+        group's tokens spread over its `group_size` GPUs (idle ones included), not each engine's own."""
+        ep = (self.m.prefill_ep_gpus if phase == "prefill" else self.m.decode_ep_gpus) if ep is None else ep
+        if not self.m.kv_lora_rank:
+            return max(p.dense for p in parts), max(p.common for p in parts), max(p.head for p in parts)
+        tokens = sum(p.tokens for p in parts) / max(group_size, len(parts))
+        moe = self.moe_layer_s(max(p.common for p in parts), max(p.normal for p in parts), tokens, phase, ep)
+        return max(p.dense for p in parts), moe, max(p.head for p in parts)
+
+    def _layer_kinds(self, batch: list[tuple[int, int]], phase: str, ep: int) -> tuple[float, float, float]:
+        """(dense layer, MoE layer, LM head) seconds for the batch (an EP group of like batches)."""
+        parts = self.layer_parts(batch, phase, ep)
+        if not self.m.kv_lora_rank:
+            return parts.dense, parts.common, parts.head
+        return parts.dense, self.moe_layer_s(parts.common, parts.normal, parts.tokens, phase, ep), parts.head
 
     def _layers(self, batch: list[tuple[int, int]], phase: str, ep: int) -> tuple[float, ...]:
         dense, moe, head = self._layer_kinds(batch, phase, ep)

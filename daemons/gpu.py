@@ -38,6 +38,13 @@ class Compute(Protocol):
     def h2d_s(self, tokens: int) -> float:
         """Copying `tokens` tokens of KV from host DRAM into HBM (Basic's copy before its prefill)."""
 
+    def prefill_parts(self, batch: list[tuple[int, int]]) -> costprofile.LayerParts | None:
+        """This engine's own share of each layer kind, for its EP group's lockstep (None: not split)."""
+
+    def group_chunk_s(self, parts: list[costprofile.LayerParts], group_size: int, layer_first: int,
+                      layers: int) -> float:
+        """Layers of an EP group's forward in lockstep, from its engines' own parts."""
+
 
 # Where GPU time comes from (`cluster.gpu_model`): the layer profile measured on a real H200 converted to the
 # paper's Hopper (daemons.costprofile), or the analytic roofline with constant efficiencies (daemons.costmodel).
@@ -70,6 +77,28 @@ class CostModelCompute:
     def prefill_hbm_tokens(self) -> int:
         return _prefill_hbm_tokens(self.model)
 
+    def prefill_parts(self, batch: list[tuple[int, int]]) -> costprofile.LayerParts | None:
+        """This engine's own share of each layer kind (wall seconds), for its EP group's lockstep; None where the
+        GPU model cannot split a layer (the roofline: the group then takes its slowest engine's whole cost)."""
+        if self.gpu_model != "profile" or not self.model.experts:
+            return None
+        p = _prefill_parts(self.model, tuple(batch))
+        k = self.time_scale
+        return p._replace(dense=p.dense * k, common=p.common * k, normal=p.normal * k, head=p.head * k)
+
+    def group_chunk_s(self, parts: list[costprofile.LayerParts], group_size: int, layer_first: int,
+                      layers: int) -> float:
+        """Layers [layer_first, +layers) of an EP group's forward in lockstep (wall seconds), from its engines'
+        own parts (``prefill_parts``): every layer waits for its slowest engine, and the routed experts compute
+        the group's tokens (``costprofile.ProfiledModel.group_layer_s``)."""
+        k, m = self.time_scale, self.model
+        unscaled = [p._replace(dense=p.dense / k, common=p.common / k, normal=p.normal / k, head=p.head / k)
+                    for p in parts]
+        dense, moe, head = _profiled(m).group_layer_s(unscaled, group_size)
+        n_dense = max(0, min(layer_first + layers, m.dense_layers) - layer_first)
+        last = head if layer_first + layers == m.layers else 0.0
+        return (n_dense * dense + (layers - n_dense) * moe + last) * k
+
     def h2d_s(self, tokens: int) -> float:
         nbytes = tokens * costmodel.kv_bytes_per_token(self.model)
         return nbytes / costmodel.HOPPER.h2d_bytes_per_s * self.time_scale
@@ -100,6 +129,11 @@ def _prefill_hbm_tokens(model: costmodel.ModelSpec) -> int:  # asked at every ba
 @functools.lru_cache(maxsize=8)
 def _profiled(model: costmodel.ModelSpec) -> costprofile.ProfiledModel:
     return costprofile.ProfiledModel(model)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefill_parts(model: costmodel.ModelSpec, batch: tuple[tuple[int, int], ...]) -> costprofile.LayerParts:
+    return _profiled(model).layer_parts(list(batch), "prefill", model.prefill_ep_gpus)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -169,10 +203,13 @@ class Gpu:
         self.index, self.compute, self.collectives, self.lockstep = index, compute, collectives, lockstep
 
     async def run(self, seconds: float, layer_first: int, layers: int, tokens: int, phase: str,
-                  chunk: tuple[int, int] = (0, 1), attention_s: float = 0.0) -> None:
-        """`seconds` of this engine's own GPU time for layer chunk `chunk` = (index, chunks) of its forward."""
+                  chunk: tuple[int, int] = (0, 1), attention_s: float = 0.0,
+                  parts: costprofile.LayerParts | None = None, pre_s: float = 0.0) -> None:
+        """`seconds` of this engine's own GPU time for layer chunk `chunk` = (index, chunks) of its forward; its
+        EP group's lockstep combines `parts` (its own share of each layer) and `pre_s` (its time before them)."""
         if self.lockstep is not None:
-            seconds = await self.lockstep.chunk(chunk[0], chunk[1], seconds, attention_s)
+            seconds = await self.lockstep.chunk(chunk[0], chunk[1], seconds, attention_s, parts, pre_s,
+                                                (layer_first, layers))
         await asyncio.sleep(seconds)  # the cost model's GPU time: the one sleep that stands for work
         if self.collectives is not None:
             await self.collectives.run(self.index, layer_first, layers, tokens, phase)

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from daemons import dualpath_pb2 as pb
 
 LOCKSTEP_DEADLINE_S = 300.0  # real seconds one chunk may wait for its group (a stalled member, a dead host)
-LOCKSTEP_COLUMNS = ["t_s", "chunk", "members", "group_size", "cost_max_s", "cost_mean_s", "attention_max_s",
-                    "attention_sum_s"]  # one row per group chunk, real seconds (lockstep-<group>.csv)
+# one row per group chunk, real seconds (lockstep-<group>.csv; docs/results.md)
+LOCKSTEP_COLUMNS = ["t_s", "chunk", "members", "group_size", "chunk_s", "cost_max_s", "cost_mean_s", "waited_s",
+                    "attention_max_s", "attention_sum_s"]
 
 
 def groups(members: list, width: int) -> list[list]:
@@ -41,22 +42,35 @@ def groups(members: list, width: int) -> list[list]:
 
 
 @dataclass
-class _Arrival:
+class Arrival:
+    """One engine ready to compute one layer chunk: its own costs (wall seconds)."""
     chunk: int
     chunks: int
-    cost_s: float
+    cost_s: float                 # its own time for the chunk, as if its group had like batches
     attention_s: float
+    parts: object | None = None   # its own share of each layer kind (costprofile.LayerParts), if the model splits
+    pre_s: float = 0.0            # its own time before the layers (Basic's copy into HBM)
+    layers: tuple[int, int] = (0, 0)  # (layer_first, layers) of the chunk
     go: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def slowest(arrivals: list[Arrival], group_size: int) -> float:
+    """The group's chunk time where the GPU model cannot split a layer: its slowest engine's own cost."""
+    return max(a.cost_s for a in arrivals)
+
+
+Combine = Callable[[list[Arrival], int], float]
 
 
 class LockstepGroup:
     """The host's side: which engines are in the current forward, who has arrived, and one row per chunk."""
 
-    def __init__(self, name: str, size: int, clock: Callable[[], float] = time.monotonic):
-        self.name, self.size, self.clock = name, size, clock
+    def __init__(self, name: str, size: int, clock: Callable[[], float] = time.monotonic,
+                 combine: Combine = slowest):
+        self.name, self.size, self.clock, self.combine = name, size, clock, combine
         self.active: set[str] = set()         # engines in the current forward
-        self.arrived: dict[str, _Arrival] = {}
-        self.lobby: dict[str, _Arrival] = {}  # joined inside a forward: wait for the next one
+        self.arrived: dict[str, Arrival] = {}
+        self.lobby: dict[str, Arrival] = {}  # joined inside a forward: wait for the next one
         self.at_boundary = True               # the last chunk ended every forward in it
         self.seq: dict[str, int] = {}
         self.rows: list[tuple] = []
@@ -68,14 +82,12 @@ class LockstepGroup:
                              f"{self.seq[member]}")
         self.seq[member] = seq
 
-    def arrive(self, member: str, seq: int, chunk: int, chunks: int, cost_s: float,
-               attention_s: float) -> asyncio.Future:
-        """`member` is ready to compute `chunk` of its forward: a future of (start, group cost)."""
+    def arrive(self, member: str, seq: int, a: Arrival) -> asyncio.Future:
+        """`member` is ready to compute chunk `a.chunk` of its forward: a future of (start, group chunk time)."""
         self._fresh(member, seq)
         for old in (self.arrived.pop(member, None), self.lobby.pop(member, None)):
             if old is not None:  # it gave up waiting (its deadline) and computed alone: this call replaces it
                 old.go.cancel()
-        a = _Arrival(chunk, chunks, cost_s, attention_s)
         if member in self.active or self.at_boundary:
             self.active.add(member)
             self.arrived[member] = a
@@ -104,10 +116,14 @@ class LockstepGroup:
     def _fire(self) -> None:
         now = self.clock()
         arrivals = list(self.arrived.values())
-        cost = max(a.cost_s for a in arrivals)
+        try:
+            cost = self.combine(arrivals, self.size)
+        except Exception:  # noqa: BLE001 - arrivals the GPU model cannot combine (unlike chunks): the slowest
+            cost = slowest(arrivals, self.size)
+        own = [a.cost_s for a in arrivals]
         attention = [a.attention_s for a in arrivals]
-        self.rows.append((now - self.t0, min(a.chunk for a in arrivals), len(arrivals), self.size, cost,
-                          sum(a.cost_s for a in arrivals) / len(arrivals), max(attention), sum(attention)))
+        self.rows.append((now - self.t0, min(a.chunk for a in arrivals), len(arrivals), self.size, cost, max(own),
+                          sum(own) / len(own), sum(max(0.0, cost - c) for c in own), max(attention), sum(attention)))
         for a in arrivals:
             if not a.go.done():
                 a.go.set_result((now, cost))
@@ -141,12 +157,17 @@ class LockstepMember:
         self.seq += 1
         return pb.LockstepArrival(group=self.group, member=self.member, seq=self.seq, **kw)
 
-    async def chunk(self, chunk: int, chunks: int, cost_s: float, attention_s: float) -> float:
+    async def chunk(self, chunk: int, chunks: int, cost_s: float, attention_s: float, parts=None,
+                    pre_s: float = 0.0, layers: tuple[int, int] = (0, 0)) -> float:
         """Wait for the group's chunk to start; the seconds to sleep from now until it ends."""
         self.in_group = True
+        msg = self._msg(chunk=chunk, chunks=chunks, cost_s=cost_s, attention_s=attention_s, pre_s=pre_s,
+                        layer_first=layers[0], layers=layers[1])
+        if parts is not None:
+            msg.parts.CopyFrom(pb.LayerParts(dense=parts.dense, common=parts.common, normal=parts.normal,
+                                             head=parts.head, tokens=parts.tokens))
         try:
-            go = await self._arrive(self._msg(chunk=chunk, chunks=chunks, cost_s=cost_s,
-                                              attention_s=attention_s), self.deadline_s)
+            go = await self._arrive(msg, self.deadline_s)
         except Exception:  # noqa: BLE001 - the host did not answer: this engine computes on its own time
             self.timeouts += 1
             return cost_s

@@ -49,7 +49,8 @@ from daemons.decode_engine import DecodeEngine
 from daemons.gpu import GPU_MODELS, Collectives, Compute, CostModelCompute, Gpu
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import StorageClient
-from daemons.lockstep import LockstepGroup, LockstepMember
+from daemons.costprofile import LayerParts
+from daemons.lockstep import Arrival, LockstepGroup, LockstepMember, slowest
 from daemons.prefill_engine import PREFILL_QUOTA_S, PrefillEngine
 from daemons.runtime import RpcCounter, Tasks, grpc_options, rpc_counts, run_event_loop, serve_until_stopped
 from daemons.traffic_manager import PUSH_BYTES, TrafficManager
@@ -70,7 +71,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.tasks = Tasks()
         self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
         # lockstep: engine i's EP group (name, host's management address), and the groups this node hosts
-        self.groups = {g: LockstepGroup(g, size) for g, size in (hosted or {}).items()}
+        self.groups = {g: LockstepGroup(g, size, combine=self._combine) for g, size in (hosted or {}).items()}
         self.members = [self._member(i, m) for i, m in enumerate(lockstep or [None] * engines)]
         gpus = [Gpu(i, compute, collectives, self.members[i]) for i in range(engines)]
         self.engines: list[PrefillEngine] | list[DecodeEngine]
@@ -87,6 +88,15 @@ class NodeService(pb_grpc.NodeServicer):
         return LockstepMember(name, f"{self.name}/{index}",
                               lambda msg, t: self.tm.stub(host, kv=False).LockstepArrive(msg, timeout=t),
                               lambda msg, t: self.tm.stub(host, kv=False).LockstepLeave(msg, timeout=t))
+
+    def _combine(self, arrivals: list[Arrival], group_size: int) -> float:
+        """A hosted group's chunk time: every layer at its slowest engine, the routed experts over the group's
+        tokens (CostModelCompute.group_chunk_s); the slowest engine's own cost where the model cannot split."""
+        if any(a.parts is None for a in arrivals) or len({a.layers for a in arrivals}) != 1:
+            return slowest(arrivals, group_size)
+        first, layers = arrivals[0].layers
+        pre = max(a.pre_s for a in arrivals)
+        return pre + self.compute.group_chunk_s([a.parts for a in arrivals], group_size, first, layers)
 
     def lockstep_stats(self) -> dict:
         """What this node's engines waited for their EP groups (the bubbles), real seconds."""
@@ -141,8 +151,11 @@ class NodeService(pb_grpc.NodeServicer):
         return self.groups[name]
 
     async def LockstepArrive(self, request: pb.LockstepArrival, context):  # noqa: N802
-        start, cost = await self._group(request.group).arrive(request.member, request.seq, request.chunk,
-                                                              request.chunks, request.cost_s, request.attention_s)
+        r = request
+        parts = LayerParts(r.parts.dense, r.parts.common, r.parts.normal, r.parts.head, r.parts.tokens) \
+            if r.HasField("parts") else None
+        start, cost = await self._group(r.group).arrive(r.member, r.seq, Arrival(
+            r.chunk, r.chunks, r.cost_s, r.attention_s, parts, r.pre_s, (r.layer_first, r.layers)))
         return pb.LockstepGo(start=start, cost_s=cost)
 
     async def LockstepLeave(self, request: pb.LockstepArrival, context):  # noqa: N802

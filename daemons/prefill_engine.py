@@ -209,6 +209,7 @@ class PrefillEngine:
         shape = [(self._cached(j), n) for j, n in batch]
         per_layer = self.compute.prefill_layers_s(shape)
         attention_s = self.compute.prefill_attention_s(shape)  # per layer: what lockstep's Fig. 14 compares
+        parts = self.compute.prefill_parts(shape) if self.gpu.lockstep is not None else None
         live = list(batch)
         if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
             for job, _ in live:
@@ -216,7 +217,7 @@ class PrefillEngine:
             # the whole hit KV goes DRAM -> HBM before the first layer: on the critical path, unlike layerwise
             copy_s = self.compute.h2d_s(sum(self._cached(j) for j, _ in live if j.computed == 0))
             await self.gpu.run(copy_s + sum(per_layer), 0, self.geom.layers, sum(n for _, n in live), "prefill",
-                               attention_s=attention_s * self.geom.layers)
+                               attention_s=attention_s * self.geom.layers, parts=parts, pre_s=copy_s)
             for ci, chunk in enumerate(head.chunks):
                 self._send(live, chunk, last=ci == len(head.chunks) - 1)
         else:
@@ -231,7 +232,7 @@ class PrefillEngine:
                 live = ok
                 lf, nl = chunk
                 await self.gpu.run(sum(per_layer[lf:lf + nl]), lf, nl, sum(n for _, n in live), "prefill",
-                                   chunk=(ci, len(head.chunks)), attention_s=attention_s * nl)
+                                   chunk=(ci, len(head.chunks)), attention_s=attention_s * nl, parts=parts)
                 self._send(live, chunk, last=ci == len(head.chunks) - 1)
         for job, n in live:
             job.computed += n

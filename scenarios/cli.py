@@ -120,7 +120,8 @@ def _print_run(s: dict, run_dir: Path) -> None:
         for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(_serving_table(s))
-        for grid in (tables.online(s), tables.collectives(s), tables.isolation(s), tables.links(s)):
+        for grid in (tables.online(s), tables.collectives(s), tables.lockstep(s), tables.isolation(s),
+                     tables.links(s)):
             if grid is not None:
                 console.print(_rich(grid))
         for mode, m in s["modes"].items():

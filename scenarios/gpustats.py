@@ -6,8 +6,10 @@ Lockstep figures, per phase's groups together:
   engine's predicted attention time over the mean of the engines in that forward, averaged over forwards;
   ``..._full`` counts only forwards in which every engine of the group took part (as early in the paper's
   runs), ``..._group`` averages over the whole group, idle engines as 0;
-- ``bubble_share``: of the GPU time engines spent in forwards, the share they waited for a slower engine
-  (what lockstep cost: sum over chunks of (max - each engine's cost) / sum of max x engines).
+- ``bubble_share``: of the GPU time engines spent in forwards, the share they waited beyond their own work
+  (sum over chunks of (chunk time - each engine's own cost, where positive) / sum of chunk time x engines).
+  An engine's own cost assumes a group of like batches; in lockstep the routed experts compute the group's
+  tokens, so a chunk can be shorter than its busiest engine's own cost.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def lockstep_figures(paths: list[Path]) -> dict:
     def ratio(r: dict, over: str) -> float:
         return float(r["attention_max_s"]) * int(r[over]) / float(r["attention_sum_s"])
     full = [r for r in forwards if r["members"] == r["group_size"]]
-    in_forwards = sum(float(r["cost_max_s"]) * int(r["members"]) for r in rows)
-    waited = sum((float(r["cost_max_s"]) - float(r["cost_mean_s"])) * int(r["members"]) for r in rows)
+    in_forwards = sum(float(r["chunk_s"]) * int(r["members"]) for r in rows)
+    waited = sum(float(r["waited_s"]) for r in rows)
     return {"groups": len(paths), "chunks": len(rows), "forwards": len(forwards),
             "full_forwards": len(full),
             "attention_max_over_avg": _mean([ratio(r, "members") for r in forwards]),

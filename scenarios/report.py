@@ -158,7 +158,8 @@ def _run_report(run: Path) -> Path:
                   f"| DualPath / Basic JCT | {fmt_num(measured)}x | {fmt_num(paper)}{'x' if paper else ''} "
                   f"| {expect:.2f}x (storage-bound (P+D)/P = {storage:.2f}, compute-bound basic/oracle = "
                   f"{fmt_num(compute)}) |", ""]
-        for grid in (tables.online(summary), tables.collectives(summary), tables.isolation(summary),
+        for grid in (tables.online(summary), tables.collectives(summary), tables.lockstep(summary),
+                     tables.isolation(summary),
                      tables.links(summary)):
             if grid is not None:
                 lines += tables.markdown(grid)

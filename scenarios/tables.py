@@ -57,6 +57,25 @@ def collectives(summary: dict) -> Grid | None:
                 ("mode", "prefill\ncount", "prefill\np50/p99", "decode\ncount", "decode\np50/p99"), rows)
 
 
+def lockstep(summary: dict) -> Grid | None:
+    """Per mode: the prefill EP groups' lockstep (``scenarios.gpustats``): Fig. 14's attention max/avg and the
+    share of GPU time spent waiting for the group's slowest engine."""
+    rows = []
+    for mode, m in summary.get("modes", {}).items():
+        if ls := m.get("gpu", {}).get("lockstep"):
+            rows.append((mode, str(ls["forwards"]), fmt_num(ls["engines_per_forward"], "{:.1f}"),
+                         fmt_num(ls["attention_max_over_avg"]), fmt_num(ls["attention_max_over_avg_full"]),
+                         f"{ls['full_forwards']}",
+                         fmt_num(None if ls["bubble_share"] is None else ls["bubble_share"] * 100, "{:.1f}"),
+                         str(ls["timeouts"])))
+    if not rows:
+        return None
+    return Grid("lockstep (prefill EP groups): attention max/avg per forward (paper Fig. 14: ~1.06 with its "
+                "scheduler);\nwait = share of engine time in forwards spent waiting beyond its own work",
+                ("mode", "forwards", "engines\n/forward", "attn\nmax/avg", "all engines\nmax/avg",
+                 "all-engine\nforwards", "wait\n%", "time-\nouts"), rows)
+
+
 def isolation(summary: dict) -> Grid | None:
     """The isolation experiment: reference (no KV), isolation on, isolation off."""
     iso = summary.get("isolation")

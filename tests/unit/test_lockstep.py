@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from daemons import dualpath_pb2 as pb
-from daemons.lockstep import LockstepGroup, LockstepMember, groups
+from daemons.lockstep import Arrival, LockstepGroup, LockstepMember, groups
 from scenarios.gpustats import lockstep_figures
 
 
@@ -22,6 +22,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def arrive(g: LockstepGroup, member: str, seq: int, chunk: int, chunks: int, cost_s: float, attention_s: float):
+    return g.arrive(member, seq, Arrival(chunk, chunks, cost_s, attention_s))
+
+
 def test_groups_of_the_ep_width():
     engines = [f"pe{n}/{i}" for n in (1, 2) for i in range(8)]
     assert groups(engines, 16) == [engines]
@@ -33,30 +37,31 @@ def test_a_chunk_waits_for_every_engine_and_lasts_the_slowest():
     async def body():
         clock = Clock()
         g = LockstepGroup("pe0", 3, clock)
-        assert g.arrive("a", 1, 0, 1, 0.1, 0.05).done()  # an idle group: a's forward starts at once, alone
-        b = g.arrive("b", 1, 0, 2, 0.3, 0.2)  # a forward ended: b and c join the next one, with a
-        c = g.arrive("c", 1, 0, 2, 0.2, 0.1)
+        assert arrive(g, "a", 1, 0, 1, 0.1, 0.05).done()  # an idle group: a's forward starts at once, alone
+        b = arrive(g, "b", 1, 0, 2, 0.3, 0.2)  # a forward ended: b and c join the next one, with a
+        c = arrive(g, "c", 1, 0, 2, 0.2, 0.1)
         assert not b.done() and not c.done()
         clock.t = 101.0
-        a = g.arrive("a", 2, 0, 2, 0.1, 0.05)
+        a = arrive(g, "a", 2, 0, 2, 0.1, 0.05)
         assert a.result() == b.result() == c.result() == (101.0, 0.3)
         # chunk 1: a is slow now
-        d = [g.arrive(m, seq, 1, 2, cost, cost / 2) for m, seq, cost in (("a", 3, 0.5), ("b", 2, 0.1), ("c", 2, 0.1))]
+        d = [arrive(g, m, seq, 1, 2, cost, cost / 2) for m, seq, cost in (("a", 3, 0.5), ("b", 2, 0.1), ("c", 2, 0.1))]
         assert all(f.result()[1] == 0.5 for f in d)
-        assert len(g.rows) == 3 and g.rows[1][1:5] == (0, 3, 3, 0.3)
-        assert g.rows[1][7] == pytest.approx(0.35)
+        assert len(g.rows) == 3 and g.rows[1][1:6] == (0, 3, 3, 0.3, 0.3)
+        assert g.rows[1][7] == pytest.approx(0.2 + 0.1)  # waited: a 0.2, c 0.1
+        assert g.rows[1][9] == pytest.approx(0.35)
     run(body())
 
 
 def test_a_joiner_waits_for_the_next_forward():
     async def body():
         g = LockstepGroup("pe0", 2, Clock())
-        g.arrive("a", 1, 0, 2, 0.1, 0.0)  # a alone: its chunk 0 starts at once
+        arrive(g, "a", 1, 0, 2, 0.1, 0.0)  # a alone: its chunk 0 starts at once
         assert g.rows and g.rows[-1][2] == 1
-        late = g.arrive("b", 1, 0, 2, 0.2, 0.0)  # inside a's forward: waits in the lobby
-        a1 = g.arrive("a", 2, 1, 2, 0.1, 0.0)   # a's chunk 1 does not wait for b
+        late = arrive(g, "b", 1, 0, 2, 0.2, 0.0)  # inside a's forward: waits in the lobby
+        a1 = arrive(g, "a", 2, 1, 2, 0.1, 0.0)   # a's chunk 1 does not wait for b
         assert a1.done() and not late.done()
-        a2 = g.arrive("a", 3, 0, 2, 0.1, 0.0)   # the next forward: a and b together
+        a2 = arrive(g, "a", 3, 0, 2, 0.1, 0.0)   # the next forward: a and b together
         assert late.done() and a2.done() and a2.result()[1] == 0.2
     run(body())
 
@@ -64,10 +69,10 @@ def test_a_joiner_waits_for_the_next_forward():
 def test_a_leaver_is_not_waited_for_and_an_old_call_is_refused():
     async def body():
         g = LockstepGroup("pe0", 2, Clock())
-        g.arrive("a", 1, 0, 1, 0.1, 0.0)  # alone
-        g.arrive("b", 1, 0, 1, 0.1, 0.0)
-        assert g.arrive("a", 2, 0, 1, 0.1, 0.0).done()  # a and b
-        nxt = g.arrive("a", 3, 0, 1, 0.1, 0.0)
+        arrive(g, "a", 1, 0, 1, 0.1, 0.0)  # alone
+        arrive(g, "b", 1, 0, 1, 0.1, 0.0)
+        assert arrive(g, "a", 2, 0, 1, 0.1, 0.0).done()  # a and b
+        nxt = arrive(g, "a", 3, 0, 1, 0.1, 0.0)
         assert not nxt.done()
         g.leave("b", 2)
         assert nxt.done()
@@ -80,23 +85,23 @@ def test_a_member_sleeps_until_the_group_chunk_ends_and_counts_its_bubble():
     async def body():
         clock = Clock()
         g = LockstepGroup("pe0", 2, clock)
-        g.arrive("x", 1, 0, 2, 0.1, 0.0)  # x alone: its forward starts at once
+        arrive(g, "x", 1, 0, 2, 0.1, 0.0)  # x alone: its forward starts at once
 
-        async def arrive(msg: pb.LockstepArrival, deadline: float) -> pb.LockstepGo:
-            start, cost = await g.arrive(msg.member, msg.seq, msg.chunk, msg.chunks, msg.cost_s, msg.attention_s)
+        async def call(msg: pb.LockstepArrival, deadline: float) -> pb.LockstepGo:
+            start, cost = await arrive(g, msg.member, msg.seq, msg.chunk, msg.chunks, msg.cost_s, msg.attention_s)
             clock.t += 0.05  # the reply's latency is not GPU time
             return pb.LockstepGo(start=start, cost_s=cost)
 
         async def leave(msg, deadline):
             g.leave(msg.member, msg.seq)
             return pb.LockstepGo()
-        m = LockstepMember("pe0", "y", arrive, leave, clock=clock)
+        m = LockstepMember("pe0", "y", call, leave, clock=clock)
         y = asyncio.create_task(m.chunk(0, 1, 0.1, 0.0))  # inside x's forward: the lobby
         await asyncio.sleep(0)
-        g.arrive("x", 2, 1, 2, 0.1, 0.0)  # x's last chunk; then x's next forward, with y
+        arrive(g, "x", 2, 1, 2, 0.1, 0.0)  # x's last chunk; then x's next forward, with y
         await asyncio.sleep(0)
         assert not y.done()
-        other = g.arrive("x", 3, 0, 1, 0.4, 0.0)
+        other = arrive(g, "x", 3, 0, 1, 0.4, 0.0)
         assert await asyncio.wait_for(y, 5) == pytest.approx(0.35)
         assert m.waited_s == pytest.approx(0.3) and other.done()
         await m.leave()
@@ -117,11 +122,11 @@ def test_a_member_whose_group_does_not_answer_computes_alone():
 def test_fig14_and_the_bubble_share_from_the_rows(tmp_path):
     async def body():
         g = LockstepGroup("pe0", 2, Clock())
-        g.arrive("a", 1, 0, 1, 0.1, 0.1)  # a alone (b idle)
-        g.arrive("b", 1, 0, 1, 0.3, 0.3)
-        g.arrive("a", 2, 0, 1, 0.2, 0.2)  # a and b: 0.2 and 0.3
-        g.arrive("a", 3, 0, 1, 0.2, 0.2)
-        g.arrive("b", 2, 0, 1, 0.2, 0.2)  # a and b: equal
+        arrive(g, "a", 1, 0, 1, 0.1, 0.1)  # a alone (b idle)
+        arrive(g, "b", 1, 0, 1, 0.3, 0.3)
+        arrive(g, "a", 2, 0, 1, 0.2, 0.2)  # a and b: 0.2 and 0.3
+        arrive(g, "a", 3, 0, 1, 0.2, 0.2)
+        arrive(g, "b", 2, 0, 1, 0.2, 0.2)  # a and b: equal
         g.write_csv(str(tmp_path / "lockstep-pe0.csv"), 1.0)
     run(body())
     f = lockstep_figures([tmp_path / "lockstep-pe0.csv"])
@@ -130,3 +135,24 @@ def test_fig14_and_the_bubble_share_from_the_rows(tmp_path):
     assert f["attention_max_over_avg_group"] == pytest.approx((2.0 + 1.2 + 1.0) / 3, abs=1e-4)
     # waited: a's 0.1 of the 0.3 chunk, of 0.1 + 2 x 0.3 + 2 x 0.2 engine-seconds in forwards
     assert f["bubble_share"] == pytest.approx(0.1 / 1.1, abs=1e-4)
+
+
+def test_the_group_chunk_waits_for_the_slowest_own_part_and_shares_the_experts():
+    from daemons import costmodel
+    from daemons.gpu import CostModelCompute
+    c = CostModelCompute(costmodel.MODELS["ds660b"], 1.0, "profile")
+    small, big = [(32_768, 429)], [(32_768, 429)] * 6
+    layers = c.model.layers
+
+    def own(batch, lf, nl):
+        return sum(c.prefill_layers_s(batch)[lf:lf + nl])
+    # like batches on every GPU of the group: lockstep costs nothing
+    for lf, nl in ((0, 30), (30, layers - 30)):
+        assert c.group_chunk_s([c.prefill_parts(small)] * 16, 16, lf, nl) == pytest.approx(own(small, lf, nl))
+    # one busy engine among light ones: slower than the light ones' own, faster than the busy one's own (its
+    # tokens' routed experts are spread over the group, not repeated on every GPU as like batches would be)
+    mixed = c.group_chunk_s([c.prefill_parts(big)] + [c.prefill_parts(small)] * 15, 16, 0, layers)
+    assert own(small, 0, layers) < mixed < own(big, 0, layers)
+    # alone in a group of 16: its tokens' experts are spread over 16 GPUs
+    assert c.group_chunk_s([c.prefill_parts(big)], 16, 0, layers) < own(big, 0, layers)
+    assert CostModelCompute(costmodel.MODELS["ds660b"], 1.0, "roofline").prefill_parts(small) is None
