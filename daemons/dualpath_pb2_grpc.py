@@ -240,6 +240,11 @@ class NodeStub:
                 request_serializer=daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
                 response_deserializer=daemons_dot_dualpath__pb2.LockstepGo.FromString,
                 _registered_method=True)
+        self.LockstepJoin = channel.unary_unary(
+                '/dualpath.v1.Node/LockstepJoin',
+                request_serializer=daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+                response_deserializer=daemons_dot_dualpath__pb2.LockstepGo.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -301,6 +306,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LockstepJoin(self, request, context):
+        """an idle engine has work: the next boundary
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -346,6 +358,11 @@ def add_NodeServicer_to_server(servicer, server):
             ),
             'LockstepLeave': grpc.unary_unary_rpc_method_handler(
                     servicer.LockstepLeave,
+                    request_deserializer=daemons_dot_dualpath__pb2.LockstepArrival.FromString,
+                    response_serializer=daemons_dot_dualpath__pb2.LockstepGo.SerializeToString,
+            ),
+            'LockstepJoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockstepJoin,
                     request_deserializer=daemons_dot_dualpath__pb2.LockstepArrival.FromString,
                     response_serializer=daemons_dot_dualpath__pb2.LockstepGo.SerializeToString,
             ),
@@ -591,6 +608,33 @@ class Node:
             request,
             target,
             '/dualpath.v1.Node/LockstepLeave',
+            daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
+            daemons_dot_dualpath__pb2.LockstepGo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockstepJoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dualpath.v1.Node/LockstepJoin',
             daemons_dot_dualpath__pb2.LockstepArrival.SerializeToString,
             daemons_dot_dualpath__pb2.LockstepGo.FromString,
             options,

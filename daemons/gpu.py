@@ -214,6 +214,11 @@ class Gpu:
         if self.collectives is not None:
             await self.collectives.run(self.index, layer_first, layers, tokens, phase)
 
+    async def join(self) -> None:
+        """Work after idling: wait for the EP group's next forward boundary before forming a batch."""
+        if self.lockstep is not None:
+            await self.lockstep.join()
+
     async def idle(self) -> None:
         """No forward to run: the EP group stops waiting for this engine."""
         if self.lockstep is not None:

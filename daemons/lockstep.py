@@ -70,8 +70,10 @@ class LockstepGroup:
         self.name, self.size, self.clock, self.combine = name, size, clock, combine
         self.active: set[str] = set()         # engines in the current forward
         self.arrived: dict[str, Arrival] = {}
-        self.lobby: dict[str, Arrival] = {}  # joined inside a forward: wait for the next one
+        self.joiners: dict[str, asyncio.Future] = {}  # asked to join inside a forward: wait for its end
+        self.lobby: dict[str, Arrival] = {}   # arrived unjoined inside a forward (a late call): the next one
         self.at_boundary = True               # the last chunk ended every forward in it
+        self.forward_end = clock()            # when the last chunk started ends
         self.seq: dict[str, int] = {}
         self.rows: list[tuple] = []
         self.t0 = clock()
@@ -81,6 +83,19 @@ class LockstepGroup:
             raise ValueError(f"lockstep {self.name}: call {seq} of {member} is older than its call "
                              f"{self.seq[member]}")
         self.seq[member] = seq
+
+    def join(self, member: str, seq: int) -> asyncio.Future:
+        """`member` has work: a future of (when it may form its batch, 0). At once where no forward runs (at the
+        end of the last chunk, if that still runs); inside a forward, at that forward's end: a GPU starts its
+        batch at a forward boundary, with every ready request it holds then."""
+        self._fresh(member, seq)
+        go = asyncio.get_running_loop().create_future()
+        if member in self.active or self.at_boundary or not self.active:
+            self.active.add(member)
+            go.set_result((self.forward_end if self.at_boundary else self.clock(), 0.0))
+        else:
+            self.joiners[member] = go
+        return go
 
     def arrive(self, member: str, seq: int, a: Arrival) -> asyncio.Future:
         """`member` is ready to compute chunk `a.chunk` of its forward: a future of (start, group chunk time)."""
@@ -100,7 +115,17 @@ class LockstepGroup:
         """`member` has no forward to run: the group stops waiting for it."""
         self._fresh(member, seq)
         self.active.discard(member)
+        if not self.active:  # nobody left in the forward: it has ended
+            self.at_boundary = True
+            self._admit_joiners()
         self._settle()
+
+    def _admit_joiners(self) -> None:
+        for m, go in self.joiners.items():
+            self.active.add(m)
+            if not go.done():
+                go.set_result((self.forward_end, 0.0))
+        self.joiners.clear()
 
     def _settle(self) -> None:
         if self.lobby and (self.at_boundary or not self.active):
@@ -128,7 +153,10 @@ class LockstepGroup:
             if not a.go.done():
                 a.go.set_result((now, cost))
         self.arrived = {}
+        self.forward_end = now + cost
         self.at_boundary = all(a.chunk + 1 >= a.chunks for a in arrivals)
+        if self.at_boundary:
+            self._admit_joiners()
 
     def write_csv(self, path: str, time_scale: float) -> None:
         """One row per group chunk; times in real seconds (divide by the time scale for GPU seconds)."""
@@ -144,9 +172,9 @@ Call = Callable[[pb.LockstepArrival, float], Awaitable[pb.LockstepGo]]
 class LockstepMember:
     """One engine's side: arrive with a chunk's cost, get the seconds to sleep; leave when idle."""
 
-    def __init__(self, group: str, member: str, arrive: Call, leave: Call,
+    def __init__(self, group: str, member: str, arrive: Call, leave: Call, join: Call,
                  deadline_s: float = LOCKSTEP_DEADLINE_S, clock: Callable[[], float] = time.monotonic):
-        self.group, self.member, self._arrive, self._leave = group, member, arrive, leave
+        self.group, self.member, self._arrive, self._leave, self._join = group, member, arrive, leave, join
         self.deadline_s, self.clock = deadline_s, clock
         self.seq = 0
         self.in_group = False
@@ -173,6 +201,21 @@ class LockstepMember:
             return cost_s
         self.waited_s += max(0.0, go.cost_s - cost_s)
         return max(0.0, go.start + go.cost_s - self.clock())
+
+    async def join(self) -> None:
+        """Before forming a batch from idle: wait for the group's next forward boundary."""
+        if self.in_group:
+            return
+        self.in_group = True
+        try:
+            go = await self._join(self._msg(), self.deadline_s)
+        except Exception:  # noqa: BLE001 - the host did not answer: its chunks will compute on their own time
+            self.timeouts += 1
+            return
+        wait = go.start - self.clock()
+        if wait > 0:
+            self.waited_s += wait
+            await asyncio.sleep(wait)  # the group's forward running on the GPUs: no batch can start before it ends
 
     async def leave(self) -> None:
         if not self.in_group:

@@ -87,7 +87,8 @@ class NodeService(pb_grpc.NodeServicer):
         name, host = group
         return LockstepMember(name, f"{self.name}/{index}",
                               lambda msg, t: self.tm.stub(host, kv=False).LockstepArrive(msg, timeout=t),
-                              lambda msg, t: self.tm.stub(host, kv=False).LockstepLeave(msg, timeout=t))
+                              lambda msg, t: self.tm.stub(host, kv=False).LockstepLeave(msg, timeout=t),
+                              lambda msg, t: self.tm.stub(host, kv=False).LockstepJoin(msg, timeout=t))
 
     def _combine(self, arrivals: list[Arrival], group_size: int) -> float:
         """A hosted group's chunk time: every layer at its slowest engine, the routed experts over the group's
@@ -157,6 +158,10 @@ class NodeService(pb_grpc.NodeServicer):
         start, cost = await self._group(r.group).arrive(r.member, r.seq, Arrival(
             r.chunk, r.chunks, r.cost_s, r.attention_s, parts, r.pre_s, (r.layer_first, r.layers)))
         return pb.LockstepGo(start=start, cost_s=cost)
+
+    async def LockstepJoin(self, request: pb.LockstepArrival, context):  # noqa: N802
+        start, _ = await self._group(request.group).join(request.member, request.seq)
+        return pb.LockstepGo(start=start)
 
     async def LockstepLeave(self, request: pb.LockstepArrival, context):  # noqa: N802
         self._group(request.group).leave(request.member, request.seq)

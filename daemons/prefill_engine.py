@@ -180,6 +180,7 @@ class PrefillEngine:
         """The PE engine's GPU: batches of ready requests, one after the other; idle (out of its EP group's
         lockstep) once none is left."""
         while True:
+            await self.gpu.join()  # an EP group's GPUs start a batch only at a forward boundary
             await self._batches()
             await self.gpu.idle()
             if not self.prefills:  # none came while it left the group

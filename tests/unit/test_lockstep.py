@@ -66,6 +66,24 @@ def test_a_joiner_waits_for_the_next_forward():
     run(body())
 
 
+def test_an_engine_with_work_joins_at_the_next_forward_boundary():
+    async def body():
+        clock = Clock()
+        g = LockstepGroup("pe0", 2, clock)
+        assert g.join("a", 1).result() == (clock.t, 0.0)  # an idle group: at once
+        arrive(g, "a", 2, 0, 2, 0.5, 0.0)  # a's forward: chunk 0 runs
+        b = g.join("b", 1)
+        assert not b.done()  # inside a's forward
+        clock.t = 100.5
+        arrive(g, "a", 3, 1, 2, 0.25, 0.0)  # a's last chunk: b may form its batch when it ends
+        assert b.result() == (100.75, 0.0) and g.active == {"a", "b"}
+        nxt = arrive(g, "a", 4, 0, 2, 0.1, 0.0)
+        assert not nxt.done()  # the next forward waits for b's batch
+        arrive(g, "b", 2, 0, 2, 0.3, 0.0)
+        assert nxt.result()[1] == 0.3
+    run(body())
+
+
 def test_a_leaver_is_not_waited_for_and_an_old_call_is_refused():
     async def body():
         g = LockstepGroup("pe0", 2, Clock())
@@ -95,7 +113,10 @@ def test_a_member_sleeps_until_the_group_chunk_ends_and_counts_its_bubble():
         async def leave(msg, deadline):
             g.leave(msg.member, msg.seq)
             return pb.LockstepGo()
-        m = LockstepMember("pe0", "y", call, leave, clock=clock)
+        async def join(msg, deadline):
+            start, _ = await g.join(msg.member, msg.seq)
+            return pb.LockstepGo(start=start)
+        m = LockstepMember("pe0", "y", call, leave, join, clock=clock)
         y = asyncio.create_task(m.chunk(0, 1, 0.1, 0.0))  # inside x's forward: the lobby
         await asyncio.sleep(0)
         arrive(g, "x", 2, 1, 2, 0.1, 0.0)  # x's last chunk; then x's next forward, with y
@@ -113,9 +134,10 @@ def test_a_member_whose_group_does_not_answer_computes_alone():
     async def body():
         async def never(msg, deadline):
             await asyncio.wait_for(asyncio.Event().wait(), deadline)
-        m = LockstepMember("pe0", "y", never, never, deadline_s=0.01)
+        m = LockstepMember("pe0", "y", never, never, never, deadline_s=0.01)
+        await m.join()
         assert await m.chunk(0, 1, 0.25, 0.0) == 0.25
-        assert m.timeouts == 1
+        assert m.timeouts == 2
     run(body())
 
 
