@@ -159,11 +159,12 @@ class LockstepGroup:
             self._admit_joiners()
 
     def write_csv(self, path: str, time_scale: float) -> None:
-        """One row per group chunk; times in real seconds (divide by the time scale for GPU seconds)."""
+        """One row per group chunk; the group runs on wall seconds, the file holds real ones (/ time scale)."""
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(LOCKSTEP_COLUMNS)
-            w.writerows([round(r[0], 4), r[1], r[2], r[3], *(round(x, 6) for x in r[4:])] for r in self.rows)
+            w.writerows([round(r[0] / time_scale, 4), r[1], r[2], r[3], *(round(x / time_scale, 6) for x in r[4:])]
+                        for r in self.rows)
 
 
 Call = Callable[[pb.LockstepArrival, float], Awaitable[pb.LockstepGo]]

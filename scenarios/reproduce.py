@@ -36,9 +36,10 @@ class Experiment:
 MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
 
 
-# Minutes measured on the 2-core VM with the profiled GPU (issue 12): fig7, fig9, online, ablation and fig13 in
-# results/reproduce/20261203-184246; fig8, isolation, pd_region and mooncake from before issue 12 (suite run
-# 20261203-151648), not re-run with the profiled GPU yet. 80.4 min in all.
+# Minutes measured on the 2-core VM with the profiled GPU (issue 12): online and ablation with lockstep
+# (results/reproduce/20261204-021621), fig13 from its lockstep sweep's 2.4 min a run; fig7 and fig9 before
+# lockstep (results/reproduce/20261203-184246); fig8, isolation, pd_region and mooncake from before issue 12
+# (suite run 20261203-151648), not re-run with the profiled GPU yet. 78.5 min in all.
 SUITE = (
     Experiment("fig7_agents", ("serving.workload.turns_per_agent=3",), 13.9),
     Experiment("fig8_pd_ratio", ("serving.workload.agents=48", "serving.workload.turns_per_agent=3"), 5.9),
@@ -48,9 +49,11 @@ SUITE = (
                                "sweep.grid={serving.workload.append_scale: [1, 3]}"), 8.6),
     # 2 probes per search from rates near the capacities: the start, then 1.25x up or down. 25 s windows: with
     # 20 s, Basic passed 3.75 agents/s on 2 seeds of 3 that 25 s windows failed (too short for the queue to show)
-    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 9.1),
+    Experiment("online_capacity", ("sweep.search.probes=2", "sweep.search.window=25s"), 18.1),
     Experiment("ablation", ("serving.workload.agents=40", "serving.workload.turns_per_agent=3"), 6.5),
-    Experiment("fig13_balance", (), 25.5),  # 8 GPUs per node since issue 11; 4 policies x 3 seeds since issue 12
+    # 8 GPUs per node since issue 11. Round robin with prefill-side reads (3.0: 2 of 6 SNICs read) and with the
+    # read side alternating (1.5) are imbalances by construction: `dpemu run fig13_balance` runs all four
+    Experiment("fig13_balance", ("sweep.grid={serving.policy: [round_robin, paper]}",), 14.6),
     Experiment("isolation", (), 2.4),
     Experiment("pd_region", ("sweep.points=[{cluster.prefill_nodes: 1, cluster.decode_nodes: 8}, "
                              "{cluster.prefill_nodes: 1, cluster.decode_nodes: 4}, "

@@ -71,9 +71,10 @@ def lockstep(summary: dict) -> Grid | None:
     if not rows:
         return None
     return Grid("lockstep (prefill EP groups): attention max/avg per forward (paper Fig. 14: ~1.06 with its "
-                "scheduler);\nwait = share of engine time in forwards spent waiting beyond its own work",
-                ("mode", "forwards", "engines\n/forward", "attn\nmax/avg", "all engines\nmax/avg",
-                 "all-engine\nforwards", "wait\n%", "time-\nouts"), rows)
+                "scheduler);\nfull: forwards with every engine of the group; wait = share of engine time in forwards "
+                "spent waiting beyond its own work",
+                ("mode", "forwards", "engines\n/forward", "attn\nmax/avg", "full fwd\nmax/avg",
+                 "full\nforwards", "wait\n%", "time-\nouts"), rows)
 
 
 def isolation(summary: dict) -> Grid | None:

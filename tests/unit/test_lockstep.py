@@ -2,6 +2,7 @@
 engine's cost; joiners wait for the next forward; an engine that leaves is not waited for."""
 
 import asyncio
+import csv
 
 import pytest
 
@@ -113,6 +114,7 @@ def test_a_member_sleeps_until_the_group_chunk_ends_and_counts_its_bubble():
         async def leave(msg, deadline):
             g.leave(msg.member, msg.seq)
             return pb.LockstepGo()
+
         async def join(msg, deadline):
             start, _ = await g.join(msg.member, msg.seq)
             return pb.LockstepGo(start=start)
@@ -150,7 +152,10 @@ def test_fig14_and_the_bubble_share_from_the_rows(tmp_path):
         arrive(g, "a", 3, 0, 1, 0.2, 0.2)
         arrive(g, "b", 2, 0, 1, 0.2, 0.2)  # a and b: equal
         g.write_csv(str(tmp_path / "lockstep-pe0.csv"), 1.0)
+        g.write_csv(str(tmp_path / "x2.csv"), 2.0)  # wall seconds at time x2: half as many real ones
     run(body())
+    real = [float(r["chunk_s"]) for r in csv.DictReader((tmp_path / "x2.csv").open())]
+    assert real == pytest.approx([0.05, 0.15, 0.1])
     f = lockstep_figures([tmp_path / "lockstep-pe0.csv"])
     assert f["forwards"] == 3 and f["full_forwards"] == 2
     assert f["attention_max_over_avg_full"] == pytest.approx((0.3 * 2 / 0.5 + 1.0) / 2, abs=1e-4)
