@@ -33,7 +33,7 @@ class Experiment:
     needs: tuple[str, ...] = ()  # input files (relative to the repository root) it cannot run without
 
 
-MOONCAKE_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
+MOONCAKE_TRACE = "traffic/data/mooncake/conversation_trace.jsonl"  # shipped (Apache-2.0, its licence beside it)
 
 
 # Minutes measured on the 2-core VM with the profiled GPU (issue 12): online and ablation with lockstep

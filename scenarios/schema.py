@@ -153,7 +153,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def trace_path(file: str) -> Path:
-    """A trace file: absolute, or relative to the repository root (``../shared/traces/...`` is the shared copy)."""
+    """A trace file: absolute, or relative to the repository root (the Mooncake trace ships in traffic/data/)."""
     p = Path(file)
     return p if p.is_absolute() else REPO_ROOT / p
 
@@ -355,11 +355,10 @@ def from_dict(data: Any, where: str) -> Scenario:
         raise ConfigError(where, "a scenario must be a YAML mapping")
     try:
         return Scenario.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        path = ".".join(str(p) for p in err["loc"])
-        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{where}: {path}", _reason(err) + more) from None
+    except ValidationError as exc:  # every problem, each on its own line with its file and field
+        problems = [(".".join(str(p) for p in err["loc"]), _reason(err)) for err in exc.errors()]
+        (path, reason), rest = problems[0], problems[1:]
+        raise ConfigError(f"{where}: {path}", reason + "".join(f"\n{where}: {p}: {r}" for p, r in rest)) from None
 
 
 def resolve_path(name_or_path: str) -> Path:

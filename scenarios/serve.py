@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import select
 import shutil
 import statistics
 import sys
@@ -31,11 +32,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from daemons import costmodel
-from daemons.gpu import CostModelCompute
 from daemons.kvbytes import KvGeometry
 from daemons.lockstep import groups as lockstep_groups
 from daemons.gpu import COLLECTIVE_COLUMNS
-from daemons.policy import alpha_tokens, beta_tokens
 from emulator import dequeue
 from emulator.monitor import ClassKey, TcSampler
 from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
@@ -45,7 +44,7 @@ from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import fabric, gpustats, linkstats, online, servecost
+from . import fabric, gpustats, linkstats, online, schedcfg, servecost
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
@@ -158,10 +157,32 @@ def driver_argv(plan, mode: str, mode_dir: Path, python: str = sys.executable) -
         else [])
 
 
-def _wait_ready(proc, what: str) -> None:
-    line = proc.stdout.readline().split()
-    if not line or line[0] != "ready":
-        raise RuntimeError(f"{what} did not start: {proc.stderr.read()[-800:]}")
+def stderr_path(mode_dir: Path, what: str) -> Path:
+    """Where a daemon's stderr goes: a file in the mode's directory ("node pe1" -> node-pe1.stderr.log), so a
+    chatty daemon never blocks on a pipe nobody reads, and its last words stay for the user."""
+    return mode_dir / (what.replace(" ", "-") + ".stderr.log")
+
+
+def wait_ready(proc, what: str, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait up to `timeout_s` for a daemon's "ready" line; a daemon that exits or stays silent is an error that
+    names it and quotes the end of its stderr."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        readable, _, _ = select.select([proc.stdout], [], [], max(0.0, left))
+        if readable:
+            line = proc.stdout.readline().split()
+            if line and line[0] == "ready":
+                return
+            if line:  # some other output first: keep waiting for "ready"
+                continue
+            why = f"exited with code {proc.wait(timeout=5)}"
+        elif left <= 0:
+            why = f"was not ready after {timeout_s:g} s"
+        else:
+            continue
+        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+        raise RuntimeError(f"{what} did not start: it {why}; its stderr ({log}): {tail.strip() or '(empty)'}")
 
 
 def workload_spec(plan) -> WorkloadSpec:
@@ -233,21 +254,18 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     preload = mode_dir / "preload.json"
     trajectories, starts = play(spec)
     preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
-    per_token_s = sum(CostModelCompute(lay.model, 1.0, sc.cluster.gpu_model).prefill_layers_s([(32_768, 429)])) / 429
-    sched_cfg = {"mode": mode, "policy": sc.serving.policy, "read_path": sc.serving.read_path,
-                 "layer_chunks": sc.serving.layer_chunks,
-                 "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(lay.model)),
-                 "beta_tokens": beta_tokens(per_token_s),
-                 "hbm_tokens": costmodel.kv_capacity_tokens(lay.model), "nodes": lay.nodes}
+    sched_cfg = schedcfg.scheduler_config(sc, mode, lay.model, lay.nodes, trajectories)
     (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
     ctl = net.host(CONTROL_HOST).netns
     procs = []
+    logs = []
     monitor = None
     try:
         for what, netns, argv in daemon_argvs(plan, mode_dir, py):
-            procs.append((what, emu.procs.start(what, netns, argv)))
+            logs.append(stderr_path(mode_dir, what).open("w"))
+            procs.append((what, emu.procs.start(what, netns, argv, stderr=logs[-1])))
         for what, proc in procs:
-            _wait_ready(proc, what)
+            wait_ready(proc, what, stderr_path(mode_dir, what))
         keys = _link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
         monitor = emu.dequeue_monitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
@@ -294,6 +312,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             monitor.stop()
         for _, proc in procs:
             emu.procs.stop(proc)
+        for log in logs:
+            log.close()
         # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
         # what they held is in the ledger and the storage stats, so they do not pile up run after run
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)

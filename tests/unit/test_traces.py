@@ -11,8 +11,8 @@ import pytest
 
 from traffic.traces import TraceRequest, hit_ratio, load_mooncake, prefix_hits
 
-# shared/ sits beside the repository (in sessions and in CI)
-REAL_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+# the real trace ships with the repository (traffic/data/mooncake, Apache-2.0)
+REAL_TRACE = Path(__file__).resolve().parents[2] / "traffic" / "data" / "mooncake" / "conversation_trace.jsonl"
 
 
 def write_jsonl(tmp_path, rows, name="trace.jsonl") -> Path:
@@ -82,7 +82,6 @@ def test_bad_limit_and_missing_file(tmp_path):
         load_mooncake(tmp_path / "absent.jsonl")
 
 
-@pytest.mark.skipif(not REAL_TRACE.exists(), reason=f"{REAL_TRACE} is not on this machine")
 def test_real_mooncake_trace(capsys):
     requests = load_mooncake(REAL_TRACE)
     assert len(requests) == 12031
