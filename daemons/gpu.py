@@ -78,26 +78,23 @@ class CostModelCompute:
         return _prefill_hbm_tokens(self.model)
 
     def prefill_parts(self, batch: list[tuple[int, int]]) -> costprofile.LayerParts | None:
-        """This engine's own share of each layer kind (wall seconds), for its EP group's lockstep; None where the
-        GPU model cannot split a layer (the roofline: the group then takes its slowest engine's whole cost)."""
+        """This engine's own share of each layer kind (GPU seconds, as `group_chunk_s` takes them), for its EP
+        group's lockstep; None where the GPU model cannot split a layer (the roofline: the group then takes its
+        slowest engine's whole cost)."""
         if self.gpu_model != "profile" or not self.model.experts:
             return None
-        p = _prefill_parts(self.model, tuple(batch))
-        k = self.time_scale
-        return p._replace(dense=p.dense * k, common=p.common * k, normal=p.normal * k, head=p.head * k)
+        return _prefill_parts(self.model, tuple(batch))
 
     def group_chunk_s(self, parts: list[costprofile.LayerParts], group_size: int, layer_first: int,
                       layers: int) -> float:
         """Layers [layer_first, +layers) of an EP group's forward in lockstep (wall seconds), from its engines'
-        own parts (``prefill_parts``): every layer waits for its slowest engine, and the routed experts compute
-        the group's tokens (``costprofile.ProfiledModel.group_layer_s``)."""
-        k, m = self.time_scale, self.model
-        unscaled = [p._replace(dense=p.dense / k, common=p.common / k, normal=p.normal / k, head=p.head / k)
-                    for p in parts]
-        dense, moe, head = _profiled(m).group_layer_s(unscaled, group_size)
+        own parts (``prefill_parts``, GPU seconds): every layer waits for its slowest engine, and the routed
+        experts compute the group's tokens (``costprofile.ProfiledModel.group_layer_s``)."""
+        m = self.model
+        dense, moe, head = _profiled(m).group_layer_s(list(parts), group_size)
         n_dense = max(0, min(layer_first + layers, m.dense_layers) - layer_first)
         last = head if layer_first + layers == m.layers else 0.0
-        return (n_dense * dense + (layers - n_dense) * moe + last) * k
+        return (n_dense * dense + (layers - n_dense) * moe + last) * self.time_scale
 
     def h2d_s(self, tokens: int) -> float:
         nbytes = tokens * costmodel.kv_bytes_per_token(self.model)

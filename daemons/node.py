@@ -99,10 +99,10 @@ class NodeService(pb_grpc.NodeServicer):
         pre = max(a.pre_s for a in arrivals)
         return pre + self.compute.group_chunk_s([a.parts for a in arrivals], group_size, first, layers)
 
-    def lockstep_stats(self) -> dict:
-        """What this node's engines waited for their EP groups (the bubbles), real seconds."""
+    def lockstep_stats(self, time_scale: float) -> dict:
+        """What this node's engines waited for their EP groups (the bubbles), real seconds (wall / time scale)."""
         members = [m for m in self.members if m is not None]
-        return {"engines": len(members), "waited_s": round(sum(m.waited_s for m in members), 4),
+        return {"engines": len(members), "waited_s": round(sum(m.waited_s for m in members) / time_scale, 4),
                 "timeouts": sum(m.timeouts for m in members)}
 
     @property
@@ -204,7 +204,7 @@ async def serve(args) -> None:
         if args.gpu_out:
             Path(args.gpu_out).write_text(json.dumps({"model": compute.describe(),
                                                       "outside_grid": compute.outside_grid(),
-                                                      "lockstep": service.lockstep_stats()}))
+                                                      "lockstep": service.lockstep_stats(args.time_scale)}))
         for name, group in service.groups.items():
             group.write_csv(str(Path(args.lockstep_out) / f"lockstep-{name}.csv"), args.time_scale)
         if collectives is not None and args.collectives_out:

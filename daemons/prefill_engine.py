@@ -209,8 +209,9 @@ class PrefillEngine:
         head = batch[0][0]
         shape = [(self._cached(j), n) for j, n in batch]
         per_layer = self.compute.prefill_layers_s(shape)
-        attention_s = self.compute.prefill_attention_s(shape)  # per layer: what lockstep's Fig. 14 compares
-        parts = self.compute.prefill_parts(shape) if self.gpu.lockstep is not None else None
+        attention_s, parts = 0.0, None  # per layer, and each layer kind's own share: what lockstep combines
+        if self.gpu.lockstep is not None:
+            attention_s, parts = self.compute.prefill_attention_s(shape), self.compute.prefill_parts(shape)
         live = list(batch)
         if not head.layerwise:  # basic: every hit chunk present, the whole prefill, then the whole copy
             for job, _ in live:
