@@ -50,6 +50,13 @@ class DecodeEngine:
     async def decode(self, request: pb.DecodeRequest) -> pb.DecodeReply:
         spec, tm = request.request, self.tm
         ctx = request.context_tokens
+        try:
+            if request.path != pb.READ_PATH_NONE:  # the oracle moves no KV
+                tm.check_kv(spec)  # every block of every layer is here: pushed, or read by this node
+        except Exception:
+            tm.forget(spec.request_id)
+            await tm.release(spec.request_id)
+            raise
         # the KV is copied from the DRAM buffer into HBM: the buffer is free again
         tm.forget(spec.request_id)
         await tm.release(spec.request_id)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class StorageStub:
-    """A storage server (3FS in the paper): the only holder of KV between turns.
+    """A storage server (3FS in the paper): the only holder of KV between turns. Read and Write are served on
+    its storage-fabric address only, Stats on the management network only (daemons/runtime.py, DATA_CALLS).
     """
 
     def __init__(self, channel):
@@ -53,7 +54,8 @@ class StorageStub:
 
 
 class StorageServicer:
-    """A storage server (3FS in the paper): the only holder of KV between turns.
+    """A storage server (3FS in the paper): the only holder of KV between turns. Read and Write are served on
+    its storage-fabric address only, Stats on the management network only (daemons/runtime.py, DATA_CALLS).
     """
 
     def Read(self, request, context):
@@ -101,7 +103,8 @@ def add_StorageServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Storage:
-    """A storage server (3FS in the paper): the only holder of KV between turns.
+    """A storage server (3FS in the paper): the only holder of KV between turns. Read and Write are served on
+    its storage-fabric address only, Stats on the management network only (daemons/runtime.py, DATA_CALLS).
     """
 
     @staticmethod

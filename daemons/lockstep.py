@@ -115,6 +115,10 @@ class LockstepGroup:
         """`member` has no forward to run: the group stops waiting for it."""
         self._fresh(member, seq)
         self.active.discard(member)
+        for waiting in (self.arrived, self.lobby):  # a dead member's (the scheduler retires it)
+            if (old := waiting.pop(member, None)) is not None:
+                old.go.cancel()
+        self.joiners.pop(member, None)
         if not self.active:  # nobody left in the forward: it has ended
             self.at_boundary = True
             self._admit_joiners()

@@ -5,12 +5,13 @@
         --model ds660b --layers 61 --block-tokens 64 --block-bytes 256 --dram-buffer-bytes N
 
 One process per node. Engine i is reachable on the address of its own CNIC i
-(``--cnic``, one entry per GPU); PushKv calls arriving there carry KV over the
-compute fabric. Control calls (Prefill, Fetch, Decode, Status) arrive on the
-management address. The traffic manager owns the node's SNIC (storage reads and
-write-backs leave through it because the storage servers sit on the storage
-fabric's subnet), its DRAM buffer (bounded: a read waits for room) and its
-storage read queue (tokens waiting to be read, which the scheduler compares).
+(``--cnic``, one entry per GPU); the data calls arriving there (PushKv, Fetch)
+carry KV over the compute fabric and are served there only. Control calls
+(Reserve, Release, Prefill, Decode, Status, Lockstep*) are served on the
+management address only (:class:`daemons.runtime.PlaneGuard`). The traffic
+manager owns the node's SNIC (storage reads and write-backs leave through it
+because the storage servers sit on the storage fabric's subnet), its DRAM buffer (bounded: a read waits for room)
+and its storage read queue (tokens waiting to be read, which the scheduler compares).
 
 Data paths, per request (docs/serving-design.md):
 - PE read: this PE node reads the hit blocks; per layer chunk it computes and
@@ -40,8 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
 from daemons import costmodel
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
@@ -50,9 +49,11 @@ from daemons.gpu import GPU_MODELS, Collectives, Compute, CostModelCompute, Gpu
 from daemons.kvbytes import KvGeometry
 from daemons.kvclient import StorageClient
 from daemons.costprofile import LayerParts
+from daemons.ledger import Ledger
 from daemons.lockstep import Arrival, LockstepGroup, LockstepMember, slowest
 from daemons.prefill_engine import PREFILL_QUOTA_S, PrefillEngine
-from daemons.runtime import RpcCounter, Tasks, grpc_options, rpc_counts, run_event_loop, serve_until_stopped
+from daemons.runtime import (RpcCounter, Tasks, grpc_options, plane_servers, rpc_counts, run_event_loop,
+                             serve_until_stopped)
 from daemons.traffic_manager import PUSH_BYTES, TrafficManager
 
 
@@ -63,11 +64,11 @@ class NodeService(pb_grpc.NodeServicer):
                  compute: Compute, buffer_bytes: int, dscp_kv: int | None = None,
                  prefill_quota_s: float = PREFILL_QUOTA_S, collectives: Collectives | None = None,
                  push_bytes: int = PUSH_BYTES, lockstep: list[tuple[str, str] | None] | None = None,
-                 hosted: dict[str, int] | None = None):
+                 hosted: dict[str, int] | None = None, ledger: Ledger | None = None):
         self.name, self.role, self.geom = name, role, geom
         self.compute = compute
         self.collectives = collectives
-        self.tm = TrafficManager(geom, storage, buffer_bytes, dscp_kv, push_bytes)
+        self.tm = TrafficManager(geom, storage, buffer_bytes, dscp_kv, push_bytes, ledger)
         self.tasks = Tasks()
         self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
         # lockstep: engine i's EP group (name, host's management address), and the groups this node hosts
@@ -173,16 +174,14 @@ class NodeService(pb_grpc.NodeServicer):
             name=self.name, role=self.role, read_queue_tokens=tm.read_queue_tokens, buffer_bytes=tm.buffer.used,
             engines=[pb.EngineStatus(engine=e.index, unfinished_requests=e.unfinished_requests,
                                      unfinished_tokens=max(0, e.unfinished_tokens)) for e in self.engines],
-            ledger=pb.Ledger(blocks_read=lg.blocks_read, blocks_written=lg.blocks_written,
-                             blocks_forwarded=lg.blocks_forwarded, blocks_verified=lg.blocks_verified,
-                             blocks_corrupt=lg.blocks_corrupt, blocks_lost=lg.blocks_lost),
-            rpcs=rpc_counts(self.rpcs))
+            ledger=lg.to_proto(), rpcs=[] if request.brief else rpc_counts(self.rpcs))
 
 
 async def serve(args) -> None:
     geom = KvGeometry(args.layers, args.block_tokens, args.block_bytes)
     model = costmodel.MODELS[args.model]
-    storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv, rcvbuf=args.storage_rcvbuf)
+    storage = StorageClient(args.storage.split(","), geom, dscp=args.dscp_kv, rcvbuf=args.storage_rcvbuf,
+                            replicas=args.storage_replicas)
     cnics = args.cnic.split(",")
     collectives = None
     if args.collective_group:
@@ -195,10 +194,12 @@ async def serve(args) -> None:
     service = NodeService(args.name, args.role, geom, len(cnics), storage, compute, args.dram_buffer_bytes,
                           args.dscp_kv, prefill_quota_s=args.prefill_quota_s * args.time_scale, collectives=collectives,
                           push_bytes=args.push_bytes, lockstep=_lockstep_members(args.lockstep, len(cnics)),
-                          hosted={g: int(n) for g, n in (e.split(":") for e in args.lockstep_host.split(",") if e)})
+                          hosted={g: int(n) for g, n in (e.split(":") for e in args.lockstep_host.split(",") if e)},
+                          ledger=Ledger.in_file(args.ledger_file) if args.ledger_file else None)
     service.rpcs = RpcCounter()
-    server = grpc.aio.server(options=grpc_options(args.dscp_kv), interceptors=[service.rpcs])
-    pb_grpc.add_NodeServicer_to_server(service, server)
+    servers = plane_servers([args.mgmt], cnics, grpc_options(args.dscp_kv), [service.rpcs])
+    for server, _ in servers:
+        pb_grpc.add_NodeServicer_to_server(service, server)
 
     async def stop() -> None:
         if args.gpu_out:
@@ -211,7 +212,7 @@ async def serve(args) -> None:
             collectives.write_csv(args.collectives_out, args.name)
         await service.close()
 
-    await serve_until_stopped(server, [args.mgmt, *cnics], stop)
+    await serve_until_stopped(servers, stop)
 
 
 def _lockstep_members(spec: str, engines: int) -> list[tuple[str, str] | None]:
@@ -231,6 +232,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--mgmt", required=True, help="ADDR:PORT on the management network")
     p.add_argument("--cnic", required=True, help="ADDR:PORT per engine (GPU), comma separated, engine 0 first")
     p.add_argument("--storage", required=True, help="storage servers ADDR:PORT, comma separated, in index order")
+    p.add_argument("--storage-replicas", type=int, default=1, help="servers holding each block (default: %(default)s)")
     p.add_argument("--model", choices=sorted(costmodel.MODELS), required=True)
     p.add_argument("--layers", type=int, required=True)
     p.add_argument("--block-tokens", type=int, required=True)
@@ -256,6 +258,7 @@ def parse_args(argv: list[str] | None = None):
                         "in lockstep with, and the management address of the node hosting it; empty = none")
     p.add_argument("--lockstep-host", default="", help="GROUP:SIZE of each EP group this node hosts, comma separated")
     p.add_argument("--lockstep-out", default=".", help="directory of the hosted groups' lockstep-GROUP.csv")
+    p.add_argument("--ledger-file", default="", help="keep this node's ledger in this file (daemons/ledger.py)")
     p.add_argument("--gpu-out", default="", help="write where GPU time came from (JSON) here at stop")
     p.add_argument("--collectives-out", default="", help="write this node's collectives.csv here at stop")
     return p.parse_args(argv)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from daemons import dualpath_pb2 as pb
 from daemons.gpu import Compute, Gpu, layer_chunks
 from daemons.kvbytes import span_content
-from daemons.runtime import Tasks
+from daemons.runtime import CONTROL_DEADLINE_S, TURN_DEADLINE_S, Tasks
 from daemons.traffic_manager import TrafficManager
 
 # Paper section 5: a PE engine batches ready requests FIFO while the batch's predicted attention time per
@@ -34,9 +34,7 @@ class PrefillJob:
     request: pb.PrefillRequest
     chunks: list[tuple[int, int]]       # layer groups of its layerwise transfers
     hit: bytes = b""                    # PE read path: the hit Full Blocks as read from storage (split: its part)
-    arrivals: asyncio.Queue | None = None  # DE read path: hit KV layer chunks pushed by the DE
-    fetch: asyncio.Task | None = None   # DE read path: the DE's Fetch call
-    chunks_in: int = 0                  # DE read path: hit KV layer chunks arrived so far
+    fetch: asyncio.Task | None = None   # DE read path: the DE's Fetch call (it pushes the hit KV here)
     computed: int = 0                   # new tokens prefilled so far (a chunked request spans batches)
     new_full: bytes = b""               # the new tokens' Full Blocks, derived once
     pushes: list = field(default_factory=list)
@@ -89,22 +87,23 @@ class PrefillEngine:
         read_s = alloc_s = 0.0
         reserved = False
         try:
-            if request.path == pb.READ_PATH_PE:  # the DE buffer first, all at once (see Node.Reserve)
-                alloc_s = (await tm.stub(request.de_mgmt, kv=False).Reserve(
-                    pb.ReserveRequest(request_id=spec.request_id, bytes=tm.de_buffer_bytes(spec)))).waited_s
-                reserved = True
-            elif request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # Fetch reserves it: one call less
-                reserved = True
-            if request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # the DE reads (its part), then pushes
-                job.arrivals = tm.inbox(spec.request_id)
-                job.fetch = self.tasks.spawn(tm.stub(request.de_mgmt, kv=False).Fetch(
-                    pb.FetchRequest(request=spec, pe_cnic=request.pe_cnic, de_engine=request.de_engine,
-                                    first_block=job.own_blocks)))
-            if request.path in (pb.READ_PATH_PE, pb.READ_PATH_SPLIT):  # this node reads (its part)
-                job.hit, own_alloc_s, read_s = await tm.read(spec, reserve=True, blocks=job.own_blocks)
-                alloc_s += own_alloc_s
-                job.kv_bytes += len(job.hit)
-            if job.arrivals is not None:
+            with tm.queued(job.own_blocks):  # in this node's read queue from now until read
+                if request.path == pb.READ_PATH_PE:  # the DE buffer first, all at once (see Node.Reserve)
+                    alloc_s = (await tm.stub(request.de_mgmt, kv=False).Reserve(
+                        pb.ReserveRequest(request_id=spec.request_id, bytes=tm.de_buffer_bytes(spec)),
+                        timeout=TURN_DEADLINE_S)).waited_s
+                    reserved = True
+                elif request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # Fetch reserves it: one call less
+                    reserved = True
+                if request.path in (pb.READ_PATH_DE, pb.READ_PATH_SPLIT):  # the DE reads (its part), then pushes
+                    job.fetch = self.tasks.spawn(tm.stub(request.de_cnic, kv=True).Fetch(  # a data call: on its CNIC
+                        pb.FetchRequest(request=spec, pe_cnic=request.pe_cnic, de_engine=request.de_engine,
+                                        first_block=job.own_blocks), timeout=TURN_DEADLINE_S))
+                if request.path in (pb.READ_PATH_PE, pb.READ_PATH_SPLIT):  # this node reads (its part)
+                    job.hit, own_alloc_s, read_s = await tm.read(spec, reserve=True, blocks=job.own_blocks)
+                    alloc_s += own_alloc_s
+                    job.kv_bytes += len(job.hit)
+            if job.fetch is not None:
                 # ready once the DE holds the hit KV in its buffer: its first layer chunk has arrived
                 await self._arrived(job, 1)
             t_ready = time.monotonic()
@@ -119,7 +118,11 @@ class PrefillEngine:
             if job.fetch is not None:
                 job.fetch.cancel()
             if reserved:  # no Decode will come for it: give the DE its buffer back
-                await tm.stub(request.de_mgmt, kv=False).Release(pb.ReserveRequest(request_id=spec.request_id))
+                try:
+                    await tm.stub(request.de_mgmt, kv=False).Release(pb.ReserveRequest(request_id=spec.request_id),
+                                                                     timeout=CONTROL_DEADLINE_S)
+                except Exception:  # noqa: BLE001 - a dead DE holds no buffer; the request's own error is raised
+                    pass
             raise
         finally:
             if job in self.prefills:
@@ -242,13 +245,12 @@ class PrefillEngine:
                 self.tasks.spawn(self._finish(job))
 
     async def _arrived(self, job: PrefillJob, chunks: int) -> None:
-        """Wait until the first `chunks` layer chunks of a DE-read request's hit KV are here."""
-        if job.arrivals is None or job.computed:
+        """Wait until the first `chunks` layer chunks of a DE-read request's hit KV are here, every block of
+        every layer of them (a chunk the DE never pushed is counted lost, and the request fails)."""
+        if job.fetch is None or job.computed:
             return
-        while job.chunks_in < chunks:
-            _, _, first_block, blocks = await self.tm.next_chunk(job.arrivals, job.fetch)
-            if first_block + blocks >= job.spec.hit_blocks:  # the piece that ends a layer chunk
-                job.chunks_in += 1
+        for chunk in job.chunks[:chunks]:
+            await self.tm.await_kv(job.spec, chunk, job.own_blocks, job.spec.hit_blocks - job.own_blocks, job.fetch)
 
     def _send(self, live: list[tuple[PrefillJob, int]], chunk: tuple[int, int], last: bool) -> None:
         """Start sending a computed layer chunk of each request's KV PE -> DE, one call per request.

@@ -51,20 +51,69 @@ def grpc_options(dscp: int | None = None) -> list[tuple[str, int]]:
     return opts + ([("grpc.dscp", dscp)] if dscp is not None else [])
 
 
-async def serve_until_stopped(server: grpc.aio.Server, addresses: list[str],
+# Data calls move KV (or start a node's KV moving) and are served only on the data fabrics (storage fabric, a
+# CNIC); every other call is control and is served only on the management network. One wrong address would
+# otherwise move KV unshaped with a clean ledger.
+DATA_CALLS = frozenset({"/dualpath.v1.Storage/Read", "/dualpath.v1.Storage/Write", "/dualpath.v1.Node/PushKv",
+                        "/dualpath.v1.Node/Fetch"})
+
+# Deadlines of the serving plane's calls (wall seconds). A turn's own calls (Submit, Prefill, Decode, Reserve)
+# wait in queues behind others, so theirs is generous; every other call is bounded tighter.
+TURN_DEADLINE_S = 1800.0
+DATA_DEADLINE_S = 300.0      # one storage read or write, one push: long contexts over a slow, scaled link
+CONTROL_DEADLINE_S = 10.0    # a status call, a release
+
+
+class PlaneGuard(grpc.aio.ServerInterceptor):
+    """Serves, on one listening plane, only the calls that belong to it; refuses the others with
+    PERMISSION_DENIED naming the call and where it is served."""
+
+    def __init__(self, data: bool):
+        self.data = data
+
+    async def intercept_service(self, continuation, details):
+        if (details.method in DATA_CALLS) == self.data:
+            return await continuation(details)
+        why = (f"{details.method} is a control call: served on the management network only, not on a data fabric"
+               if self.data else
+               f"{details.method} is a data call: served on the data fabrics only, not on the management network")
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def plane_servers(control: list[str], data: list[str], options=None, interceptors=()) -> list[tuple[grpc.aio.Server,
+                                                                                                    list[str]]]:
+    """One server for the control addresses and one for the data addresses (either may be empty), each with its
+    PlaneGuard before `interceptors`: register the servicer on both, then ``serve_until_stopped``."""
+    out = []
+    for addrs, data_plane in ((control, False), (data, True)):
+        if addrs:
+            out.append((grpc.aio.server(options=options, interceptors=[PlaneGuard(data_plane), *interceptors]),
+                        addrs))
+    return out
+
+
+async def serve_until_stopped(servers: list[tuple[grpc.aio.Server, list[str]]],
                               on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Listen on `addresses`, print 'ready PORT...', run until SIGTERM/SIGINT, then stop."""
-    ports = [server.add_insecure_port(a) for a in addresses]
-    if 0 in ports:
-        raise SystemExit(f"cannot listen on one of {addresses}")
-    await server.start()
+    """Listen on each server's addresses, print 'ready PORT...' (every port, in order), run until
+    SIGTERM/SIGINT, then stop."""
+    ports = []
+    for server, addresses in servers:
+        ports += [server.add_insecure_port(a) for a in addresses]
+        if 0 in ports:
+            raise SystemExit(f"cannot listen on one of {addresses}")
+    for server, _ in servers:
+        await server.start()
     print("ready " + " ".join(map(str, ports)), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace=1.0)
+    await asyncio.gather(*(server.stop(grace=1.0) for server, _ in servers))
     if on_stop is not None:
         await on_stop()
 

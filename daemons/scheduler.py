@@ -10,14 +10,20 @@ and a read side, and runs: PE ``Prefill`` (which drives the storage reads and
 the layerwise transfers) and then DE ``Decode``. ``Submit`` returns the turn's
 timings when its last token is out.
 
-Loads are the scheduler's own exact accounts of what it dispatched and what
-has finished (the paper's engine reports carry the same numbers): unfinished
-requests and tokens per engine, and per node the tokens waiting to be read.
+Engine loads are the scheduler's own exact accounts of what it dispatched and
+what has finished (the paper's engine reports carry the same numbers):
+unfinished requests and tokens per engine. Each node's storage read queue is
+the node's own figure, from its Status (:mod:`daemons.nodewatch`), which also
+tells the scheduler when a node has died: its engines are taken out (of
+placement, and of their EP groups' lockstep) and the turns that were running
+on it are placed again, reading their context from storage again.
 
 The config file (JSON) holds ``mode`` (basic | dualpath | oracle), ``policy``
 (paper | round_robin), ``layer_chunks``, ``alpha_tokens``, ``beta_tokens``,
 ``hbm_tokens`` (context tokens one DE engine holds) and ``nodes``: a list of
-``{"name", "role", "mgmt", "cnics": [ADDR:PORT per engine]}``.
+``{"name", "role", "mgmt", "cnics": [ADDR:PORT per engine], "lockstep": [GROUP@HOST per engine]}``
+(lockstep optional). ``--events FILE`` writes what the scheduler saw of the
+nodes (deaths, retried and failed turns) as JSON at stop.
 """
 
 from __future__ import annotations
@@ -35,9 +41,14 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.nodewatch import NodeWatch
 from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe,
                             choose_read_side, split_blocks)
-from daemons.runtime import RpcCounter, rpc_counts, run_event_loop, serve_until_stopped
+from daemons.runtime import CONTROL_DEADLINE_S, TURN_DEADLINE_S, RpcCounter, rpc_counts, run_event_loop, \
+    serve_until_stopped
+
+MAX_RETRIES = 3  # placements of a turn after the first, each time a node it ran on died
+RETIRED = 1 << 62  # the lockstep call number that retires a dead engine (daemons/lockstep.py: newer than any)
 
 MODES = ("basic", "layerwise", "dualpath", "oracle")  # layerwise: Basic's PE-side reads, layerwise prefill
 PATH_NAMES = {pb.READ_PATH_PE: "pe", pb.READ_PATH_DE: "de", pb.READ_PATH_SPLIT: "split"}  # requests.csv "path"
@@ -49,6 +60,7 @@ class NodeInfo:
     role: str
     mgmt: str
     cnics: tuple[str, ...]
+    lockstep: tuple[str, ...] = ()  # GROUP@HOST_MGMT per engine
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {POLICIES}, not {data['policy']!r}")
         if data.get("read_path", "choose") not in READ_PATHS:
             raise ValueError(f"read_path must be one of {READ_PATHS}, not {data['read_path']!r}")
-        nodes = tuple(NodeInfo(n["name"], n["role"], n["mgmt"], tuple(n["cnics"])) for n in data["nodes"])
+        nodes = tuple(NodeInfo(n["name"], n["role"], n["mgmt"], tuple(n["cnics"]), tuple(n.get("lockstep", ())))
+                      for n in data["nodes"])
         if not any(n.role == "pe" for n in nodes) or not any(n.role == "de" for n in nodes):
             raise ValueError("the cluster needs at least one prefill and one decode node")
         return cls(data["mode"], data["policy"], int(data["layer_chunks"]), float(data["alpha_tokens"]),
@@ -94,7 +107,7 @@ class _Claim:
     new_tokens: int
     de_tokens: int
     wait_s: float
-    held: set[str] = field(default_factory=lambda: {"pe", "read", "de"})
+    held: set[str] = field(default_factory=lambda: {"pe", "de"})
 
 
 @dataclass
@@ -102,6 +115,7 @@ class _Pending:
     turn: pb.TurnRequest
     done: asyncio.Future
     submitted: float = field(default_factory=time.monotonic)
+    retries: int = 0
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
@@ -110,7 +124,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.nodes = {n.name: n for n in config.nodes}
         self.pe_load = {(n.name, i): _Load() for n in config.nodes if n.role == "pe" for i in range(len(n.cnics))}
         self.de_load = {(n.name, i): _Load() for n in config.nodes if n.role == "de" for i in range(len(n.cnics))}
-        self.read_queue = {n.name: 0 for n in config.nodes}
+        # the nodes' read queues and liveness, from their Status
+        self.watch = NodeWatch({n: (lambda n=n: self._stub(n)) for n in self.nodes},
+                               lambda: bool(self.queue or self.running), self._node_died)
+        self.events: list[dict] = []  # nodes that died, turns placed again or failed
+        self.running = 0
         self.queue: deque[_Pending] = deque()
         self._changed = asyncio.Event()
         self._rr = RoundRobin()
@@ -120,40 +138,74 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.rpcs: RpcCounter | None = None  # what this server served (set by serve)
 
     def _stub(self, node: str) -> pb_grpc.NodeStub:
-        if node not in self._channels:
-            ch = grpc.aio.insecure_channel(self.nodes[node].mgmt)
-            self._channels[node] = (ch, pb_grpc.NodeStub(ch))
-        return self._channels[node][1]
+        return self._stub_at(self.nodes[node].mgmt)
+
+    def _stub_at(self, mgmt: str) -> pb_grpc.NodeStub:
+        if mgmt not in self._channels:
+            ch = grpc.aio.insecure_channel(mgmt)
+            self._channels[mgmt] = (ch, pb_grpc.NodeStub(ch))
+        return self._channels[mgmt][1]
 
     async def close(self) -> None:
         if self._dispatcher:
             self._dispatcher.cancel()
+        self.watch.stop()
         for ch, _ in self._channels.values():
             await ch.close()
 
     async def Submit(self, request: pb.TurnRequest, context):  # noqa: N802 - gRPC's name
         if self._dispatcher is None:
+            self.watch.start()
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         item = _Pending(request, asyncio.get_running_loop().create_future())
         self.queue.append(item)
+        self.watch.work.set()
         self._changed.set()
         return await item.done
+
+    def _event(self, what: str, **kw) -> None:
+        self.events.append({"t_mono": time.monotonic(), "event": what, **kw})  # CLOCK_MONOTONIC: one per machine
+
+    async def _node_died(self, node: str) -> None:
+        """Take a dead node's engines out: of placement (its loads are no longer offered) and of their EP groups'
+        lockstep (their hosts stop waiting for them). Its running turns fail over in ``_run``."""
+        self._event("node_dead", node=node)
+        info = self.nodes[node]
+        for engine, entry in enumerate(info.lockstep):
+            group, host = entry.split("@", 1)
+            if host == info.mgmt:
+                continue  # the group's host died with it: the others compute on their own
+            try:
+                await self._stub_at(host).LockstepLeave(pb.LockstepArrival(
+                    group=group, member=f"{node}/{engine}", seq=RETIRED), timeout=CONTROL_DEADLINE_S)
+            except grpc.aio.AioRpcError:
+                pass
+        if not any(self.watch.alive(n.name) for n in self.cfg.nodes if n.role == info.role):
+            while self.queue:  # no live node of that role: no queued turn can ever be placed
+                item = self.queue.popleft()
+                self._event("turn_failed", turn=item.turn.request.request_id, why=f"no live {info.role} node")
+                item.done.set_exception(RuntimeError(f"no live {info.role} node left ({node} was the last)"))
+        self._changed.set()
 
     async def Stats(self, request, context):  # noqa: N802
         return pb.RpcStats(rpcs=rpc_counts(self.rpcs))
 
     # -- placement ---------------------------------------------------------------
     def _pe_loads(self) -> list[EngineLoad]:
-        return [EngineLoad(n, i, ld.requests, ld.tokens) for (n, i), ld in self.pe_load.items()]
+        return [EngineLoad(n, i, ld.requests, ld.tokens) for (n, i), ld in self.pe_load.items()
+                if self.watch.alive(n)]
 
     def _de_loads(self) -> list[EngineLoad]:
         return [EngineLoad(n, i, ld.requests, ld.tokens, self.cfg.hbm_tokens - ld.tokens)
-                for (n, i), ld in self.de_load.items()]
+                for (n, i), ld in self.de_load.items() if self.watch.alive(n)]
 
     def _place(self, turn: pb.TurnRequest) -> tuple[EngineLoad, EngineLoad] | None:
+        pe_loads, de_loads = self._pe_loads(), self._de_loads()
+        if not pe_loads or not de_loads:
+            return None  # none alive of a role (its queued turns were failed)
         if self.cfg.policy.startswith("round_robin"):
-            return self._rr.choose("pe", self._pe_loads()), self._rr.choose("de", self._de_loads())
-        nodes = {n: NodeLoad(n, q) for n, q in self.read_queue.items()}
+            return self._rr.choose("pe", pe_loads), self._rr.choose("de", de_loads)
+        nodes = {n: NodeLoad(n, self.watch.read_queue(n)) for n in self.nodes}
         pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
         if pe_eng is None:
             return None
@@ -167,16 +219,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if self.cfg.mode in ("basic", "layerwise"):
             return pb.READ_PATH_PE, spec.hit_blocks
         if self.cfg.read_path == "split" and spec.hit_blocks:
-            pe_blocks = split_blocks(spec.hit_blocks, hit_tokens // spec.hit_blocks, self.read_queue[pe_node],
-                                     self.read_queue[de_node])
+            pe_blocks = split_blocks(spec.hit_blocks, hit_tokens // spec.hit_blocks, self.watch.read_queue(pe_node),
+                                     self.watch.read_queue(de_node))
             return pb.READ_PATH_SPLIT, pe_blocks
         if self.cfg.policy == "round_robin_pe_reads":
             side = "pe"
         elif self.cfg.policy == "round_robin_alternating":
             side = self._rr.alternate("read", ("pe", "de"))
         else:
-            side = choose_read_side(NodeLoad(pe_node, self.read_queue[pe_node]),
-                                    NodeLoad(de_node, self.read_queue[de_node]))
+            side = choose_read_side(NodeLoad(pe_node, self.watch.read_queue(pe_node)),
+                                    NodeLoad(de_node, self.watch.read_queue(de_node)))
         return (pb.READ_PATH_PE, spec.hit_blocks) if side == "pe" else (pb.READ_PATH_DE, 0)
 
     def _place_ready(self) -> list[tuple[_Pending, _Claim]]:
@@ -199,11 +251,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             for item, claim in self._place_ready():
                 task = asyncio.ensure_future(self._run(item, claim))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.running += 1
+                task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.running -= 1
 
     # -- one turn ------------------------------------------------------------------
     def _claim(self, item: _Pending, pe_eng: EngineLoad, de_eng: EngineLoad) -> _Claim:
-        """Charge the turn to its engines and its readers' read queues, at the moment it is placed."""
+        """Charge the turn to its engines, and tell the node watch what its readers will read, at the moment it
+        is placed."""
         turn, spec = item.turn, item.turn.request
         hit = turn.context_tokens - spec.new_tokens
         path, pe_blocks = self._path(pe_eng.node, de_eng.node, spec, hit)
@@ -215,24 +273,23 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         claim = _Claim(pe_eng, de_eng, path, pe_blocks, reads, spec.new_tokens,
                        turn.context_tokens + spec.gen_tokens, time.monotonic() - item.submitted)
         self._charge(claim, +1)
+        for node, tokens in reads.items():
+            self.watch.charge(node, tokens)
         return claim
 
-    def _charge(self, claim: _Claim, sign: int, what: tuple[str, ...] = ("pe", "read", "de")) -> None:
+    def _charge(self, claim: _Claim, sign: int, what: tuple[str, ...] = ("pe", "de")) -> None:
         """Add (sign +1) or return (-1) the claim's accounts named in `what`."""
         if "pe" in what:
             ld = self.pe_load[(claim.pe_eng.node, claim.pe_eng.engine)]
             ld.requests += sign
             ld.tokens += sign * claim.new_tokens
-        if "read" in what:
-            for node, tokens in claim.reads.items():
-                self.read_queue[node] += sign * tokens
         if "de" in what:
             ld = self.de_load[(claim.de_eng.node, claim.de_eng.engine)]
             ld.requests += sign
             ld.tokens += sign * claim.de_tokens
 
     def _release(self, claim: _Claim, what: str) -> None:
-        """Return one account of the claim ("read", "pe" or "de"), exactly once."""
+        """Return one account of the claim ("pe" or "de"), exactly once."""
         if what not in claim.held:
             return
         claim.held.discard(what)
@@ -247,11 +304,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             pre = await self._stub(pe_eng.node).Prefill(pb.PrefillRequest(
                 request=spec, pe_engine=pe_eng.engine, path=path, layerwise=self.cfg.mode != "basic",
                 de_mgmt=de_node.mgmt, de_cnic=de_node.cnics[de_eng.engine], de_engine=de_eng.engine,
-                pe_cnic=pe_node.cnics[pe_eng.engine], pe_blocks=claim.pe_blocks))
-            self._release(claim, "read")
+                pe_cnic=pe_node.cnics[pe_eng.engine], pe_blocks=claim.pe_blocks), timeout=TURN_DEADLINE_S)
             self._release(claim, "pe")
             dec = await self._stub(de_eng.node).Decode(pb.DecodeRequest(
-                request=spec, de_engine=de_eng.engine, context_tokens=turn.context_tokens))
+                request=spec, de_engine=de_eng.engine, context_tokens=turn.context_tokens, path=path),
+                timeout=TURN_DEADLINE_S)
             decode_start = time.monotonic() - dec.decode_s
             first_token_at = decode_start + dec.first_token_s
             ttst = decode_start + dec.second_token_s - item.submitted if dec.second_token_s else 0.0
@@ -260,13 +317,33 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 path=PATH_NAMES.get(path, "none"),
                 kv_bytes=pre.kv_bytes, wait_s=claim.wait_s, read_s=pre.read_s, prefill_s=pre.prefill_s,
                 decode_s=dec.decode_s, ttft_s=first_token_at - item.submitted, tpot_s=dec.tpot_s,
-                alloc_s=pre.alloc_s, ttst_s=ttst))
+                alloc_s=pre.alloc_s, ttst_s=ttst, retries=item.retries))
         except Exception as exc:  # noqa: BLE001 - the driver gets the error; the scheduler goes on
-            if not item.done.done():
-                item.done.set_exception(exc)
+            await self._failed(item, claim, exc)
         finally:
-            for what in ("read", "pe", "de"):
+            for what in ("pe", "de"):
                 self._release(claim, what)
+
+    async def _failed(self, item: _Pending, claim: _Claim, exc: Exception) -> None:
+        """A turn's call failed. If a node it ran on has died, place it again (at the head of the queue: it
+        was admitted first), up to MAX_RETRIES times; else the driver gets the error."""
+        rid = item.turn.request.request_id
+        dead = [n for n in dict.fromkeys((claim.pe_eng.node, claim.de_eng.node)) if not await self.watch.probe(n)]
+        why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        de = claim.de_eng.node
+        if claim.pe_eng.node in dead and de not in dead:  # the dead PE cannot return the DE buffer it reserved
+            try:
+                await self._stub(de).Release(pb.ReserveRequest(request_id=rid), timeout=CONTROL_DEADLINE_S)
+            except grpc.aio.AioRpcError:
+                pass
+        if dead and item.retries < MAX_RETRIES and self._pe_loads() and self._de_loads():
+            item.retries += 1
+            self._event("turn_retried", turn=rid, dead=dead, retries=item.retries)
+            self.queue.appendleft(item)
+            self._changed.set()
+        elif not item.done.done():
+            self._event("turn_failed", turn=rid, dead=dead, why=(why or "")[:300])
+            item.done.set_exception(exc)
 
 
 async def serve(args) -> None:
@@ -275,13 +352,20 @@ async def serve(args) -> None:
     service.rpcs = RpcCounter()
     server = grpc.aio.server(interceptors=[service.rpcs])
     pb_grpc.add_SchedulerServicer_to_server(service, server)
-    await serve_until_stopped(server, [args.listen], service.close)
+
+    async def stop() -> None:
+        await service.close()
+        if args.events:
+            Path(args.events).write_text(json.dumps(service.events, indent=1))
+
+    await serve_until_stopped([(server, [args.listen])], stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemons.scheduler", description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True)
     p.add_argument("--config", required=True)
+    p.add_argument("--events", default="", help="write the nodes' deaths and the retried and failed turns here")
     run_event_loop(serve(p.parse_args(argv)))
     return 0
 

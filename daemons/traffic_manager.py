@@ -4,22 +4,26 @@ the KV it pushes to and receives from other nodes' engines over the compute fabr
 Storage reads and write-backs leave through the node's SNIC (the storage servers sit on the storage fabric's
 subnet). The DRAM buffer is bounded: a read waits for room. The read queue is the tokens waiting to be read,
 which the scheduler compares. Pushes go to an engine's CNIC address, marked with the KV traffic class; every
-KV byte pushed here is verified against its derived contents before the request may use it.
+KV byte pushed here is verified against its derived contents, and every block of every layer a request needs
+is checked to be here (:mod:`daemons.coverage`) before an engine uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.coverage import Received
 from daemons.gpu import layer_chunks
 from daemons.kvbytes import KvGeometry, layer_slices, verify_span
-from daemons.kvclient import Ledger, StorageClient, calls_of
-from daemons.runtime import grpc_options
+from daemons.kvclient import KvIncomplete, StorageClient, calls_of
+from daemons.ledger import Ledger
+from daemons.runtime import DATA_DEADLINE_S, grpc_options
 
 PUSH_BYTES = 16 << 20  # KV bytes per PushKv call at most: well inside gRPC's message limit (runtime.py)
 
@@ -47,15 +51,15 @@ class Buffer:
 
 class TrafficManager:
     def __init__(self, geom: KvGeometry, storage: StorageClient, buffer_bytes: int, dscp_kv: int | None = None,
-                 push_bytes: int = PUSH_BYTES):
+                 push_bytes: int = PUSH_BYTES, ledger: Ledger | None = None):
         self.geom = geom
         self.storage = storage
         self.buffer = Buffer(buffer_bytes)
         self.push_bytes = push_bytes
         self.dscp_kv = dscp_kv
         self.read_queue_tokens = 0
-        self.ledger = Ledger()
-        self._inboxes: dict[str, asyncio.Queue] = {}
+        self.ledger = Ledger() if ledger is None else ledger  # the node's (a file: Ledger.in_file)
+        self._received: dict[str, Received] = {}
         self._held: dict[str, int] = {}  # buffer bytes a request holds (a DE: until its decode starts)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
 
@@ -91,8 +95,8 @@ class TrafficManager:
             await self.buffer.release(held)
 
     def forget(self, request_id: str) -> None:
-        """The request left this node: drop what was kept to receive its KV."""
-        self._inboxes.pop(request_id, None)
+        """The request left this node: drop what was kept of its KV's spans."""
+        self._received.pop(request_id, None)
 
     # -- SNIC ----------------------------------------------------------------------
     async def read(self, spec: pb.RequestSpec, reserve: bool, first_block: int = 0,
@@ -101,16 +105,22 @@ class TrafficManager:
         .. + `blocks` (default: all of them), the seconds waiting for buffer room and the seconds spent reading.
         `reserve` False: the buffer space was reserved already (a DE's Reserve)."""
         blocks = spec.hit_blocks - first_block if blocks is None else blocks
+        t_alloc = time.monotonic()
+        if reserve:
+            await self.reserve(spec.request_id, self.geom.span_bytes(blocks))
+        t0 = time.monotonic()
+        data = await self.storage.read(spec.request_id, spec.trajectory, first_block, blocks, self.ledger) \
+            if blocks else b""
+        return data, t0 - t_alloc, time.monotonic() - t0
+
+    @contextlib.contextmanager
+    def queued(self, blocks: int):
+        """`blocks` hit blocks in this node's storage read queue (the paper's, which the scheduler reads in this
+        node's Status) from the moment the request reaches the node until they are read."""
         tokens = blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         try:
-            t_alloc = time.monotonic()
-            if reserve:
-                await self.reserve(spec.request_id, self.geom.span_bytes(blocks))
-            t0 = time.monotonic()
-            data = await self.storage.read(spec.request_id, spec.trajectory, first_block, blocks, self.ledger) \
-                if blocks else b""
-            return data, t0 - t_alloc, time.monotonic() - t0
+            yield
         finally:
             self.read_queue_tokens -= tokens
 
@@ -121,10 +131,12 @@ class TrafficManager:
         spec, first = request.request, request.first_block
         if first > spec.hit_blocks:
             raise ValueError(f"request {spec.request_id}: first block {first} past its {spec.hit_blocks} hit blocks")
-        t0 = time.monotonic()
-        await self.reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
-        alloc_s = time.monotonic() - t0
-        data, _, read_s = await self.read(spec, reserve=False, first_block=first)
+        with self.queued(spec.hit_blocks - first):
+            t0 = time.monotonic()
+            await self.reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
+            alloc_s = time.monotonic() - t0
+            data, _, read_s = await self.read(spec, reserve=False, first_block=first)
+        self.received(spec.request_id).add(spec.trajectory, 0, 0, first, spec.hit_blocks - first)  # verified
         for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
             await self.push(request.pe_cnic, self.kv_msgs(spec, data, first, spec.hit_blocks - first, chunk))
         return pb.FetchReply(read_s=read_s, alloc_s=alloc_s)
@@ -159,18 +171,18 @@ class TrafficManager:
         """The messages to `address` in order, in calls of at most ``push_bytes`` (one call if they fit:
         a gRPC call costs ~0.4 ms of CPU whatever its size)."""
         for call in calls_of(msgs, self.push_bytes):
-            ack = await self.stub(address, kv=True).PushKv(pb.KvBatch(items=call))
+            ack = await self.stub(address, kv=True).PushKv(pb.KvBatch(items=call), timeout=DATA_DEADLINE_S)
             self.ledger.blocks_forwarded += sum(c.span.blocks for c in call)
             if ack.corrupt_blocks:
                 raise RuntimeError(f"{address} received {ack.corrupt_blocks} corrupt blocks")
 
     # -- compute fabric: pushes in ---------------------------------------------------
-    def inbox(self, request_id: str) -> asyncio.Queue:
-        """Where the spans pushed to this node for a request are announced, once verified."""
-        return self._inboxes.setdefault(request_id, asyncio.Queue())
+    def received(self, request_id: str) -> Received:
+        """The spans of a request's KV on this node: pushed here (verified) or read here."""
+        return self._received.setdefault(request_id, Received())
 
     def receive(self, batch: pb.KvBatch) -> pb.PushAck:
-        """Verify every byte of a push against the request's expected KV, count it, announce each span."""
+        """Verify every byte of a push against the span it names, count it, record its intact blocks."""
         nbytes = corrupt = 0
         for msg in batch.items:
             s = msg.span
@@ -179,19 +191,34 @@ class TrafficManager:
             self.ledger.blocks_corrupt += len(bad)
             corrupt += len(bad)
             nbytes += len(msg.data)
-            self.inbox(msg.request_id).put_nowait((s.layer_first, s.layers, s.first_block, s.blocks))
+            self.received(msg.request_id).add(s.trajectory, s.layer_first, s.layers, s.first_block, s.blocks, bad)
         return pb.PushAck(bytes=nbytes, corrupt_blocks=corrupt)
 
-    async def next_chunk(self, inbox: asyncio.Queue, fetch: asyncio.Task):
-        """The next span pushed by the DE, or the DE's failure: never wait forever on a dead fetch."""
-        if not inbox.empty():
-            return inbox.get_nowait()
-        get = asyncio.ensure_future(inbox.get())
-        await asyncio.wait({get, fetch}, return_when=asyncio.FIRST_COMPLETED)
-        if get.done():
-            return get.result()
-        fetch.result()  # raises the DE's error, if any
-        try:  # the fetch pushed every chunk before it returned: the item must be there
-            return await asyncio.wait_for(get, timeout=5.0)
-        except asyncio.TimeoutError:
-            raise RuntimeError("the DE finished its fetch without pushing every chunk") from None
+    def _shortfall(self, spec: pb.RequestSpec, missing: int, where: str) -> KvIncomplete:
+        self.ledger.blocks_lost += missing
+        return KvIncomplete(f"{spec.request_id}: {missing} blocks of its KV never arrived ({where})")
+
+    async def await_kv(self, spec: pb.RequestSpec, chunk: tuple[int, int], first_block: int, blocks: int,
+                       fetch: asyncio.Task) -> None:
+        """Wait until blocks [first_block, +blocks) of layer chunk `chunk` of the request are here, pushed by the
+        DE's `fetch`. Its failure is raised; a fetch that ended without pushing them all is a shortfall: the
+        missing blocks are counted lost and KvIncomplete is raised."""
+        got = self.received(spec.request_id)
+        while missing := got.missing(spec.trajectory, chunk, first_block, blocks):
+            if fetch.done():
+                fetch.result()  # raises the DE's error, if any
+                raise self._shortfall(spec, len(missing), f"layers {chunk[0]}..{sum(chunk) - 1} from the DE")
+            got.changed.clear()
+            changed = asyncio.ensure_future(got.changed.wait())
+            await asyncio.wait({changed, fetch}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+
+    def check_kv(self, spec: pb.RequestSpec) -> None:
+        """Before decode: every block of the request (hit and new) of every layer chunk is here, pushed or read
+        by this node; what is not is counted lost and KvIncomplete raised."""
+        got = self._received.get(spec.request_id, Received())
+        blocks = spec.hit_blocks + self.new_blocks(spec)
+        missing = sum(len(got.missing(spec.trajectory, c, 0, blocks))
+                      for c in layer_chunks(self.geom.layers, spec.layer_chunks or 1))
+        if missing:
+            raise self._shortfall(spec, missing, "checked before decode")

@@ -144,3 +144,14 @@ def delete_links(names: list[str], grace_s: float = 1.0, wait_s: float = 5.0) ->
                         except Exception:  # noqa: BLE001 - gone meanwhile; re-checked next turn
                             pass
             time.sleep(0.05)
+
+
+def set_link_state(netns: str | None, dev: str, up: bool) -> None:
+    """Bring interface `dev` of `netns` up or down (the link's qdiscs and addresses stay; its connected routes
+    come back with it)."""
+    ipr = netlink(netns)
+    try:
+        (index,) = ipr.link_lookup(ifname=dev)
+        ipr.link("set", index=index, state="up" if up else "down")
+    finally:
+        ipr.close()

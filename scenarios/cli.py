@@ -9,7 +9,9 @@
     dpemu bench gpu                        the profiled GPU model's checks (Fig. 3; no root needed)
 
 Exit codes: 0 done and trustworthy; 1 error (bad input, missing tool, busy);
-2 usage; 3 finished but the fidelity check failed; 130 interrupted.
+2 usage; 3 finished but the fidelity check failed; 4 finished, but turns failed
+or a mode did not finish (an injected fault, a daemon that died: summary.json
+holds every mode that finished and each fault's effect); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .schema import label_of
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNTRUSTED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 def _calibration_table(summary: dict) -> Table:
@@ -130,6 +132,8 @@ def _print_run(s: dict, run_dir: Path) -> None:
         sp, lg = s["speedup"], s["ledger"]
         console.print("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if v is not None)
                       + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))
+        for line in failure_paragraphs(s):
+            console.print(f"[yellow]{line}[/]", markup=True)
     console.print(f"build {s['build_s']:.2f}s, teardown {s['teardown_s']:.2f}s, calibration "
                   f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
     for line in _verdict_lines(s):
@@ -182,7 +186,31 @@ def cmd_run(args) -> int:
 
         outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
     _print_run(outcome.summary, outcome.run_dir)
-    return EXIT_OK if outcome.summary["fidelity"]["ok"] else EXIT_UNTRUSTED
+    return exit_code(outcome.summary)
+
+
+def exit_code(summary: dict) -> int:
+    """4 when turns failed or a mode did not finish, else 3 when the run is not trustworthy, else 0."""
+    if summary.get("failed_turns") or summary.get("aborted"):
+        return EXIT_FAILED
+    return EXIT_OK if summary["fidelity"]["ok"] else EXIT_UNTRUSTED
+
+
+def failure_paragraphs(s: dict) -> list[str]:
+    """What went wrong in a run, a paragraph each: every mode's faults, a mode that did not finish."""
+    out = [m["faults"]["message"] for m in s.get("modes", {}).values() if m.get("faults", {}).get("message")]
+    for mode, m in s.get("modes", {}).items():
+        f = m.get("failed", {})
+        if f.get("turns") and not m.get("faults"):
+            out.append(f"In mode {mode}, {f['turns']} turns failed ({f['abandoned']} later turns of their agents "
+                       f"not run) with no fault injected; unreachable at the end: "
+                       f"{', '.join(f['unreachable_daemons']) or 'none'} ({mode}/failed.csv has each error).")
+    if a := s.get("aborted"):
+        done = [m for m in s.get("modes", {})]
+        out.append(f"Mode {a['mode']} did not finish: {a['error'][:600]} The modes that finished "
+                   f"({', '.join(done) or 'none'}) are in summary.json; the daemons' stderr is in "
+                   f"{a['mode']}/*.stderr.log.")
+    return out
 
 
 def _run_sweep(points: list, args) -> int:
@@ -293,7 +321,7 @@ def cmd_list(_args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpemu", description="DualPath network emulator on Linux namespaces.",
                                 epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 finished but not trustworthy, "
-                                       "130 interrupted.")
+                                       "4 finished but turns failed (faults), 130 interrupted.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="build the cluster of SCENARIO, run it, write results, tear down")
     r.add_argument("scenario", help="a shipped scenario name (dpemu list) or a YAML file")

@@ -128,6 +128,11 @@ def plan_text(plan: Plan) -> str:
               CostModelCompute(MODELS[sc.cluster.model], 1.0, sc.cluster.gpu_model).describe()]
     lines += ["", f"## processes ({len(plan.rounds)} calibration round(s))"]
     lines += [f"{what}: {' '.join(argv)}" for what, argv in process_argvs(plan)]
+    if sc.faults:
+        lines += ["", f"## faults (real seconds from each mode's workload start; storage replicas: "
+                      f"{sc.cluster.storage.replicas}; docs/faults.md)"]
+        lines += [f"{f.label()}" + (f" (modes {', '.join(f.modes)})" if f.modes else " (every mode)")
+                  for f in sc.faults]
     lines += ["", "## checks", f"peak aggregate traffic predicted: {format_rate(plan.predicted_bps)}"]
     lines += [f"REFUSED: {p}" for p in plan.problems] or ["ok: every link within the faithful range"]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from daemons.ledger import Ledger
 from emulator import fidelity
 from emulator.calibrate import Calibration
 from topologies.cluster import real_link_rates
@@ -113,10 +114,9 @@ def achieved_invariants(rows: list[dict], plan: Plan) -> dict[str, float | None]
 
 def _serving_summary(serving: dict) -> dict:
     modes = serving["modes"]
-    ledger: dict[str, int] = {}
-    for m in [*modes.values(), *serving.get("extra_runs", {}).values()]:
-        for k, v in m["ledger"].items():
-            ledger[k] = ledger.get(k, 0) + v
+    total = Ledger.total(Ledger.from_dict(m["ledger"]) for m in [*modes.values(),
+                                                                *serving.get("extra_runs", {}).values()])
+    ledger = {**total.as_dict(), "unchecked": total.unchecked}
 
     def ratio(a: str, b: str) -> float | None:
         if a in modes and b in modes and modes[b]["jct_s"]:
@@ -124,7 +124,10 @@ def _serving_summary(serving: dict) -> dict:
         return None
 
     out = {"modes": modes, "speedup": {"dualpath_vs_basic": ratio("basic", "dualpath"),
-                                       "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger}
+                                       "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger,
+           "failed_turns": sum(m.get("failed", {}).get("turns", 0) for m in modes.values())}
+    if "aborted" in serving:  # a mode that did not finish: the ones before it are all here
+        out["aborted"] = serving["aborted"]
     if "isolation" in serving:  # the flipped-isolation DualPath run and the comparison (docs/traffic-classes.md)
         out["extra_runs"] = serving["extra_runs"]
         out["isolation"] = serving["isolation"]
@@ -178,9 +181,11 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
                                                    **serving_part.get("extra_runs", {})}))
     if serving and serving.get("reshaped") and recal is None:
         verdict.fail(f"the compute fabric was re-shaped ({serving['reshaped']}) without being measured again")
-    if serving_part and (serving_part["ledger"].get("blocks_corrupt") or serving_part["ledger"].get("blocks_lost")):
-        verdict.fail(f"KV ledger not clean: {serving_part['ledger']['blocks_corrupt']} corrupt, "
-                     f"{serving_part['ledger']['blocks_lost']} lost blocks")
+    if serving_part:
+        for problem in ledger_problems(plan, {**serving_part["modes"], **serving_part.get("extra_runs", {})}):
+            verdict.fail(problem)
+        if "aborted" in serving_part:
+            verdict.fail(f"mode {serving_part['aborted']['mode']} did not finish: its figures are missing")
     sc = plan.scenario
     summary = {
         "scenario": sc.name,
@@ -201,6 +206,26 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def ledger_problems(plan: Plan, modes: dict) -> list[str]:
+    """What the modes' ledgers say against trusting the run: a corrupt block ever; a lost block, unless an
+    injected fault lost it with a single copy of each block (with replicas a fault must lose nothing); a ledger
+    that does not add up where no fault cut a transfer short; a fault that was never injected."""
+    out = []
+    replicas = plan.scenario.cluster.storage.replicas
+    for name, m in modes.items():
+        lg, effs = m["ledger"], m.get("faults", {}).get("effects", [])
+        if lg.get("blocks_corrupt"):
+            out.append(f"{name}: {lg['blocks_corrupt']} corrupt KV blocks")
+        if lg.get("blocks_lost") and (not effs or replicas > 1):
+            out.append(f"{name}: {lg['blocks_lost']} KV blocks lost" +
+                       (f" with {replicas} replicas of each" if effs else ""))
+        if lg.get("unchecked") and not effs:
+            out.append(f"{name}: the KV ledger does not add up: {lg['unchecked']} blocks moved that no receiver "
+                       "checked (verified + corrupt != read + forwarded + written)")
+        out += [f"{name}: {e['fault']} was not injected" for e in effs if not e["injected"]]
+    return out
 
 
 def _merged(parts) -> dict[str, list[float]]:

@@ -166,15 +166,23 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     modes, windows = {}, []
     names = list(plan.scenario.serving.modes)
     flipped = extra = None
+    aborted = None
     try:
         for mode in plan.scenario.serving.modes:
             w = plan.scenario.serving.workload
             say(f"serving mode {mode}: " + (f"{w.agents} agents" if w.trace is None else
                                              f"trace replay, {w.trace.requests or 'all'} requests"))
-            modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
+            try:
+                modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
+            except (RuntimeError, OSError, ValueError) as exc:  # a daemon died, a call failed: the run goes on
+                aborted = {"mode": mode, "error": str(exc)}       # to its summary with the modes that finished
+                say(f"  {mode}: [red]did not finish[/]: {str(exc)[:300]}")
+                break
             windows.append(window)
-            say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns")
-        if plan.scenario.serving.isolation_compare:
+            failed = modes[mode]["failed"]["turns"]
+            say(f"  {mode}: JCT {modes[mode]['jct_s']:.1f}s (real), {modes[mode]['requests']} turns"
+                + (f", [red]{failed} failed[/]" if failed else ""))
+        if plan.scenario.serving.isolation_compare and aborted is None:
             flipped = _flip_isolation(plan)
             name = f"dualpath-isolation-{'on' if flipped.scenario.traffic_classes.isolation else 'off'}"
             reshaped = sorted({a.link_class for a, b in zip(plan.net.links, flipped.net.links, strict=True) if a != b})
@@ -196,6 +204,8 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     # 0.5 s of REAL time: a CPU-starved wall second distorts real timing by 1/time_scale s.
     span_s = 0.5 * plan.scenario.scale.time
     out = {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
+    if aborted:
+        out["aborted"] = aborted
     if flipped is not None:
         out["reshaped"], out["recalibration"] = reshaped, recal
         out["extra_runs"] = {names[-1]: extra}

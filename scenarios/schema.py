@@ -29,6 +29,8 @@ from emulator.units import format_rate, format_size, parse_duration, parse_rate,
 from emulator.tcplan import MIN_DEFAULT_SHARE
 from daemons.gpu import GPU_MODELS
 from daemons.policy import POLICIES, READ_PATHS
+from scenarios.faultspec import Fault
+from scenarios.faultspec import problems as fault_problems
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
@@ -49,6 +51,8 @@ class _Model(BaseModel):
 
 class Storage(_Model):
     servers: StrictInt = Field(2, ge=1, le=MAX_NODES_PER_ROLE, description="storage servers")
+    replicas: StrictInt = Field(1, ge=1, description="storage servers holding each block: writes go to all, a read "
+                                                     "falls back to a live one (docs/faults.md)")
     nic_rate: Rate = Field(1600e9, description="NIC rate of one storage server")
 
 
@@ -292,6 +296,7 @@ class Scenario(_Model):
     traffic_classes: TrafficClasses = TrafficClasses()
     calibration: Calibration = Calibration()
     serving: Serving | None = None
+    faults: list[Fault] = Field([], description="what fails during each serving mode, when (docs/faults.md)")
     sweep: Sweep | None = None
     paper: dict[str, Number | str] = Field({}, description="the paper's figures for this experiment, by the "
                                                             "name of the measured value, for reports")
@@ -302,6 +307,22 @@ class Scenario(_Model):
         if not v.isidentifier():
             raise ValueError(f"{v!r} is not a valid identifier (letters, digits, underscores)")
         return v
+
+    def fault_problems(self) -> list[tuple[str, str]]:
+        """(field, problem) of every fault that does not fit this cluster and workload, and of the replicas."""
+        c, s = self.cluster, self.serving
+        out = []
+        if c.storage.replicas > c.storage.servers:
+            out.append(("cluster.storage.replicas", f"{c.storage.replicas} replicas need as many storage servers "
+                                                    f"(cluster.storage.servers is {c.storage.servers})"))
+        if self.faults and s is None:
+            return out + [("faults", "faults are injected into serving modes: this scenario has no serving")]
+        if s is None:
+            return out
+        w = s.workload
+        window = w.agents / w.arrival_rate if w.arrival_rate and w.trace is None else None
+        return out + fault_problems(self.faults, c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.storage.servers,
+                                    list(s.modes), s.collectives, window)
 
     def cluster_spec(self) -> ClusterSpec:
         c = self.cluster
@@ -354,11 +375,15 @@ def from_dict(data: Any, where: str) -> Scenario:
     if not isinstance(data, dict):
         raise ConfigError(where, "a scenario must be a YAML mapping")
     try:
-        return Scenario.model_validate(data)
+        sc = Scenario.model_validate(data)
     except ValidationError as exc:  # every problem, each on its own line with its file and field
         problems = [(".".join(str(p) for p in err["loc"]), _reason(err)) for err in exc.errors()]
-        (path, reason), rest = problems[0], problems[1:]
-        raise ConfigError(f"{where}: {path}", reason + "".join(f"\n{where}: {p}: {r}" for p, r in rest)) from None
+    else:
+        problems = sc.fault_problems()  # the faults against the cluster they target
+        if not problems:
+            return sc
+    (path, reason), rest = problems[0], problems[1:]
+    raise ConfigError(f"{where}: {path}", reason + "".join(f"\n{where}: {p}: {r}" for p, r in rest)) from None
 
 
 def resolve_path(name_or_path: str) -> Path:

@@ -9,48 +9,42 @@ and the daemons are stopped again. Written per mode under ``<run>/<mode>/``:
 ``requests.csv`` (the driver's rows) and ``links.csv``; the caller merges the
 per-mode summaries.
 
-Ports: storage 7000 (storage fabric and management), node management 7100,
-engine CNICs 7200, scheduler 7000 on the control host.
+Ports: storage 7000 (storage fabric: Read, Write; management: Stats), node
+management 7100, engine CNICs 7200, scheduler 7000 on the control host. Every
+daemon keeps its ledger in ``<mode>/ledger/<daemon>.bin``; the mode's ledger is
+summed from those files, so a daemon killed by a fault still counts.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
-import itertools
 import json
 import select
 import shutil
-import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from daemons import costmodel
 from daemons.kvbytes import KvGeometry
 from daemons.lockstep import groups as lockstep_groups
-from daemons.gpu import COLLECTIVE_COLUMNS
 from emulator import dequeue
-from emulator.monitor import ClassKey, TcSampler
-from emulator.tcplan import DEFAULT_CLASS, LINK_CLASS
+from emulator.monitor import TcSampler
 from scenarios.schema import trace_path
 from topologies.cluster import CONTROL_HOST
 from traffic.driver import preload_list
 from traffic.traces import play
 from traffic.workload import WorkloadSpec
 
-from . import fabric, gpustats, linkstats, online, schedcfg, servecost
+from . import faults, gpustats, linkstats, modestats, online, schedcfg, servecost
 
 STORAGE_PORT, NODE_PORT, ENGINE_PORT, SCHED_PORT = 7000, 7100, 7200, 7000
 COLLECTIVE_PORT = 7300  # an engine's collective endpoint, on its CNIC address
 READY_TIMEOUT_S = 60.0
-LINK_COLUMNS = ["t_s", "link", "link_class", "side", "direction", "tclass", "bytes", "packets", "drops",
-                "backlog_bytes"]
 
 
 @dataclass(frozen=True)
@@ -89,11 +83,13 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
                  "--block-bytes", str(lay.geom.block_bytes)]
     dscp_kv = str(sc.traffic_classes.dscp_kv)  # every KV byte is marked, isolation on or off
     out = []
+    replicas = str(sc.cluster.storage.replicas)
     for i, (host, data_addr, mgmt_addr) in enumerate(lay.storage):
         out.append((f"storage {host}", net.host(host).netns, [
-            python, "-m", "daemons.storage", "--listen", f"{data_addr},{mgmt_addr}",
+            python, "-m", "daemons.storage", "--listen", data_addr, "--mgmt", mgmt_addr,
             "--dir", str(mode_dir / "storage" / host), *geom_args, "--server-index", str(i),
-            "--servers", str(len(lay.storage)), "--preload", str(mode_dir / "preload.json"), "--dscp", dscp_kv]))
+            "--servers", str(len(lay.storage)), "--replicas", replicas, "--preload", str(mode_dir / "preload.json"),
+            "--dscp", dscp_kv, "--ledger-file", str(ledger_path(mode_dir, f"storage {host}"))]))
     storage_addrs = ",".join(a for _, a, _ in lay.storage)
     buffer_bytes = max(1, round(sc.cluster.dram_buffer * sc.scale.bytes))
     groups = {role: [f"{c.rsplit(':', 1)[0]}:{COLLECTIVE_PORT}" for n in lay.nodes if n["role"] == role
@@ -110,33 +106,45 @@ def daemon_argvs(plan, mode_dir: Path, python: str = sys.executable) -> list[tup
                 "--collectives-out", str(mode_dir / f"collectives-{n['name']}.csv")] if sc.serving.collectives else []
         out.append((f"node {n['name']}", net.host(n["name"]).netns, [
             python, "-m", "daemons.node", "--name", n["name"], "--role", n["role"], "--mgmt", n["mgmt"],
-            "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--model", lay.model.name, *geom_args,
+            "--cnic", ",".join(n["cnics"]), "--storage", storage_addrs, "--storage-replicas", replicas,
+            "--ledger-file", str(ledger_path(mode_dir, f"node {n['name']}")), "--model", lay.model.name, *geom_args,
             "--dram-buffer-bytes", str(buffer_bytes), "--time-scale", str(sc.scale.time), "--dscp-kv", dscp_kv,
             "--gpu-model", sc.cluster.gpu_model, "--gpu-out", str(mode_dir / f"gpu-{n['name']}.json"),
             *rcvbuf(n["name"]), *coll, *lockstep[n["name"]]]))
     ctl_addr = next(c.addr for c in net.control if c.host == CONTROL_HOST)
     out.append(("scheduler", net.host(CONTROL_HOST).netns, [
         python, "-m", "daemons.scheduler", "--listen", f"{ctl_addr}:{SCHED_PORT}",
-        "--config", str(mode_dir / "scheduler.json")]))
+        "--config", str(mode_dir / "scheduler.json"), "--events", str(mode_dir / "scheduler-events.json")]))
     return out
 
 
-def _lockstep(plan, lay: ServingLayout, mode_dir: Path) -> dict[str, list[str]]:
-    """Per node, its lockstep flags: its engines' EP group @ host (--lockstep) and the groups it hosts
-    (--lockstep-host). The prefill engines of an EP model, in (node, engine) order, form groups of the model's
-    prefill EP width (all of them where there are fewer); each group's first node hosts its rendezvous, which
-    writes lockstep-<group>.csv (daemons/lockstep.py)."""
-    flags: dict[str, list[str]] = {n["name"]: [] for n in lay.nodes}
+def ledger_path(mode_dir: Path, what: str) -> Path:
+    """Where a daemon keeps its ledger ("node pe1" -> <mode>/ledger/node-pe1.bin)."""
+    return mode_dir / "ledger" / (what.replace(" ", "-") + ".bin")
+
+
+def lockstep_members(plan, lay: ServingLayout) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per node, its engines' EP group @ host ("pe0@10.9.1.1:7100" per engine) and the groups it hosts
+    ("pe0:16"). The prefill engines of an EP model, in (node, engine) order, form groups of the model's prefill
+    EP width (all of them where there are fewer); each group's first node hosts its rendezvous, which writes
+    lockstep-<group>.csv (daemons/lockstep.py)."""
+    members: dict[str, list[str]] = {n["name"]: [] for n in lay.nodes}
+    hosted: dict[str, list[str]] = {n["name"]: [] for n in lay.nodes}
     if not (plan.scenario.serving.lockstep and lay.model.experts):
-        return flags
-    members: dict[str, list[str]] = {n: [] for n in flags}
-    hosted: dict[str, list[str]] = {n: [] for n in flags}
+        return members, hosted
     pe = [(n["name"], n["mgmt"]) for n in lay.nodes if n["role"] == "pe" for _ in n["cnics"]]
     for gi, group in enumerate(lockstep_groups(pe, lay.model.prefill_ep_gpus)):
         host, host_mgmt = group[0]
         hosted[host].append(f"pe{gi}:{len(group)}")
         for node, _ in group:  # in engine order within each node
             members[node].append(f"pe{gi}@{host_mgmt}")
+    return members, hosted
+
+
+def _lockstep(plan, lay: ServingLayout, mode_dir: Path) -> dict[str, list[str]]:
+    """Per node, its lockstep flags (--lockstep, --lockstep-host)."""
+    members, hosted = lockstep_members(plan, lay)
+    flags: dict[str, list[str]] = {n: [] for n in members}
     for n in flags:
         if members[n]:
             flags[n] += ["--lockstep", ",".join(members[n])]
@@ -199,40 +207,6 @@ def _workload_json(spec: WorkloadSpec) -> dict:
     return dataclasses.asdict(spec)
 
 
-class LinkKey(NamedTuple):
-    """What one sampled HTB class measures."""
-    link: str        # "<host>-<nic>", e.g. "pe1-cnic0"
-    link_class: str  # "snic", "cnic" or "stnic"
-    side: str        # the host's role: "pe", "de" or "st"
-    direction: str   # "up" (host -> switch) or "down" (switch -> host)
-    tclass: str      # "link", "default" or a traffic class name (below)
-    rate_bps: float  # the link's configured rate
-
-
-def _link_keys(plan) -> dict[ClassKey, LinkKey]:
-    """HTB classes of every shaped link (SNIC, CNIC, storage NIC), both ends. Traffic class "link" is the link's
-    root class 1:1 (all its traffic), "default" its leaf 1:10 (everything without traffic classes, unmarked
-    traffic with them), then e.g. "collective", "kv"."""
-    keys = {}
-    for lk in plan.net.links:
-        side = plan.net.host(lk.host).role
-        leaves = [("link", LINK_CLASS), ("default", DEFAULT_CLASS)]  # 1:10 is the FIFO when no classes
-        leaves += [(c.name, c.handle) for c in lk.traffic_classes]
-        for direction, netns, dev in (("up", plan.net.host(lk.host).netns, lk.host_intf),
-                                      ("down", None, lk.switch_intf)):
-            for tclass, handle in leaves:
-                keys[ClassKey(netns, dev, handle)] = LinkKey(f"{lk.host}-{lk.nic}", lk.link_class, side, direction,
-                                                             tclass, lk.rate_bps)
-    return keys
-
-
-def _whole(keys: dict[ClassKey, LinkKey], link_class: str, direction: str, side: str | None = None
-           ) -> list[ClassKey]:
-    """The root classes (all the link's traffic) of one link class and direction, of one side or both."""
-    return [k for k, v in keys.items() if (v.link_class, v.direction, v.tclass) == (link_class, direction, "link")
-            and side in (None, v.side)]
-
-
 def _drain(stream) -> tuple[threading.Thread, list[str]]:
     """Read a child's stream to its end in a thread (so a chatty stderr never blocks it): (reader, lines)."""
     lines: list[str] = []
@@ -254,19 +228,25 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     preload = mode_dir / "preload.json"
     trajectories, starts = play(spec)
     preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
-    sched_cfg = schedcfg.scheduler_config(sc, mode, lay.model, lay.nodes, trajectories)
+    members, _ = lockstep_members(plan, lay)
+    sched_cfg = schedcfg.scheduler_config(sc, mode, lay.model, [{**n, "lockstep": members[n["name"]]}
+                                                                for n in lay.nodes], trajectories)
     (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
+    (mode_dir / "ledger").mkdir()
     ctl = net.host(CONTROL_HOST).netns
     procs = []
     logs = []
     monitor = None
+    mode_faults = [f for f in sc.faults if f.modes is None or mode in f.modes]
+    injector = faults.Injector(plan, mode_faults, {}, mode_dir / "ledger", sc.scale.time)
     try:
         for what, netns, argv in daemon_argvs(plan, mode_dir, py):
             logs.append(stderr_path(mode_dir, what).open("w"))
             procs.append((what, emu.procs.start(what, netns, argv, stderr=logs[-1])))
+            injector.procs[what] = procs[-1][1]
         for what, proc in procs:
             wait_ready(proc, what, stderr_path(mode_dir, what))
-        keys = _link_keys(plan)
+        keys = modestats.link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
         monitor = emu.dequeue_monitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
             if dequeue.available() is None and sc.emulation.dequeue_timing else None
@@ -278,6 +258,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             reader.join(timeout=10)
             raise RuntimeError(f"workload driver did not start in mode {mode}: {''.join(errors)[-1500:]}")
         t0 = time.monotonic()
+        injector.start(t0)
         cpu_before = servecost.snapshot(procs)
         total = sum(len(t.turns) for t in trajectories)
         out = ""
@@ -288,6 +269,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
                 out += line
         driver.wait()
         t1 = time.monotonic()
+        injector.stop()  # before the status calls: a stopped daemon continues, a downed link comes up
         cpu_after = servecost.snapshot(procs)
         reader.join(timeout=10)
         err = "".join(errors)
@@ -302,12 +284,12 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             py, "-m", "daemons.status", "--nodes", ",".join(n["mgmt"] for n in lay.nodes),
             "--storage", ",".join(m for _, _, m in lay.storage),
             "--scheduler", f"{next(c.addr for c in net.control if c.host == CONTROL_HOST)}:{SCHED_PORT}"])
-        s_out, s_err = status.communicate(timeout=60)
+        s_out, s_err = status.communicate(timeout=120)
         if status.returncode != 0:
             raise RuntimeError(f"status collection failed: {s_err[-800:]}")
         status_out = json.loads(s_out)
-        ledger = status_out["ledger"]
     finally:
+        injector.stop()
         if monitor:
             monitor.stop()
         for _, proc in procs:
@@ -317,10 +299,17 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
         # what they held is in the ledger and the storage stats, so they do not pile up run after run
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)
-    _write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
+    ledger = faults.ledger_now(mode_dir / "ledger")  # every daemon's, a killed one's included
+    modestats.write_links(mode_dir / "links.csv", sampler, keys, t0, sc.scale.time)
     rows = list(csv.DictReader((mode_dir / "requests.csv").open()))
-    summary = _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, sc.scale.time,
-                         sc.serving.balance_window)
+    summary = modestats.summarize(rows, sampler, keys, t0, t1, driver_summary,
+                                  {**ledger.as_dict(), "unchecked": ledger.unchecked}, sc.scale.time,
+                                  sc.serving.balance_window)
+    summary["failed"] = {"turns": driver_summary.get("failed", 0), "abandoned": driver_summary.get("abandoned", 0),
+                         "unreachable_daemons": sorted(status_out.get("unreachable", []))}
+    if mode_faults:
+        summary["faults"] = faults.mode_effects(mode, mode_faults, injector.log, rows, mode_dir, t0, sc.scale.time,
+                                                ledger)
     summary["links"] = linkstats.queue_figures(mode_dir / "links.csv", net, sc.scale.time)
     summary["cost"] = servecost.figures(cpu_before, cpu_after, driver_summary.get("cpu_s"), len(rows), t1 - t0,
                                         status_out)
@@ -331,146 +320,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     summary["gpu"] = gpustats.merge_gpu(mode_dir, [n["name"] for n in lay.nodes])
     collective_bytes = 0
     if sc.serving.collectives:
-        summary["collectives"] = _merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
+        summary["collectives"] = modestats.merge_collectives(mode_dir, [n["name"] for n in lay.nodes])
         collective_bytes = sum(c["bytes"] for c in summary["collectives"].values())
-    summary["cnic_kv_gbps"] = _cnic_kv_gbps(sampler, keys, t0, t1, collective_bytes,
-                                            sc.scale.bytes / sc.scale.time)
+    summary["cnic_kv_gbps"] = modestats.cnic_kv_gbps(sampler, keys, t0, t1, collective_bytes,
+                                                     sc.scale.bytes / sc.scale.time)
     return summary, (t0, t1)
-
-
-def _cnic_kv_gbps(sampler: TcSampler, keys, t0: float, t1: float, collective_bytes: int,
-                  rate_scale: float) -> float | None:
-    """KV throughput over the compute fabric, real Gbit/s, averaged over the mode's JCT: every byte that
-    crosses the fabric leaves one CNIC upwards, so it is the CNICs' upward wire bytes less the collectives'
-    payload (what remains is KV, plus TCP/IP headers and gRPC framing: a few %). Isolation on or off alike."""
-    moved = [sampler.delta(k, t0, t1) for k in _whole(keys, "cnic", "up")]
-    moved = [m for m in moved if m is not None]
-    if not moved:
-        return None
-    seconds = max(s for _, s in moved)
-    kv = max(0, sum(b for b, _ in moved) - collective_bytes)
-    return round(kv * 8 / seconds / rate_scale / 1e9, 2)
-
-
-def _merge_collectives(mode_dir: Path, nodes: list[str]) -> dict:
-    """The nodes' collectives-<node>.csv into collectives.csv; completion p50/p99 per phase (real s)."""
-    rows = []
-    for name in nodes:
-        part = mode_dir / f"collectives-{name}.csv"
-        if part.exists():
-            rows += list(csv.DictReader(part.open()))
-            part.unlink()
-    with (mode_dir / "collectives.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLLECTIVE_COLUMNS)
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: float(r["start_s"])))
-    out = {}
-    for phase in ("prefill", "decode"):
-        times = sorted(float(r["completion_s"]) for r in rows if r["phase"] == phase)
-        out[phase] = {"count": len(times), "p50_s": online.percentile(times, 50), "p99_s": online.percentile(times, 99),
-                      "bytes": sum(int(r["bytes"]) for r in rows if r["phase"] == phase)}
-    return out
-
-
-def _write_links(path: Path, sampler: TcSampler, keys, t0: float, time_scale: float) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(LINK_COLUMNS)
-        for s in sampler.samples:
-            lk = keys[s.key]
-            w.writerow([round((s.t_s - t0) / time_scale, 4), lk.link, lk.link_class, lk.side, lk.direction,
-                        lk.tclass, s.bytes, s.packets, s.drops, s.backlog_bytes])
-
-
-def _utils(sampler: TcSampler, keys, a: float, b: float, cls: str, direction: str) -> dict[str, float | None]:
-    out = {}
-    for side in ("pe", "de"):
-        vals = [r / keys[k].rate_bps for k in _whole(keys, cls, direction, side)
-                if (r := sampler.rate_bps(k, a, b)) is not None]
-        out[side] = round(sum(vals) / len(vals), 4) if vals else None
-    return out
-
-
-def fabric_figures(sampler: TcSampler, keys, a: float, b: float, window_s: float) -> dict | None:
-    """The compute fabric between a and b (the whole run: every byte read then crosses the wire inside it,
-    even when reads run ahead of a compute-bound prefill) beside the paper's section 3
-    (``scenarios.fabric``): mean wire utilization of the CNICs per link type (side x direction), the formula
-    at the reads measured, and ``peak_wire``: the busiest CNIC of each type in its busiest window."""
-    links = {v.link: v for v in keys.values() if v.tclass == "link"}  # one per link (keys: per direction)
-    snics = {side: [v for v in links.values() if v.link_class == "snic" and v.side == side] for side in ("pe", "de")}
-    cnics = [v for v in links.values() if v.link_class == "cnic"]
-    if not snics["pe"] or not snics["de"] or not cnics:
-        return None
-    up, down = _utils(sampler, keys, a, b, "cnic", "up"), _utils(sampler, keys, a, b, "cnic", "down")
-    measured = {"pe_up": up["pe"], "pe_down": down["pe"], "de_up": up["de"], "de_down": down["de"]}
-    reads = {}
-    for side in ("pe", "de"):
-        rates = [sampler.rate_bps(k, a, b) for k in _whole(keys, "snic", "down", side)]
-        reads[side] = sum(r for r in rates if r is not None)
-    p, d = len(snics["pe"]), len(snics["de"])  # one SNIC per node
-    g = sum(1 for v in cnics if v.side == "pe") // p
-    out = fabric.compare(measured, reads["pe"], reads["de"], p, d, g, cnics[0].rate_bps, snics["pe"][0].rate_bps)
-    peak: dict[str, float | None] = {}
-    edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
-    for lt in fabric.LINK_TYPES:
-        side, direction = lt.split("_")
-        utils = [r / keys[k].rate_bps for k in _whole(keys, "cnic", direction, side)
-                 for lo, hi in itertools.pairwise(edges)
-                 if (r := sampler.rate_bps(k, lo, hi)) is not None]
-        peak[lt] = round(max(utils), 4) if utils else None
-    out["peak_wire"] = peak
-    return out
-
-
-def snic_balance(sampler: TcSampler, keys, a: float, b: float, window_s: float) -> dict | None:
-    """SNIC load balance (the paper's Fig. 13, "max/avg traffic over short windows"): in each window of
-    `window_s` (wall) between a and b, the busiest compute-node SNIC's read bytes and the mean SNIC's;
-    ``max_over_mean`` sums both over the windows before dividing, so each window counts by the traffic it
-    carried. The end of a run, when fewer reads are left than SNICs, would otherwise dominate: there one
-    SNIC reads the last contexts while the others idle (ratios of 2-6 in 3 s windows at the end of
-    fig13_balance, 1.0-1.4 before), which is the drain, not the placement. ``unweighted`` is the plain
-    mean of the windows' ratios, ``worst`` the highest; windows in which no SNIC read are skipped. 1.0 is
-    perfect balance."""
-    series = []
-    for k in _whole(keys, "snic", "down"):
-        pts = sorted((s.t_s, s.bytes) for s in sampler.samples if s.key == k)
-        if pts:
-            series.append(pts)
-    if len(series) < 2 or b - a < window_s:
-        return None
-
-    def at(pts: list[tuple[float, int]], t: float) -> int:  # the counter as last sampled by t
-        i = bisect.bisect_right(pts, (t, float("inf"))) - 1
-        return pts[max(i, 0)][1]
-
-    windows = []  # (busiest SNIC's bytes, mean SNIC's bytes) per window with reads
-    edges = [a + i * window_s for i in range(int((b - a) / window_s) + 1)]
-    for lo, hi in itertools.pairwise(edges):
-        moved = [at(p, hi) - at(p, lo) for p in series]
-        if (mean := sum(moved) / len(moved)) > 0:
-            windows.append((max(moved), mean))
-    if not windows:
-        return None
-    ratios = [top / mean for top, mean in windows]
-    return {"max_over_mean": round(sum(t for t, _ in windows) / sum(m for _, m in windows), 4),
-            "unweighted": round(statistics.fmean(ratios), 4), "worst": round(max(ratios), 4),
-            "windows": len(windows), "window_s": window_s}
-
-
-def _summarize(rows, sampler, keys, t0, t1, driver_summary, ledger, time_scale: float,
-               window_s: float) -> dict:
-    span = t1 - t0
-    a, b = t0 + 0.1 * span, t0 + 0.9 * span  # the middle 80% of the mode's JCT
-    ttft = sorted(float(r["ttft_s"]) for r in rows)
-    tpot = sorted(float(r["tpot_s"]) for r in rows)
-    return {
-        "jct_s": round(driver_summary["jct_s"], 3), "requests": len(rows),
-        "paths": {p: sum(1 for r in rows if r["path"] == p) for p in ("pe", "de", "split", "none")},
-        "snic_util": _utils(sampler, keys, a, b, "snic", "down"),  # storage -> node: reads
-        "cnic_util": _utils(sampler, keys, a, b, "cnic", "down"),  # KV arriving at PE GPUs / DE buffers
-        "ttft_s": {"p50": online.percentile(ttft, 50), "p99": online.percentile(ttft, 99)},
-        "tpot_s": {"p50": online.percentile(tpot, 50), "p99": online.percentile(tpot, 99)},
-        "ledger": ledger,
-        "snic_balance": snic_balance(sampler, keys, a, b, window_s * time_scale),
-        "fabric": fabric_figures(sampler, keys, t0, t1, window_s * time_scale),
-    }

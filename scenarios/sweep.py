@@ -35,7 +35,7 @@ def metrics(summary: dict) -> dict[str, float]:
     ``online.slo_ok.<mode>`` (1 or 0), ``online.<ttft_s|ttst_s|tpot_s|trajectory_jct_s>.mean.<mode>`` and
     ``online.ttft_s.last_third.<mode>`` (the mean TTFT of the steady state's last third of turns);
     ``snic_balance.<mode>``: over windows of ``serving.balance_window``, the busiest SNIC's reads over the
-    mean SNIC's, each window weighted by its traffic (``serve.snic_balance``);
+    mean SNIC's, each window weighted by its traffic (``modestats.snic_balance``);
     ``fabric.<kind>.<link type>.<mode>`` (kind: measured_wire, predicted_wire, with_loopback, saturated,
     peak_wire) and ``fabric.<de_dram|de_read_share|p_over_d|g|s>.<mode>``: the compute fabric beside
     section 3 (``scenarios.fabric``)."""

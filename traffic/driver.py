@@ -20,6 +20,11 @@ A turn's request: the context before the turn is cached in storage as
 ``context // block_tokens`` Full Blocks; the partial last block is recomputed
 with the appended tokens (prefix caching works on whole blocks). Times in the
 CSV are REAL seconds (wall seconds / time scale). Runs on the control host.
+
+A turn the scheduler could not finish (a fault: its KV lost, no live node left)
+is written to ``failed.csv`` beside ``--out`` (FAILED_COLUMNS) with the error;
+its agent then stops, as its later turns would need the KV this turn did not
+leave in storage (``abandoned``: the turns it did not run).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from traffic.workload import Trajectory, Turn, WorkloadSpec
 
 COLUMNS = ["agent", "turn", "pe", "de", "path", "context_tokens", "hit_tokens", "new_tokens", "gen_tokens",
            "kv_bytes", "arrival_s", "submit_s", "done_s", "wait_s", "alloc_s", "read_s", "prefill_s", "decode_s",
-           "ttft_s", "ttst_s", "tpot_s", "last_turn"]
+           "ttft_s", "ttst_s", "tpot_s", "last_turn", "retries"]
+FAILED_COLUMNS = ["agent", "turn", "submit_s", "failed_s", "abandoned", "error"]
+SUBMIT_DEADLINE_S = 3600.0  # wall seconds one turn may take, queued and placed again included
 
 
 def trajectory_id(agent: int) -> str:
@@ -90,7 +97,8 @@ class _Window:
         self.check()
 
 
-async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: list[dict], window: _Window) -> None:
+async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: list[dict], window: _Window,
+                 failed: list[dict]) -> None:
     await asyncio.sleep(max(0.0, t0 + start_s * args.time_scale - time.monotonic()))  # its arrival time
     for i, turn in enumerate(traj.turns):
         if i and window.stop.is_set():  # its first turn is its arrival: load that always comes
@@ -98,12 +106,18 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
         req = turn_request(turn, args.block_tokens, args.layer_chunks, args.tag)
         submit = time.monotonic()
         measured = window.started(submit)
+        real = 1.0 / args.time_scale
         try:
-            res = await stub.Submit(req)
+            res = await stub.Submit(req, timeout=SUBMIT_DEADLINE_S)
+        except grpc.aio.AioRpcError as exc:
+            failed.append({"agent": req.agent, "turn": turn.index, "submit_s": round((submit - t0) * real, 6),
+                           "failed_s": round((time.monotonic() - t0) * real, 6),
+                           "abandoned": len(traj.turns) - i - 1, "error": (exc.details() or str(exc.code()))[:500]})
+            print(f"done {len(rows) + len(failed)}", flush=True)
+            return  # its later turns would read the KV this one did not leave
         finally:
             window.finished(measured)
         done = time.monotonic()
-        real = 1.0 / args.time_scale
         rows.append({
             "agent": req.agent, "turn": turn.index, "pe": res.pe, "de": res.de, "path": res.path,
             "context_tokens": req.context_tokens, "hit_tokens": req.request.hit_blocks * args.block_tokens,
@@ -112,18 +126,21 @@ async def _agent(stub, traj: Trajectory, start_s: float, t0: float, args, rows: 
             "submit_s": round((submit - t0) * real, 6), "done_s": round((done - t0) * real, 6),
             **{k: round(getattr(res, k) * real, 6) for k in
                ("wait_s", "alloc_s", "read_s", "prefill_s", "decode_s", "ttft_s", "ttst_s", "tpot_s")},
-            "last_turn": int(i == len(traj.turns) - 1)})
-        print(f"done {len(rows)}", flush=True)  # progress, for whoever runs the driver
+            "last_turn": int(i == len(traj.turns) - 1), "retries": res.retries})
+        print(f"done {len(rows) + len(failed)}", flush=True)  # progress, for whoever runs the driver
 
 
-async def play_agents(stub, trajectories: list[Trajectory], starts: list[float], args) -> list[dict]:
-    """Every agent's turns against the scheduler `stub`; one row per finished turn."""
+async def play_agents(stub, trajectories: list[Trajectory], starts: list[float], args,
+                      failed: list[dict] | None = None) -> list[dict]:
+    """Every agent's turns against the scheduler `stub`; one row per finished turn (each failed one in
+    `failed`)."""
     rows: list[dict] = []
+    failed = [] if failed is None else failed
     t0 = time.monotonic()
     window = _Window(t0 + max(starts) * args.time_scale, args.stop_after_window)
     watcher = asyncio.ensure_future(window.watch())
     try:
-        await asyncio.gather(*(_agent(stub, t, s, t0, args, rows, window)
+        await asyncio.gather(*(_agent(stub, t, s, t0, args, rows, window, failed)
                                for t, s in zip(trajectories, starts, strict=True)))
     finally:
         watcher.cancel()
@@ -139,7 +156,8 @@ async def run(args) -> dict:
         print("start", flush=True)  # set up (imports, connection): the workload starts now
         cpu0 = time.process_time()
         t0 = time.monotonic()
-        rows = await play_agents(stub, trajectories, starts, args)
+        failed: list[dict] = []
+        rows = await play_agents(stub, trajectories, starts, args, failed)
         jct_wall = time.monotonic() - t0
         cpu1 = time.process_time()
     rows.sort(key=lambda r: (r["submit_s"], r["agent"], r["turn"]))
@@ -147,7 +165,12 @@ async def run(args) -> dict:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    with open(Path(args.out).with_name("failed.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FAILED_COLUMNS)
+        w.writeheader()
+        w.writerows(sorted(failed, key=lambda r: r["failed_s"]))
     return {"jct_s": jct_wall / args.time_scale, "requests": len(rows), "agents": len(trajectories),
+            "failed": len(failed), "abandoned": sum(r["abandoned"] for r in failed),
             "cpu_s": round(cpu1 - cpu0, 4)}  # this process's CPU while the workload ran (all its threads)
 
 

@@ -16,6 +16,7 @@ class Procs:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.mgmt: dict[str, str] = {}  # a storage server's data address -> its management address (Stats)
 
     def start(self, argv: list[str]) -> list[int]:
         """Start `python -m ...argv`; wait for its 'ready PORT...' line; return the ports."""
@@ -32,10 +33,31 @@ class Procs:
         """Storage server `index` of `servers`, with `preload` written at start; returns ADDR:PORT."""
         path = root / "preload.json"
         path.write_text(json.dumps(preload))
-        (port,) = self.start(["-m", "daemons.storage", "--listen", "127.0.0.1:0", "--dir", str(root / f"st{index}"),
-                              *GEOM_ARGS, "--preload", str(path), "--server-index", str(index),
-                              "--servers", str(servers), *extra])
+        mgmt, port = self.start(["-m", "daemons.storage", "--listen", "127.0.0.1:0", "--mgmt", "127.0.0.1:0",
+                                 "--dir", str(root / f"st{index}"), *GEOM_ARGS, "--preload", str(path),
+                                 "--server-index", str(index), "--servers", str(servers), *extra])
+        self.mgmt[f"127.0.0.1:{port}"] = f"127.0.0.1:{mgmt}"
         return f"127.0.0.1:{port}"
+
+    def storage_stub(self, addr: str):
+        """A storage server's calls where it serves them: Read and Write on its data address, Stats on its
+        management address."""
+        import grpc
+
+        from daemons import dualpath_pb2_grpc as pb_grpc
+        data = pb_grpc.StorageStub(grpc.insecure_channel(addr))
+        mgmt = pb_grpc.StorageStub(grpc.insecure_channel(self.mgmt[addr]))
+        return type("StorageCalls", (), {"Read": staticmethod(data.Read), "Write": staticmethod(data.Write),
+                                         "Stats": staticmethod(mgmt.Stats), "data": data, "mgmt": mgmt})()
+
+    def storage_stats(self, addr: str):
+        """A storage server's Stats, asked on its management address (its data address refuses it)."""
+        import grpc
+
+        from daemons import dualpath_pb2 as pb
+        from daemons import dualpath_pb2_grpc as pb_grpc
+        with grpc.insecure_channel(self.mgmt[addr]) as ch:
+            return pb_grpc.StorageStub(ch).Stats(pb.StatsRequest(), timeout=10)
 
     def node(self, name: str, role: str, storage: str, engines: int = 2, time_scale: float = 0.01,
              buffer_bytes: int = 1 << 20, extra: tuple[str, ...] = ()) -> dict:

@@ -182,7 +182,7 @@ def test_plan_lists_the_serving_daemons_of_every_mode(capsys):
 
 def test_kv_throughput_on_the_compute_fabric_is_upward_cnic_bytes_less_collectives():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import LinkKey, _cnic_kv_gbps
+    from scenarios.modestats import LinkKey, cnic_kv_gbps as _cnic_kv_gbps
 
     up, down, snic = ClassKey("dp-pe1", "pe1-cnic0", 1), ClassKey(None, "dp-pe1-cnic0", 1), ClassKey("x", "s", 1)
     keys = {up: LinkKey("pe1-cnic0", "cnic", "pe", "up", "link", 160e6),

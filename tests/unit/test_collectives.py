@@ -106,7 +106,8 @@ def test_a_decode_step_ends_with_its_alltoall_and_every_step_is_recorded(tmp_pat
                           collectives=mine)
         spec = pb.RequestSpec(request_id="r", trajectory="t", hit_blocks=0, new_tokens=10, gen_tokens=12,
                               layer_chunks=2)
-        reply = await svc.Decode(pb.DecodeRequest(request=spec, de_engine=0, context_tokens=10), None)
+        reply = await svc.Decode(pb.DecodeRequest(request=spec, de_engine=0, context_tokens=10,
+                                                   path=pb.READ_PATH_NONE), None)
         await svc.close()
         await peer.close()
         return mine, peer, reply

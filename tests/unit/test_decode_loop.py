@@ -47,7 +47,7 @@ class FakeGpu:
 def _req(rid, traj, ctx, gen):
     spec = pb.RequestSpec(request_id=rid, trajectory=traj, hit_blocks=ctx // 64, new_tokens=ctx % 64, gen_tokens=gen,
                           layer_chunks=4)
-    return pb.DecodeRequest(request=spec, de_engine=0, context_tokens=ctx)
+    return pb.DecodeRequest(request=spec, de_engine=0, context_tokens=ctx, path=pb.READ_PATH_NONE)  # no KV moved
 
 
 def test_blocks_written_exactly_once_each_and_joins_share_the_batch():

@@ -78,7 +78,7 @@ def test_an_online_run_stops_once_the_steady_windows_turns_are_done():
     from traffic.workload import Trajectory
 
     class Scheduler:  # answers a turn after 80 ms, as a loaded cluster would
-        async def Submit(self, req):  # noqa: N802 - gRPC's name
+        async def Submit(self, req, timeout=None):  # noqa: N802 - gRPC's name
             await asyncio.sleep(0.08)
             return pb.TurnResult(pe="pe1", de="de1", path="pe")
 
@@ -106,7 +106,7 @@ def test_an_online_run_stops_once_the_steady_windows_turns_are_done():
         window.check()
         assert window.stop.is_set()
         args = argparse.Namespace(block_tokens=64, layer_chunks=2, tag="", time_scale=1.0)
-        await _agent(Scheduler(), trajs[0], 0.0, time.monotonic(), args, rows, window)
+        await _agent(Scheduler(), trajs[0], 0.0, time.monotonic(), args, rows, window, [])
         return rows
 
     assert [r["turn"] for r in asyncio.run(late())] == [0]

@@ -48,7 +48,7 @@ def test_wire_and_loopback_split_each_byte_once_per_crossing():
 
 def test_a_run_is_compared_at_the_reads_it_made():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import LinkKey, fabric_figures
+    from scenarios.modestats import LinkKey, fabric_figures
 
     snic, cnic = 20e6, 160e6  # dpemu's scaled 1:8
     keys, series = {}, {}

@@ -29,7 +29,7 @@ def cluster(tmp_path, request):
         for name, role in (("pe1", "pe"), ("de1", "de")):
             info = procs.node(name, role, st, extra=extra)
             nodes[name] = {**info, "cnic": info["cnics"], "stub": pb_grpc.NodeStub(grpc.insecure_channel(info["mgmt"]))}
-        nodes["st"] = pb_grpc.StorageStub(grpc.insecure_channel(st))
+        nodes["st"] = procs.storage_stub(st)
         yield nodes
     finally:
         procs.stop()

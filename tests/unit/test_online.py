@@ -86,7 +86,7 @@ def test_a_capacity_table_names_the_modes_whose_every_run_was_untrusted():
 
 def test_snic_balance_is_the_busiest_snic_over_the_mean_weighted_by_each_windows_traffic():
     from emulator.monitor import ClassKey, ClassSample, TcSampler
-    from scenarios.serve import LinkKey, snic_balance
+    from scenarios.modestats import LinkKey, snic_balance
 
     k1, k2, up = ClassKey("a", "pe1-snic", 1), ClassKey("b", "de1-snic", 1), ClassKey("a", "pe1-snic-up", 1)
     keys = {k1: LinkKey("pe1-snic", "snic", "pe", "down", "link", 20e6),

@@ -21,7 +21,7 @@ def storage(tmp_path):
     try:
         addrs = [procs.storage(tmp_path, [{"trajectory": "a1", "blocks": 3 * STRIPE_BLOCKS}], i, 2,
                                ("--max-message-bytes", "2048")) for i in range(2)]
-        yield [pb_grpc.StorageStub(grpc.insecure_channel(a)) for a in addrs]
+        yield [procs.storage_stub(a) for a in addrs]
     finally:
         procs.stop()
 
