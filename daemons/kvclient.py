@@ -101,7 +101,6 @@ class StorageClient:
                 left = [b for b in wanted if b not in got]
                 if not left:
                     break  # else: the next replica, for what this one did not deliver
-            ledger.blocks_read += len(got & set(wanted))
             ledger.blocks_lost += len(left)
             return len(left)
 
@@ -127,6 +126,7 @@ class StorageClient:
                     continue  # not what was asked: whatever is missing is counted lost
                 bad = verify_span(self.geom, s.trajectory, s.first_block, s.blocks, 0, 0, msg.data)
                 bad_blocks.extend(bad)
+                ledger.blocks_read += s.blocks  # as it arrives: a node killed mid-read still adds up
                 ledger.blocks_corrupt += len(bad)
                 ledger.blocks_verified += s.blocks - len(bad)
                 got.update(range(s.first_block, s.first_block + s.blocks))

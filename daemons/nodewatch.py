@@ -24,7 +24,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 
-STATUS_PERIOD_S = 0.05    # wall seconds between a node's reports while turns are in flight
+STATUS_PERIOD_S = 0.1     # wall seconds between a node's reports while turns are in flight (default)
 STATUS_DEADLINE_S = 2.0   # a node that has not answered in this time is unresponsive
 DEAD_AFTER = 2            # refused status calls in a row that make a node dead
 

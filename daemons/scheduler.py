@@ -22,7 +22,8 @@ The config file (JSON) holds ``mode`` (basic | dualpath | oracle), ``policy``
 (paper | round_robin), ``layer_chunks``, ``alpha_tokens``, ``beta_tokens``,
 ``hbm_tokens`` (context tokens one DE engine holds) and ``nodes``: a list of
 ``{"name", "role", "mgmt", "cnics": [ADDR:PORT per engine], "lockstep": [GROUP@HOST per engine]}``
-(lockstep optional). ``--events FILE`` writes what the scheduler saw of the
+(lockstep optional), ``status_period_s`` (wall seconds between the nodes' load
+reports, optional). ``--events FILE`` writes what the scheduler saw of the
 nodes (deaths, retried and failed turns) as JSON at stop.
 """
 
@@ -41,7 +42,7 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
-from daemons.nodewatch import NodeWatch
+from daemons.nodewatch import STATUS_PERIOD_S, NodeWatch
 from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe,
                             choose_read_side, split_blocks)
 from daemons.runtime import CONTROL_DEADLINE_S, TURN_DEADLINE_S, RpcCounter, rpc_counts, run_event_loop, \
@@ -73,6 +74,7 @@ class SchedulerConfig:
     hbm_tokens: int
     nodes: tuple[NodeInfo, ...]
     read_path: str = "choose"
+    status_period_s: float = STATUS_PERIOD_S  # wall seconds between a node's load reports
 
     @classmethod
     def from_json(cls, data: dict) -> "SchedulerConfig":
@@ -87,7 +89,8 @@ class SchedulerConfig:
         if not any(n.role == "pe" for n in nodes) or not any(n.role == "de" for n in nodes):
             raise ValueError("the cluster needs at least one prefill and one decode node")
         return cls(data["mode"], data["policy"], int(data["layer_chunks"]), float(data["alpha_tokens"]),
-                   float(data["beta_tokens"]), int(data["hbm_tokens"]), nodes, data.get("read_path", "choose"))
+                   float(data["beta_tokens"]), int(data["hbm_tokens"]), nodes, data.get("read_path", "choose"),
+                   float(data.get("status_period_s", STATUS_PERIOD_S)))
 
 
 @dataclass
@@ -126,7 +129,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.de_load = {(n.name, i): _Load() for n in config.nodes if n.role == "de" for i in range(len(n.cnics))}
         # the nodes' read queues and liveness, from their Status
         self.watch = NodeWatch({n: (lambda n=n: self._stub(n)) for n in self.nodes},
-                               lambda: bool(self.queue or self.running), self._node_died)
+                               lambda: bool(self.queue or self.running), self._node_died,
+                               period_s=config.status_period_s)
         self.events: list[dict] = []  # nodes that died, turns placed again or failed
         self.running = 0
         self.queue: deque[_Pending] = deque()

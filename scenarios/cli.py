@@ -236,6 +236,10 @@ def _run_sweep(points: list, args) -> int:
         console.print(f"[bold red]NOT TRUSTWORTHY[/] (kept out of the statistics): {', '.join(untrusted)}; "
                       "each run's summary.json says why")
     console.print(f"results: {outcome.sweep_dir} (`dpemu report {outcome.sweep_dir}` for plots and report.md)")
+    failed = [p["label"] for p in outcome.index["points"] if p.get("failed_turns")]
+    if failed:
+        console.print(f"[yellow]turns failed[/] in: {', '.join(failed)} (each run's summary.json: its faults' effects)")
+        return EXIT_FAILED
     return EXIT_UNTRUSTED if untrusted else EXIT_OK
 
 

@@ -8,7 +8,8 @@ mode ends is undone then.
 
 :func:`effects` turns the log, the driver's rows (finished and failed turns) and the scheduler's events into
 each fault's effect: the turns retried (placed again after a node they ran on died), failed, and delayed (in
-flight while it lasted, finished without a retry), the blocks lost while it lasted, and for a link how long
+flight on its target while it lasted - a storage server serves every turn's reads - and finished without a
+retry), the blocks lost from it until the next fault, and for a link how long
 its traffic stalled. :func:`message` is the paragraph a user reads.
 """
 
@@ -168,10 +169,15 @@ def effects(faults: list[Fault], log: list[dict], rows: list[dict], failed: list
         until = min([e["t_s"] for e in later], default=float("inf"))  # its blocks: until the next fault's
         lost_from = Ledger.from_dict(inj["ledger"]).blocks_lost
         lost_to = Ledger.from_dict(later[0]["ledger"]).blocks_lost if later else end_ledger.blocks_lost
-        retried = [r for r in rows if int(r.get("retries") or 0) and float(r["done_s"]) >= t_in]
+        retried = [e for e in sched_events if e["event"] == "turn_retried" and t_in <= e["t_s"] < until]
         failed_here = [r for r in failed if t_in <= float(r["failed_s"]) < until]
+        node = f.target.split("-")[0]  # a node, or a node's link; a storage server serves every turn's reads
+
+        def touches(r: dict) -> bool:
+            return node.startswith("st") or r["pe"].split("/")[0] == node or r["de"].split("/")[0] == node
+
         delayed = [r for r in rows if float(r["submit_s"]) <= t_out and float(r["done_s"]) >= t_in
-                   and not int(r.get("retries") or 0)]
+                   and not int(r.get("retries") or 0) and touches(r)]
         ttft = sorted(float(r["ttft_s"]) for r in delayed)
         entry.update({
             "injected_s": t_in, "undone_s": undone["t_s"] if undone else None,

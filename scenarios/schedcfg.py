@@ -2,6 +2,7 @@
 defines them (section 5) from this scenario's own cluster and workload:
 
 - alpha: the tokens one SNIC reads in 3 s (``daemons.policy.alpha_tokens``);
+- the nodes report their read queues every STATUS_PERIOD_REAL_S of real time (``status_period_s``, wall);
 - beta: the tokens one GPU prefills in 5 s, at the prefill rate of this workload's mean turn (its mean cached
   context and mean append, over every turn the mode plays), on the run's GPU model. Until issue 13 beta was fixed
   to the 64K set's mean turn (32,721 cached + 429 new) for every model, set and trace.
@@ -16,6 +17,8 @@ import statistics
 from daemons import costmodel
 from daemons.gpu import CostModelCompute
 from daemons.policy import alpha_tokens, beta_tokens
+
+STATUS_PERIOD_REAL_S = 0.1  # fresher than one context's read (0.1-1 s); each report costs ~1 ms of CPU a side
 
 
 def mean_turn(trajectories) -> tuple[int, int]:
@@ -35,4 +38,5 @@ def scheduler_config(sc, mode: str, model: costmodel.ModelSpec, nodes: list[dict
             "alpha_tokens": alpha_tokens(sc.cluster.snic_rate, costmodel.kv_bytes_per_token(model)),
             "beta_tokens": beta_tokens(per_token_s),
             "beta_basis": {"cached_tokens": cached, "new_tokens": new, "prefill_s_per_token": per_token_s},
-            "hbm_tokens": costmodel.kv_capacity_tokens(model), "nodes": nodes}
+            "hbm_tokens": costmodel.kv_capacity_tokens(model), "nodes": nodes,
+            "status_period_s": STATUS_PERIOD_REAL_S * sc.scale.time}

@@ -427,6 +427,8 @@ def label_of(values: dict[str, Any]) -> str:
     """A point's name, from the values it sets: ``agents=48,modes=basic+dualpath,seed=1`` (the last
     component of each dotted key; safe as a directory name); "-" for none."""
     def text(v: Any) -> str:
+        if v == []:
+            return "none"
         return "+".join(map(str, v)) if isinstance(v, list) else str(v)
 
     raw = ",".join(f"{k.rsplit('.', 1)[-1]}={text(v)}" for k, v in values.items())

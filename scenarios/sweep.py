@@ -154,7 +154,8 @@ def run_sweep(points: list[Point], out_root: Path, say: Callable[[str], None] = 
         def finished(k: int, outcome: runner.RunOutcome, running=running) -> None:
             s = outcome.summary
             pt, entry = running[k]
-            entry.update(status="done", run_dir=pt.label, trustworthy=s["fidelity"]["ok"], metrics=metrics(s))
+            entry.update(status="done", run_dir=pt.label, trustworthy=s["fidelity"]["ok"], metrics=metrics(s),
+                         failed_turns=s.get("failed_turns", 0))
             _write(sweep_dir / "sweep.json", index)
 
         try:

@@ -144,3 +144,38 @@ def test_ledger_add():
     b = Ledger(blocks_read=3, blocks_corrupt=1)
     s = a.add(b)
     assert (s.blocks_read, s.blocks_lost, s.blocks_corrupt) == (5, 1, 1)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_dead_server_loses_its_blocks_unless_another_replica_holds_them(tmp_path, replicas):
+    """Two servers, one killed: with one copy its stripes are lost (counted, and the read refused); with two the
+    read falls back to the live copy, and a write-back lands on the live one (nothing lost either way)."""
+    procs = Procs()
+    try:
+        addrs = [procs.storage(tmp_path, [{"trajectory": "a1", "blocks": N}], i, 2, ("--replicas", str(replicas)))
+                 for i in range(2)]
+        dead = procs.procs[0]
+        dead.kill()
+        dead.wait(timeout=10)
+        mine = sum(1 for b in range(N) if server_for("a1", b, 2) == 0)
+
+        async def go():
+            client, ledger = StorageClient(addrs, GEOM, replicas=replicas), Ledger()
+            try:
+                data = await client.read("r", "a1", 0, N, ledger)
+            except KvIncomplete:
+                data = None
+            await client.write("w", "a1", N, 2 * STRIPE_BLOCKS, ledger)  # both stripes' servers
+            await client.close()
+            return data, ledger
+
+        data, ledger = asyncio.run(go())
+        if replicas == 1:
+            assert data is None and ledger.blocks_lost == mine + sum(
+                1 for b in range(N, N + 2 * STRIPE_BLOCKS) if server_for("a1", b, 2) == 0)
+        else:
+            assert data == span_content(GEOM, "a1", 0, N) and ledger.blocks_lost == 0
+            assert ledger.blocks_read == ledger.blocks_verified == N
+            assert ledger.blocks_written == 2 * STRIPE_BLOCKS  # one live copy of each
+    finally:
+        procs.stop()

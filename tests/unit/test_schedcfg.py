@@ -12,7 +12,8 @@ from traffic.workload import WorkloadSpec, generate
 
 def _sc(gpu_model: str = "profile"):
     return SimpleNamespace(cluster=SimpleNamespace(gpu_model=gpu_model, snic_rate=400e9),
-                           serving=SimpleNamespace(policy="paper", read_path="choose", layer_chunks=2))
+                           serving=SimpleNamespace(policy="paper", read_path="choose", layer_chunks=2),
+                           scale=SimpleNamespace(time=1.0))
 
 
 def test_beta_is_five_seconds_of_the_workloads_mean_turn():

@@ -115,3 +115,30 @@ def test_a_full_decode_buffer_queues_requests_instead_of_deadlocking(tmp_path):
         assert pe.blocks_lost == de.blocks_lost == 0 and pe.blocks_corrupt == de.blocks_corrupt == 0
     finally:
         procs.stop()
+
+
+def test_a_dead_decode_node_is_taken_out_and_its_turns_placed_again(tmp_path):
+    """de1 is killed: the turns placed on it fail over to de2 (placed again, retries counted), none is lost, and
+    the scheduler's events name the dead node."""
+    procs = Procs()
+    try:
+        st = procs.storage(tmp_path, [{"trajectory": f"a{i}", "blocks": HIT} for i in range(AGENTS)])
+        nodes = [procs.node("pe1", "pe", st), procs.node("de1", "de", st), procs.node("de2", "de", st)]
+        cfg, events = tmp_path / "sched.json", tmp_path / "events.json"
+        cfg.write_text(json.dumps({"mode": "dualpath", "policy": "round_robin", "layer_chunks": 4,
+                                   "alpha_tokens": 1e9, "beta_tokens": 1e9, "hbm_tokens": 10**7, "nodes": nodes}))
+        (port,) = procs.start(["-m", "daemons.scheduler", "--listen", "127.0.0.1:0", "--config", str(cfg),
+                               "--events", str(events)])
+        procs.procs[2].kill()  # de1
+        procs.procs[2].wait(timeout=10)
+        results = _submit_all(pb_grpc.SchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}")), "dualpath")
+        assert {r.de.split("/")[0] for r in results} == {"de2"}
+        assert sum(r.retries for r in results) >= 1  # round robin placed some on de1 before it was seen dead
+        scheduler = procs.procs[-1]
+        scheduler.terminate()
+        scheduler.wait(timeout=10)
+        seen = json.loads(events.read_text())
+        assert [e["node"] for e in seen if e["event"] == "node_dead"] == ["de1"]
+        assert sum(1 for e in seen if e["event"] == "turn_retried") == sum(r.retries for r in results)
+    finally:
+        procs.stop()
