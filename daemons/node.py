@@ -171,7 +171,8 @@ class NodeService(pb_grpc.NodeServicer):
     async def Status(self, request, context):  # noqa: N802
         lg, tm = self.ledger, self.tm
         return pb.NodeStatus(
-            name=self.name, role=self.role, read_queue_tokens=tm.read_queue_tokens, buffer_bytes=tm.buffer.used,
+            name=self.name, role=self.role, read_queue_tokens=tm.read_queue_tokens, read_tokens=tm.read_tokens,
+            buffer_bytes=tm.buffer.used,
             engines=[pb.EngineStatus(engine=e.index, unfinished_requests=e.unfinished_requests,
                                      unfinished_tokens=max(0, e.unfinished_tokens)) for e in self.engines],
             ledger=lg.to_proto(), rpcs=[] if request.brief else rpc_counts(self.rpcs))

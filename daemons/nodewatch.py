@@ -1,10 +1,12 @@
 """The scheduler's view of its nodes: their storage read queues as the nodes report them, and which are alive.
 
 The paper's scheduler compares the nodes' storage read queues (section 5). Each node reports its own in
-``Status`` (the traffic manager's ``read_queue_tokens``: tokens of the requests it has taken and not yet read).
-While turns are in flight every node is asked every ``period_s``; a turn placed on a node after the last report
-was asked for is added to that report until the next one (the node cannot have counted it yet), so a burst
-placed between two reports does not land on one side.
+``Status``: ``read_queue_tokens``, the tokens of the requests it has taken and not yet read, and
+``read_tokens``, every token it has ever taken. While turns are in flight every node is asked every
+``period_s``. The scheduler counts every token it places on a node to read (``placed``); what it placed and the
+node had not yet taken when it answered is on its way (a Prefill or Fetch in flight) and is added to the
+report: queue = reported + placed - taken. So a burst placed between two reports does not land on one side.
+(A turn whose reader died before it arrived stays counted as on its way to that node; the dead node is out.)
 
 A node that refuses its status call twice running (its daemon is gone: the connection is refused) is dead:
 the scheduler takes its engines out and re-queues its turns. One that does not answer in time (stopped,
@@ -14,8 +16,6 @@ its link down) is unresponsive: its last report stands until it answers again.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -23,6 +23,7 @@ import grpc
 
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
+from daemons.policy import NodeLoad
 
 STATUS_PERIOD_S = 0.1     # wall seconds between a node's reports while turns are in flight (default)
 STATUS_DEADLINE_S = 2.0   # a node that has not answered in this time is unresponsive
@@ -34,7 +35,8 @@ class Watched:
     name: str
     stub: Callable[[], pb_grpc.NodeStub]
     reported: int = 0              # read-queue tokens of its last report
-    asked_at: float = float("-inf")  # when that report was asked for
+    taken: int = 0                 # tokens it had ever taken into its read queue, as of that report
+    placed: int = 0                # tokens the scheduler ever placed on it to read
     alive: bool = True
     refused: int = 0               # status calls refused in a row
     unresponsive: int = 0          # status calls past their deadline, in all
@@ -49,9 +51,7 @@ class NodeWatch:
     on_dead: Callable[[str], Awaitable[None]]
     period_s: float = STATUS_PERIOD_S
     deadline_s: float = STATUS_DEADLINE_S
-    clock: Callable[[], float] = time.monotonic
     watched: dict[str, Watched] = field(init=False)
-    placed: deque = field(default_factory=deque)  # (placed at, node, tokens) since the oldest report was asked
     work: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -70,13 +70,16 @@ class NodeWatch:
         return self.watched[node].alive
 
     def read_queue(self, node: str) -> int:
-        """The node's read queue: its last report, plus the turns placed there since that report was asked for."""
+        """The node's read queue: its last report, plus what was placed there that it had not taken by then."""
         w = self.watched[node]
-        return w.reported + sum(t for at, n, t in self.placed if n == node and at > w.asked_at)
+        return w.reported + max(0, w.placed - w.taken)
+
+    def load(self, node: str) -> NodeLoad:
+        return NodeLoad(node, self.read_queue(node), self.watched[node].placed)
 
     def charge(self, node: str, tokens: int) -> None:
         """A turn was placed that `node` will read `tokens` of."""
-        self.placed.append((self.clock(), node, tokens))
+        self.watched[node].placed += tokens
 
     async def probe(self, node: str) -> bool:
         """Ask `node` now (a turn on it failed): is it alive? A refused call counts toward its death."""
@@ -91,7 +94,6 @@ class NodeWatch:
     async def _ask(self, w: Watched) -> None:
         if not w.alive:
             return
-        asked = self.clock()
         try:
             st = await w.stub().Status(pb.StatusRequest(brief=True), timeout=self.deadline_s)
         except grpc.aio.AioRpcError as exc:
@@ -104,10 +106,7 @@ class NodeWatch:
                 await self.on_dead(w.name)
             return
         w.refused = 0
-        w.reported, w.asked_at = st.read_queue_tokens, asked
-        oldest = min(x.asked_at for x in self.watched.values() if x.alive)
-        while self.placed and self.placed[0][0] <= oldest:
-            self.placed.popleft()
+        w.reported, w.taken = st.read_queue_tokens, st.read_tokens
 
     async def _poll(self, w: Watched) -> None:
         while w.alive:

@@ -56,6 +56,7 @@ class EngineLoad:
 class NodeLoad:
     node: str
     read_queue_tokens: int
+    placed_tokens: int = 0  # every token ever placed on it to read: breaks a tie between two empty queues
 
 
 def choose_pe(engines: list[EngineLoad], nodes: dict[str, NodeLoad], alpha_tokens: float,
@@ -100,8 +101,12 @@ def choose_de(engines: list[EngineLoad], request_tokens: int, queued_tokens: dic
 
 
 def choose_read_side(pe_node: NodeLoad, de_node: NodeLoad) -> str:
-    """'pe' or 'de': the node with the shorter storage read queue reads (ties: PE, the classic path)."""
-    return "de" if de_node.read_queue_tokens < pe_node.read_queue_tokens else "pe"
+    """'pe' or 'de': the node with the shorter storage read queue reads. A tie (most often two empty queues,
+    when the SNICs keep up) goes to the node that has been given less to read so far, PE if equal: ties going
+    to PE always would load the fewer PE nodes' SNICs with every turn that arrives while both sides are idle."""
+    if de_node.read_queue_tokens != pe_node.read_queue_tokens:
+        return "de" if de_node.read_queue_tokens < pe_node.read_queue_tokens else "pe"
+    return "de" if de_node.placed_tokens < pe_node.placed_tokens else "pe"
 
 
 def split_blocks(hit_blocks: int, block_tokens: int, pe_queue_tokens: int, de_queue_tokens: int) -> int:

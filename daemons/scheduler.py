@@ -43,7 +43,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.nodewatch import STATUS_PERIOD_S, NodeWatch
-from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, NodeLoad, RoundRobin, choose_de, choose_pe,
+from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, RoundRobin, choose_de, choose_pe,
                             choose_read_side, split_blocks)
 from daemons.runtime import CONTROL_DEADLINE_S, TURN_DEADLINE_S, RpcCounter, rpc_counts, run_event_loop, \
     serve_until_stopped
@@ -209,7 +209,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             return None  # none alive of a role (its queued turns were failed)
         if self.cfg.policy.startswith("round_robin"):
             return self._rr.choose("pe", pe_loads), self._rr.choose("de", de_loads)
-        nodes = {n: NodeLoad(n, self.watch.read_queue(n)) for n in self.nodes}
+        nodes = {n: self.watch.load(n) for n in self.nodes}
         pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
         if pe_eng is None:
             return None
@@ -231,8 +231,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         elif self.cfg.policy == "round_robin_alternating":
             side = self._rr.alternate("read", ("pe", "de"))
         else:
-            side = choose_read_side(NodeLoad(pe_node, self.watch.read_queue(pe_node)),
-                                    NodeLoad(de_node, self.watch.read_queue(de_node)))
+            side = choose_read_side(self.watch.load(pe_node), self.watch.load(de_node))
         return (pb.READ_PATH_PE, spec.hit_blocks) if side == "pe" else (pb.READ_PATH_DE, 0)
 
     def _place_ready(self) -> list[tuple[_Pending, _Claim]]:

@@ -58,6 +58,7 @@ class TrafficManager:
         self.push_bytes = push_bytes
         self.dscp_kv = dscp_kv
         self.read_queue_tokens = 0
+        self.read_tokens = 0  # ever taken into the read queue: the scheduler adds what it placed since
         self.ledger = Ledger() if ledger is None else ledger  # the node's (a file: Ledger.in_file)
         self._received: dict[str, Received] = {}
         self._held: dict[str, int] = {}  # buffer bytes a request holds (a DE: until its decode starts)
@@ -119,6 +120,7 @@ class TrafficManager:
         node's Status) from the moment the request reaches the node until they are read."""
         tokens = blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
+        self.read_tokens += tokens
         try:
             yield
         finally:

@@ -18,7 +18,7 @@ class _Error(grpc.aio.AioRpcError):
 
 class _Node:
     def __init__(self):
-        self.queue, self.mode = 0, "ok"
+        self.queue, self.taken, self.mode = 0, 0, "ok"
 
     async def Status(self, request, timeout=None):  # noqa: N802 - gRPC's name
         if self.mode == "dead":
@@ -26,10 +26,10 @@ class _Node:
         if self.mode == "stopped":
             raise _Error(grpc.StatusCode.DEADLINE_EXCEEDED)
         assert request.brief
-        return pb.NodeStatus(read_queue_tokens=self.queue)
+        return pb.NodeStatus(read_queue_tokens=self.queue, read_tokens=self.taken)
 
 
-def test_reports_replace_the_turns_placed_before_they_were_asked_for():
+def test_the_read_queue_is_the_nodes_report_plus_what_is_on_its_way():
     async def go():
         nodes = {"pe1": _Node(), "de1": _Node()}
         died = []
@@ -37,17 +37,18 @@ def test_reports_replace_the_turns_placed_before_they_were_asked_for():
         async def on_dead(name):
             died.append(name)
 
-        clock = [0.0]
-        w = NodeWatch({n: (lambda n=n: nodes[n]) for n in nodes}, lambda: True, on_dead, clock=lambda: clock[0])
-        w.charge("pe1", 100)  # placed at t=0, before any report
+        w = NodeWatch({n: (lambda n=n: nodes[n]) for n in nodes}, lambda: True, on_dead)
+        w.charge("pe1", 100)  # placed, before any report
         assert w.read_queue("pe1") == 100 and w.read_queue("de1") == 0
-        clock[0] = 1.0
-        nodes["pe1"].queue = 100  # the node has counted it
-        assert await w.probe("pe1") and await w.probe("de1")
-        assert w.read_queue("pe1") == 100  # the report, not report + placement
-        clock[0] = 2.0
-        w.charge("pe1", 50)  # placed after that report was asked for: added to it
+        assert await w.probe("pe1")  # the Prefill has not reached it yet: still on its way
+        assert w.read_queue("pe1") == 100
+        nodes["pe1"].queue, nodes["pe1"].taken = 100, 100  # the node has taken it
+        assert await w.probe("pe1") and w.read_queue("pe1") == 100  # the report, not report + placement
+        w.charge("pe1", 50)
         assert w.read_queue("pe1") == 150
+        nodes["pe1"].queue, nodes["pe1"].taken = 0, 150  # taken and read
+        assert await w.probe("pe1") and w.read_queue("pe1") == 0
+        assert w.load("pe1").placed_tokens == 150 and w.load("de1").placed_tokens == 0  # the tie-break
         nodes["de1"].mode = "stopped"
         assert await w.probe("de1") and w.watched["de1"].unresponsive == 1 and not died  # stopped is not dead
         nodes["de1"].mode = "dead"

@@ -65,6 +65,12 @@ def test_read_side_is_the_shorter_queue(pe_q, de_q, side):
     assert choose_read_side(NodeLoad("pe1", pe_q), NodeLoad("de1", de_q)) == side
 
 
+def test_a_tie_goes_to_the_node_given_less_to_read():
+    assert choose_read_side(NodeLoad("pe1", 0, 9_000), NodeLoad("de1", 0, 4_000)) == "de"
+    assert choose_read_side(NodeLoad("pe1", 0, 4_000), NodeLoad("de1", 0, 9_000)) == "pe"
+    assert choose_read_side(NodeLoad("pe1", 10, 0), NodeLoad("de1", 20, 0)) == "pe"  # the queue comes first
+
+
 def test_alpha_and_beta():
     # 400 Gbit/s SNIC, 40,016 B/token: 3 s reads 150e9 B = 3.75M tokens
     assert alpha_tokens(400e9, 40_016) == pytest.approx(400e9 / 8 * 3 / 40_016)
