@@ -8,7 +8,7 @@ node had not yet taken when it answered is on its way (a Prefill or Fetch in fli
 report: queue = reported + placed - taken. So a burst placed between two reports does not land on one side.
 (A turn whose reader died before it arrived stays counted as on its way to that node; the dead node is out.)
 
-A node that refuses its status call twice running (its daemon is gone: the connection is refused) is dead:
+A node that refuses its status call twice running (UNAVAILABLE: its daemon is gone, the connection refused) is dead:
 the scheduler takes its engines out and re-queues its turns. One that does not answer in time (stopped,
 its link down) is unresponsive: its last report stands until it answers again.
 """
@@ -97,16 +97,17 @@ class NodeWatch:
         try:
             st = await w.stub().Status(pb.StatusRequest(brief=True), timeout=self.deadline_s)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # past its deadline (stopped), or an error: not dead
                 w.unresponsive += 1
                 return
             w.refused += 1
-            if w.refused >= DEAD_AFTER:
+            if w.refused >= DEAD_AFTER and w.alive:
                 w.alive = False
                 await self.on_dead(w.name)
             return
         w.refused = 0
-        w.reported, w.taken = st.read_queue_tokens, st.read_tokens
+        if st.read_tokens >= w.taken:  # a slower, older answer never overwrites a newer one
+            w.reported, w.taken = st.read_queue_tokens, st.read_tokens
 
     async def _poll(self, w: Watched) -> None:
         while w.alive:

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -132,6 +133,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                                lambda: bool(self.queue or self.running), self._node_died,
                                period_s=config.status_period_s)
         self.events: list[dict] = []  # nodes that died, turns placed again or failed
+        self.on_event: Callable[[], None] = lambda: None
         self.running = 0
         self.queue: deque[_Pending] = deque()
         self._changed = asyncio.Event()
@@ -162,6 +164,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.watch.start()
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         item = _Pending(request, asyncio.get_running_loop().create_future())
+        for role, loads in (("prefill", self._pe_loads()), ("decode", self._de_loads())):
+            if not loads:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no live {role} node left")
         self.queue.append(item)
         self.watch.work.set()
         self._changed.set()
@@ -169,6 +174,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def _event(self, what: str, **kw) -> None:
         self.events.append({"t_mono": time.monotonic(), "event": what, **kw})  # CLOCK_MONOTONIC: one per machine
+        self.on_event()
 
     async def _node_died(self, node: str) -> None:
         """Take a dead node's engines out: of placement (its loads are no longer offered) and of their EP groups'
@@ -188,7 +194,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             while self.queue:  # no live node of that role: no queued turn can ever be placed
                 item = self.queue.popleft()
                 self._event("turn_failed", turn=item.turn.request.request_id, why=f"no live {info.role} node")
-                item.done.set_exception(RuntimeError(f"no live {info.role} node left ({node} was the last)"))
+                if not item.done.done():
+                    item.done.set_exception(RuntimeError(f"no live {info.role} node left ({node} was the last)"))
         self._changed.set()
 
     async def Stats(self, request, context):  # noqa: N802
@@ -240,6 +247,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         in one pass on stale loads would all land on one engine and one read side)."""
         placed_now = []
         while self.queue:  # FIFO: the head waits until it can be placed
+            if self.queue[0].done.done():  # its Submit was cancelled (deadline, driver gone)
+                self.queue.popleft()
+                continue
             placed = self._place(self.queue[0].turn)
             if placed is None:
                 break
@@ -356,10 +366,15 @@ async def serve(args) -> None:
     server = grpc.aio.server(interceptors=[service.rpcs])
     pb_grpc.add_SchedulerServicer_to_server(service, server)
 
-    async def stop() -> None:
-        await service.close()
+    def write_events() -> None:
         if args.events:
             Path(args.events).write_text(json.dumps(service.events, indent=1))
+
+    service.on_event = write_events  # on each event: a scheduler stopped hard still leaves them
+
+    async def stop() -> None:
+        await service.close()
+        write_events()
 
     await serve_until_stopped([(server, [args.listen])], stop)
 

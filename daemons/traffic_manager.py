@@ -133,14 +133,19 @@ class TrafficManager:
         spec, first = request.request, request.first_block
         if first > spec.hit_blocks:
             raise ValueError(f"request {spec.request_id}: first block {first} past its {spec.hit_blocks} hit blocks")
-        with self.queued(spec.hit_blocks - first):
-            t0 = time.monotonic()
-            await self.reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
-            alloc_s = time.monotonic() - t0
-            data, _, read_s = await self.read(spec, reserve=False, first_block=first)
-        self.received(spec.request_id).add(spec.trajectory, 0, 0, first, spec.hit_blocks - first)  # verified
-        for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
-            await self.push(request.pe_cnic, self.kv_msgs(spec, data, first, spec.hit_blocks - first, chunk))
+        try:
+            with self.queued(spec.hit_blocks - first):
+                t0 = time.monotonic()
+                await self.reserve(spec.request_id, self.de_buffer_bytes(spec))  # held until its decode starts
+                alloc_s = time.monotonic() - t0
+                data, _, read_s = await self.read(spec, reserve=False, first_block=first)
+            self.received(spec.request_id).add(spec.trajectory, 0, 0, first, spec.hit_blocks - first)  # verified
+            for chunk in layer_chunks(self.geom.layers, spec.layer_chunks or 1):
+                await self.push(request.pe_cnic, self.kv_msgs(spec, data, first, spec.hit_blocks - first, chunk))
+        except BaseException:  # failed or cancelled: no decode will come for it (a PE's Release may come first)
+            self.forget(spec.request_id)
+            await self.release(spec.request_id)
+            raise
         return pb.FetchReply(read_s=read_s, alloc_s=alloc_s)
 
     def write(self, request_id: str, trajectory: str, first_block: int, blocks: int):

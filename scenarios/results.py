@@ -123,9 +123,10 @@ def _serving_summary(serving: dict) -> dict:
             return round(modes[a]["jct_s"] / modes[b]["jct_s"], 4)
         return None
 
+    every_run = [*modes.values(), *serving.get("extra_runs", {}).values()]
     out = {"modes": modes, "speedup": {"dualpath_vs_basic": ratio("basic", "dualpath"),
                                        "oracle_vs_dualpath": ratio("dualpath", "oracle")}, "ledger": ledger,
-           "failed_turns": sum(m.get("failed", {}).get("turns", 0) for m in modes.values())}
+           "failed_turns": sum(m.get("failed", {}).get("turns", 0) for m in every_run)}
     if "aborted" in serving:  # a mode that did not finish: the ones before it are all here
         out["aborted"] = serving["aborted"]
     if "isolation" in serving:  # the flipped-isolation DualPath run and the comparison (docs/traffic-classes.md)

@@ -174,7 +174,9 @@ def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
                                              f"trace replay, {w.trace.requests or 'all'} requests"))
             try:
                 modes[mode], window = serve.run_mode(emu, plan, mode, run_dir / mode, progress)
-            except (RuntimeError, OSError, ValueError) as exc:  # a daemon died, a call failed: the run goes on
+            except DpemuError:  # interrupted, or the platform failed: the run stops here
+                raise
+            except Exception as exc:  # noqa: BLE001 - a daemon died, a call failed: the run goes on
                 aborted = {"mode": mode, "error": str(exc)}       # to its summary with the modes that finished
                 say(f"  {mode}: [red]did not finish[/]: {str(exc)[:300]}")
                 break

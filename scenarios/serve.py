@@ -22,6 +22,7 @@ import dataclasses
 import json
 import select
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -284,7 +285,11 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             py, "-m", "daemons.status", "--nodes", ",".join(n["mgmt"] for n in lay.nodes),
             "--storage", ",".join(m for _, _, m in lay.storage),
             "--scheduler", f"{next(c.addr for c in net.control if c.host == CONTROL_HOST)}:{SCHED_PORT}"])
-        s_out, s_err = status.communicate(timeout=120)
+        try:
+            s_out, s_err = status.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            emu.procs.stop(status)
+            raise RuntimeError("status collection did not answer within 120 s") from None
         if status.returncode != 0:
             raise RuntimeError(f"status collection failed: {s_err[-800:]}")
         status_out = json.loads(s_out)
