@@ -26,7 +26,7 @@ from emulator.errors import DpemuError, PlatformError
 from emulator.net import Emulation
 from emulator.registry import Registry
 
-from . import platform, results, serve
+from . import live, platform, results, serve
 from .plan import Plan, make_plan
 
 
@@ -87,7 +87,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     checked = isinstance(items, list)  # a list is checked whole before the build; a generator run by run
     if checked:
         for plan, _ in items:
-            _check_same(items[0][0], plan)
+            check_same(items[0][0], plan)
     items_it = iter(items)
     try:
         head = next(items_it)
@@ -96,7 +96,6 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     first = head[0]
     platform.require_root()
     platform.require_tools()
-    sc = first.scenario
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     outcomes: list[RunOutcome] = []
     pending: list[tuple[Plan, Path, dict | None]] = []  # finished runs, their summary written again at the end
@@ -109,24 +108,10 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     f"{len(report.links)} interfaces, {len(report.procs)} processes")
             emu = Emulation(first.net, reg, run_id)
             try:
-                say(f"building {len(first.net.hosts)} hosts, {len(first.net.switches)} bridges, "
-                    f"{len(first.net.links)} shaped links ({len(first.tc_ops)} tc operations) "
-                    f"+ {len(first.net.control)} management links")
-                emu.build()
-                _fault("after_build")
-                say(f"built in {emu.build_s:.1f}s; calibrating {len(first.tests)} test(s) in "
-                    f"{len(first.rounds)} round(s) of {sc.calibration.duration:g}s")
-                rounds = len(first.rounds)
-                calib = calibrate.run(emu, list(first.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
-                                      timing=sc.emulation.dequeue_timing,
-                                      progress=lambda i, rnd: progress(
-                                          f"calibration round {i}: {len(rnd)} test(s)", i - 1, rounds))
-                progress("calibration", rounds, rounds)
-                _fault("after_calibration")
-                emu.lossless_tcp(True)  # serving sees the lossless fabrics; calibration measured the links
+                calib = build_calibrated(emu, first, say, progress)
                 for i, (plan, run_dir) in enumerate(itertools.chain([head], items_it)):
                     if not checked:
-                        _check_same(first, plan)
+                        check_same(first, plan)
                     started(i)
                     if run_dir is None:
                         run_dir = results.make_run_dir(out_root, plan.scenario.name,
@@ -134,7 +119,8 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     else:
                         run_dir.mkdir(parents=True, exist_ok=False)
                     results.write_provenance(run_dir, plan)
-                    serving = _serve(emu, plan, run_dir, say, progress) if plan.scenario.serving else None
+                    live.publish("run", run_id, run_dir, None, time.time())  # `dpemu top` watches it
+                    serving = serve_modes(emu, plan, run_dir, say, progress) if plan.scenario.serving else None
                     if emu.reshape(first.net):  # a run that re-shaped the fabric leaves it as built
                         say("compute fabric re-shaped back to the plan")
                     summary = results.write_summary(run_dir, plan, calib, emu.build_s, None, serving, None)
@@ -142,6 +128,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     outcomes.append(RunOutcome(run_dir, summary, calib))
                     done(i, outcomes[-1])
             finally:
+                live.withdraw()
                 left = _teardown_shielded(emu, say)
                 if left:
                     raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
@@ -153,13 +140,35 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     return outcomes
 
 
-def _check_same(first: Plan, plan: Plan) -> None:
+def build_calibrated(emu: Emulation, plan: Plan, say, progress) -> calibrate.Calibration:
+    """Build the emulation, calibrate its links, and leave TCP as serving sees it (lossless fabrics)."""
+    sc = plan.scenario
+    say(f"building {len(plan.net.hosts)} hosts, {len(plan.net.switches)} bridges, "
+        f"{len(plan.net.links)} shaped links ({len(plan.tc_ops)} tc operations) "
+        f"+ {len(plan.net.control)} management links")
+    emu.build()
+    _fault("after_build")
+    say(f"built in {emu.build_s:.1f}s; calibrating {len(plan.tests)} test(s) in "
+        f"{len(plan.rounds)} round(s) of {sc.calibration.duration:g}s")
+    rounds = len(plan.rounds)
+    calib = calibrate.run(emu, list(plan.tests), sc.calibration.duration, fidelity.KERNEL_BUDGET_BPS,
+                          timing=sc.emulation.dequeue_timing,
+                          progress=lambda i, rnd: progress(f"calibration round {i}: {len(rnd)} test(s)", i - 1,
+                                                           rounds))
+    progress("calibration", rounds, rounds)
+    _fault("after_calibration")
+    emu.lossless_tcp(True)  # serving sees the lossless fabrics; calibration measured the links
+    return calib
+
+
+def check_same(first: Plan, plan: Plan) -> None:
+    """`plan` is valid and builds the network `first` built (so it can run on that build)."""
     plan.check()
     if not same_network(first, plan):
         raise ValueError(f"{plan.scenario.name}: not the same network as {first.scenario.name}")
 
 
-def _serve(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
+def serve_modes(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     """Every serving mode on the built cluster; the CPU is watched all along."""
     cpu = CpuSampler()
     cpu.start()

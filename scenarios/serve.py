@@ -216,6 +216,37 @@ def _drain(stream) -> tuple[threading.Thread, list[str]]:
     return reader, lines
 
 
+def start_plane(emu, plan, mode: str, mode_dir: Path, trajectories, procs: list, logs: list,
+                preload: bool = True) -> None:
+    """Start one mode's daemons (storage servers, node daemons, the scheduler) and wait until each is ready.
+    The storage servers hold the `trajectories`' earlier context when `preload`, nothing otherwise (an idle
+    plane); the scheduler's beta comes from the `trajectories` either way. Appends (what, Popen) to `procs` and
+    each daemon's open stderr log to `logs` as they start, so the caller stops what started even when a later
+    one fails."""
+    lay = layout(plan)
+    (mode_dir / "preload.json").write_text(json.dumps(
+        preload_list(trajectories, lay.geom.block_tokens) if preload else []))
+    members, _ = lockstep_members(plan, lay)
+    sched_cfg = schedcfg.scheduler_config(plan.scenario, mode, lay.model,
+                                          [{**n, "lockstep": members[n["name"]]} for n in lay.nodes], trajectories)
+    (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
+    (mode_dir / "ledger").mkdir()
+    started = len(procs)
+    for what, netns, argv in daemon_argvs(plan, mode_dir, sys.executable):
+        logs.append(stderr_path(mode_dir, what).open("w"))
+        procs.append((what, emu.procs.start(what, netns, argv, stderr=logs[-1])))
+    for what, proc in procs[started:]:
+        wait_ready(proc, what, stderr_path(mode_dir, what))
+
+
+def stop_plane(emu, procs: list, logs: list) -> None:
+    """Stop the daemons `start_plane` started and close their logs."""
+    for _, proc in procs:
+        emu.procs.stop(proc)
+    for log in logs:
+        log.close()
+
+
 def run_mode(emu, plan, mode: str, mode_dir: Path,
              progress: Callable[[str, int, int], None] = lambda *_: None) -> tuple[dict, tuple[float, float]]:
     """Run one mode; return its summary and the (start, end) of the driver's run. `progress(what, done,
@@ -226,14 +257,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     py = sys.executable
     mode_dir.mkdir(parents=True)
     (mode_dir / "workload.json").write_text(json.dumps(_workload_json(spec)))
-    preload = mode_dir / "preload.json"
     trajectories, starts = play(spec)
-    preload.write_text(json.dumps(preload_list(trajectories, lay.geom.block_tokens)))
-    members, _ = lockstep_members(plan, lay)
-    sched_cfg = schedcfg.scheduler_config(sc, mode, lay.model, [{**n, "lockstep": members[n["name"]]}
-                                                                for n in lay.nodes], trajectories)
-    (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
-    (mode_dir / "ledger").mkdir()
     ctl = net.host(CONTROL_HOST).netns
     procs = []
     logs = []
@@ -241,12 +265,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
     mode_faults = [f for f in sc.faults if f.modes is None or mode in f.modes]
     injector = faults.Injector(plan, mode_faults, {}, mode_dir / "ledger", sc.scale.time)
     try:
-        for what, netns, argv in daemon_argvs(plan, mode_dir, py):
-            logs.append(stderr_path(mode_dir, what).open("w"))
-            procs.append((what, emu.procs.start(what, netns, argv, stderr=logs[-1])))
-            injector.procs[what] = procs[-1][1]
-        for what, proc in procs:
-            wait_ready(proc, what, stderr_path(mode_dir, what))
+        start_plane(emu, plan, mode, mode_dir, trajectories, procs, logs, preload=True)
+        injector.procs.update(procs)
         keys = modestats.link_keys(plan)
         sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
         monitor = emu.dequeue_monitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
@@ -297,10 +317,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         injector.stop()
         if monitor:
             monitor.stop()
-        for _, proc in procs:
-            emu.procs.stop(proc)
-        for log in logs:
-            log.close()
+        stop_plane(emu, procs, logs)
         # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
         # what they held is in the ledger and the storage stats, so they do not pile up run after run
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)

@@ -116,7 +116,7 @@ def test_result_tables_fit_80_columns_without_truncation():
     from rich.console import Console
 
     from scenarios import tables
-    from scenarios.cli import _calibration_table, _rich, _serving_table
+    from scenarios.terminal import calibration_table, rich_grid, serving_table
     row = {"link_class": "stnic", "direction": "down", "links": 2, "real_bps": 1.6e12, "configured_bps": 160e6,
            "expected_bps": 160e6, "achieved_bps": 159.87e6, "worst_error": -0.0123, "iperf3_goodput_bps": 152.51e6,
            "within_tolerance": True}
@@ -128,9 +128,9 @@ def test_result_tables_fit_80_columns_without_truncation():
     summary = {"scenario": "default", "calibration": {"mode": "class", "classes": [row]},
                "modes": {"basic": mode, "dualpath": {**mode, "collectives": coll}, "oracle": mode}}
     console = Console(width=80, record=True)
-    console.print(_calibration_table(summary))
-    console.print(_serving_table(summary))
-    console.print(_rich(tables.collectives(summary)))
+    console.print(calibration_table(summary))
+    console.print(serving_table(summary))
+    console.print(rich_grid(tables.collectives(summary)))
     text = console.export_text()
     assert "…" not in text
     assert "dualpath" in text and "159.9Mbit" in text and "10.3/122.0" in text
@@ -141,7 +141,7 @@ def test_isolation_comparison_and_its_table():
     from rich.console import Console
 
     from scenarios import tables
-    from scenarios.cli import _rich
+    from scenarios.terminal import rich_grid
     from scenarios.results import isolation_comparison
 
     def mode(prefill_p99, decode_p99, tpot_p99):
@@ -161,7 +161,7 @@ def test_isolation_comparison_and_its_table():
     # configured off: the flipped run is the "on" one
     assert isolation_comparison(False, modes, off)["on"]["slowdown_p99"]["prefill"] == 3.84
     console = Console(width=80, record=True)
-    console.print(_rich(tables.isolation({"isolation": iso})))
+    console.print(rich_grid(tables.isolation({"isolation": iso})))
     text = console.export_text()
     assert "…" not in text and "3.84x" in text and "isolation off" in text and " 346" in text
     md = tables.markdown(tables.isolation({"isolation": iso}))  # report.md has the same rows
