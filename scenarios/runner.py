@@ -48,7 +48,7 @@ def _raise_on_signal(signum, _frame):
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
-def _teardown_shielded(emu: Emulation, say) -> list[str]:
+def teardown_shielded(emu: Emulation, say) -> list[str]:
     """Tear down with stop signals deferred: a second Ctrl-C must not abort the
     removal of what the run built (every wait inside teardown is bounded)."""
     def _notice(signum, _frame):
@@ -129,7 +129,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     done(i, outcomes[-1])
             finally:
                 live.withdraw()
-                left = _teardown_shielded(emu, say)
+                left = teardown_shielded(emu, say)
                 if left:
                     raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
     finally:

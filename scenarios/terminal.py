@@ -100,12 +100,15 @@ def progress_bar() -> Progress:
                     console=console, transient=True)
 
 
-def print_run(s: dict, run_dir: Path) -> None:
-    console.print(calibration_table(s))
-    inv = s["invariants"]
-    console.print("invariants (configured -> achieved): " + ", ".join(
-        f"{k} {v:.3g} -> {inv['achieved'][k]:.3g}" if inv["achieved"][k] is not None else f"{k} {v:.3g}"
-        for k, v in inv["configured"].items()))
+def print_run(s: dict, run_dir: Path, calibration: bool = True) -> None:
+    """A run's summary as the terminal shows it; `calibration=False` for a load on a live cluster, whose
+    calibration the cluster printed when it came up."""
+    if calibration:
+        console.print(calibration_table(s))
+        inv = s["invariants"]
+        console.print("invariants (configured -> achieved): " + ", ".join(
+            f"{k} {v:.3g} -> {inv['achieved'][k]:.3g}" if inv["achieved"][k] is not None else f"{k} {v:.3g}"
+            for k, v in inv["configured"].items()))
     if "modes" in s:
         console.print(serving_table(s))
         for grid in (tables.online(s), tables.collectives(s), tables.lockstep(s), tables.isolation(s),
@@ -120,8 +123,10 @@ def print_run(s: dict, run_dir: Path) -> None:
                       + "; ledger: " + ", ".join(f"{k.removeprefix('blocks_')} {v}" for k, v in lg.items()))
         for line in failure_paragraphs(s):
             console.print(f"[yellow]{line}[/]", markup=True)
-    console.print(f"build {s['build_s']:.2f}s, teardown {s['teardown_s']:.2f}s, calibration "
-                  f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
+    if calibration:
+        teardown = "" if s["teardown_s"] is None else f", teardown {s['teardown_s']:.2f}s"
+        console.print(f"build {s['build_s']:.2f}s{teardown}, calibration "
+                      f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
     for line in verdict_lines(s):
         console.print(line)
     console.print(f"results: {run_dir}")
