@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65mons/dualpath.proto\x12\x0b\x64ualpath.v1\"i\n\tBlockSpan\x12\x12\n\ntrajectory\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x13\n\x0blayer_first\x18\x04 \x01(\r\x12\x0e\n\x06layers\x18\x05 \x01(\r\"P\n\x06KvData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04span\x18\x02 \x01(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x07KvBatch\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.dualpath.v1.KvData\"c\n\x0bReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05spans\x18\x02 \x03(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\"A\n\x08WriteAck\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x03 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc8\x01\n\x0cStorageStats\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_missing\x18\x05 \x01(\x04\x12#\n\x04rpcs\x18\x06 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\x12#\n\x06ledger\x18\x07 \x01(\x0b\x32\x13.dualpath.v1.Ledger\"y\n\x08RpcCount\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x13\n\x0bmessages_in\x18\x03 \x01(\x04\x12\x14\n\x0cmessages_out\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\"/\n\x08RpcStats\x12#\n\x04rpcs\x18\x01 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\"\x87\x01\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntrajectory\x18\x02 \x01(\t\x12\x12\n\nhit_blocks\x18\x03 \x01(\r\x12\x12\n\nnew_tokens\x18\x04 \x01(\r\x12\x12\n\ngen_tokens\x18\x05 \x01(\r\x12\x14\n\x0clayer_chunks\x18\x06 \x01(\r\"\xdf\x01\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tpe_engine\x18\x02 \x01(\r\x12#\n\x04path\x18\x03 \x01(\x0e\x32\x15.dualpath.v1.ReadPath\x12\x11\n\tlayerwise\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65_mgmt\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65_cnic\x18\x06 \x01(\t\x12\x11\n\tde_engine\x18\x07 \x01(\r\x12\x0f\n\x07pe_cnic\x18\x08 \x01(\t\x12\x11\n\tpe_blocks\x18\t \x01(\r\"d\n\x0cPrefillReply\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06read_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x61lloc_s\x18\x05 \x01(\x01\"r\n\x0c\x46\x65tchRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x0f\n\x07pe_cnic\x18\x02 \x01(\t\x12\x11\n\tde_engine\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\"-\n\nFetchReply\x12\x0e\n\x06read_s\x18\x01 \x01(\x01\x12\x0f\n\x07\x61lloc_s\x18\x02 \x01(\x01\"0\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x02 \x01(\r\"\x8a\x01\n\rDecodeRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tde_engine\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12#\n\x04path\x18\x04 \x01(\x0e\x32\x15.dualpath.v1.ReadPath\"v\n\x0b\x44\x65\x63odeReply\x12\x15\n\rfirst_token_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x62locks_written\x18\x04 \x01(\r\x12\x16\n\x0esecond_token_s\x18\x05 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05\x62rief\x18\x01 \x01(\x08\"V\n\x0c\x45ngineStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\r\x12\x1b\n\x13unfinished_requests\x18\x02 \x01(\r\x12\x19\n\x11unfinished_tokens\x18\x03 \x01(\x04\"\xe4\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x19\n\x11read_queue_tokens\x18\x03 \x01(\x04\x12\x14\n\x0c\x62uffer_bytes\x18\x04 \x01(\x04\x12*\n\x07\x65ngines\x18\x05 \x03(\x0b\x32\x19.dualpath.v1.EngineStatus\x12#\n\x06ledger\x18\x06 \x01(\x0b\x32\x13.dualpath.v1.Ledger\x12#\n\x04rpcs\x18\x07 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\x12\x13\n\x0bread_tokens\x18\x08 \x01(\x04\"\x95\x01\n\x06Ledger\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x02 \x01(\x04\x12\x18\n\x10\x62locks_forwarded\x18\x03 \x01(\x04\x12\x17\n\x0f\x62locks_verified\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_corrupt\x18\x05 \x01(\x04\x12\x13\n\x0b\x62locks_lost\x18\x06 \x01(\x04\"3\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\" \n\x0cReserveReply\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"\xdd\x01\n\x0fLockstepArrival\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x0e\n\x06\x63ost_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x61ttention_s\x18\x06 \x01(\x01\x12\r\n\x05group\x18\x07 \x01(\t\x12&\n\x05parts\x18\x08 \x01(\x0b\x32\x17.dualpath.v1.LayerParts\x12\r\n\x05pre_s\x18\t \x01(\x01\x12\x13\n\x0blayer_first\x18\n \x01(\r\x12\x0e\n\x06layers\x18\x0b \x01(\r\"Y\n\nLayerParts\x12\r\n\x05\x64\x65nse\x18\x01 \x01(\x01\x12\x0e\n\x06\x63ommon\x18\x02 \x01(\x01\x12\x0e\n\x06normal\x18\x03 \x01(\x01\x12\x0c\n\x04head\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"+\n\nLockstepGo\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0e\n\x06\x63ost_s\x18\x02 \x01(\x01\"m\n\x0bTurnRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\r\x12)\n\x07request\x18\x03 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\"\xdb\x01\n\nTurnResult\x12\n\n\x02pe\x18\x01 \x01(\t\x12\n\n\x02\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x0e\n\x06read_s\x18\x06 \x01(\x01\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12\x0e\n\x06tpot_s\x18\n \x01(\x01\x12\x0f\n\x07\x61lloc_s\x18\x0b \x01(\x01\x12\x0e\n\x06ttst_s\x18\x0c \x01(\x01\x12\x0f\n\x07retries\x18\r \x01(\r*r\n\x08ReadPath\x12\x19\n\x15READ_PATH_UNSPECIFIED\x10\x00\x12\x10\n\x0cREAD_PATH_PE\x10\x01\x12\x10\n\x0cREAD_PATH_DE\x10\x02\x12\x12\n\x0eREAD_PATH_NONE\x10\x03\x12\x13\n\x0fREAD_PATH_SPLIT\x10\x04\x32\xb7\x01\n\x07Storage\x12\x37\n\x04Read\x12\x18.dualpath.v1.ReadRequest\x1a\x13.dualpath.v1.KvData0\x01\x12\x34\n\x05Write\x12\x14.dualpath.v1.KvBatch\x1a\x15.dualpath.v1.WriteAck\x12=\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x19.dualpath.v1.StorageStats2\x99\x05\n\x04Node\x12\x41\n\x07Reserve\x12\x1b.dualpath.v1.ReserveRequest\x1a\x19.dualpath.v1.ReserveReply\x12\x41\n\x07Release\x12\x1b.dualpath.v1.ReserveRequest\x1a\x19.dualpath.v1.ReserveReply\x12\x41\n\x07Prefill\x12\x1b.dualpath.v1.PrefillRequest\x1a\x19.dualpath.v1.PrefillReply\x12;\n\x05\x46\x65tch\x12\x19.dualpath.v1.FetchRequest\x1a\x17.dualpath.v1.FetchReply\x12\x34\n\x06PushKv\x12\x14.dualpath.v1.KvBatch\x1a\x14.dualpath.v1.PushAck\x12>\n\x06\x44\x65\x63ode\x12\x1a.dualpath.v1.DecodeRequest\x1a\x18.dualpath.v1.DecodeReply\x12=\n\x06Status\x12\x1a.dualpath.v1.StatusRequest\x1a\x17.dualpath.v1.NodeStatus\x12G\n\x0eLockstepArrive\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo\x12\x46\n\rLockstepLeave\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo\x12\x45\n\x0cLockstepJoin\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo2\x83\x01\n\tScheduler\x12;\n\x06Submit\x12\x18.dualpath.v1.TurnRequest\x1a\x17.dualpath.v1.TurnResult\x12\x39\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x15.dualpath.v1.RpcStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65mons/dualpath.proto\x12\x0b\x64ualpath.v1\"i\n\tBlockSpan\x12\x12\n\ntrajectory\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x0e\n\x06\x62locks\x18\x03 \x01(\r\x12\x13\n\x0blayer_first\x18\x04 \x01(\r\x12\x0e\n\x06layers\x18\x05 \x01(\r\"P\n\x06KvData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04span\x18\x02 \x01(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x07KvBatch\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.dualpath.v1.KvData\"c\n\x0bReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05spans\x18\x02 \x03(\x0b\x32\x16.dualpath.v1.BlockSpan\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\"A\n\x08WriteAck\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x03 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc8\x01\n\x0cStorageStats\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_missing\x18\x05 \x01(\x04\x12#\n\x04rpcs\x18\x06 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\x12#\n\x06ledger\x18\x07 \x01(\x0b\x32\x13.dualpath.v1.Ledger\"y\n\x08RpcCount\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x13\n\x0bmessages_in\x18\x03 \x01(\x04\x12\x14\n\x0cmessages_out\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\"c\n\x0eSchedulerStats\x12#\n\x04rpcs\x18\x01 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\x12\x15\n\rwaiting_turns\x18\x02 \x01(\r\x12\x15\n\rrunning_turns\x18\x03 \x01(\r\"\x87\x01\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntrajectory\x18\x02 \x01(\t\x12\x12\n\nhit_blocks\x18\x03 \x01(\r\x12\x12\n\nnew_tokens\x18\x04 \x01(\r\x12\x12\n\ngen_tokens\x18\x05 \x01(\r\x12\x14\n\x0clayer_chunks\x18\x06 \x01(\r\"\xdf\x01\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tpe_engine\x18\x02 \x01(\r\x12#\n\x04path\x18\x03 \x01(\x0e\x32\x15.dualpath.v1.ReadPath\x12\x11\n\tlayerwise\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65_mgmt\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65_cnic\x18\x06 \x01(\t\x12\x11\n\tde_engine\x18\x07 \x01(\r\x12\x0f\n\x07pe_cnic\x18\x08 \x01(\t\x12\x11\n\tpe_blocks\x18\t \x01(\r\"d\n\x0cPrefillReply\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06read_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x61lloc_s\x18\x05 \x01(\x01\"r\n\x0c\x46\x65tchRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x0f\n\x07pe_cnic\x18\x02 \x01(\t\x12\x11\n\tde_engine\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\"-\n\nFetchReply\x12\x0e\n\x06read_s\x18\x01 \x01(\x01\x12\x0f\n\x07\x61lloc_s\x18\x02 \x01(\x01\"0\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x02 \x01(\r\"\x8a\x01\n\rDecodeRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x11\n\tde_engine\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12#\n\x04path\x18\x04 \x01(\x0e\x32\x15.dualpath.v1.ReadPath\"v\n\x0b\x44\x65\x63odeReply\x12\x15\n\rfirst_token_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x62locks_written\x18\x04 \x01(\r\x12\x16\n\x0esecond_token_s\x18\x05 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05\x62rief\x18\x01 \x01(\x08\"V\n\x0c\x45ngineStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\r\x12\x1b\n\x13unfinished_requests\x18\x02 \x01(\r\x12\x19\n\x11unfinished_tokens\x18\x03 \x01(\x04\"\x81\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x19\n\x11read_queue_tokens\x18\x03 \x01(\x04\x12\x14\n\x0c\x62uffer_bytes\x18\x04 \x01(\x04\x12*\n\x07\x65ngines\x18\x05 \x03(\x0b\x32\x19.dualpath.v1.EngineStatus\x12#\n\x06ledger\x18\x06 \x01(\x0b\x32\x13.dualpath.v1.Ledger\x12#\n\x04rpcs\x18\x07 \x03(\x0b\x32\x15.dualpath.v1.RpcCount\x12\x13\n\x0bread_tokens\x18\x08 \x01(\x04\x12\x1b\n\x13read_queue_requests\x18\t \x01(\r\"\x95\x01\n\x06Ledger\x12\x13\n\x0b\x62locks_read\x18\x01 \x01(\x04\x12\x16\n\x0e\x62locks_written\x18\x02 \x01(\x04\x12\x18\n\x10\x62locks_forwarded\x18\x03 \x01(\x04\x12\x17\n\x0f\x62locks_verified\x18\x04 \x01(\x04\x12\x16\n\x0e\x62locks_corrupt\x18\x05 \x01(\x04\x12\x13\n\x0b\x62locks_lost\x18\x06 \x01(\x04\"3\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\" \n\x0cReserveReply\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"\xdd\x01\n\x0fLockstepArrival\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x0e\n\x06\x63ost_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x61ttention_s\x18\x06 \x01(\x01\x12\r\n\x05group\x18\x07 \x01(\t\x12&\n\x05parts\x18\x08 \x01(\x0b\x32\x17.dualpath.v1.LayerParts\x12\r\n\x05pre_s\x18\t \x01(\x01\x12\x13\n\x0blayer_first\x18\n \x01(\r\x12\x0e\n\x06layers\x18\x0b \x01(\r\"Y\n\nLayerParts\x12\r\n\x05\x64\x65nse\x18\x01 \x01(\x01\x12\x0e\n\x06\x63ommon\x18\x02 \x01(\x01\x12\x0e\n\x06normal\x18\x03 \x01(\x01\x12\x0c\n\x04head\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"+\n\nLockstepGo\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0e\n\x06\x63ost_s\x18\x02 \x01(\x01\"m\n\x0bTurnRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\r\x12)\n\x07request\x18\x03 \x01(\x0b\x32\x18.dualpath.v1.RequestSpec\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\"\xdb\x01\n\nTurnResult\x12\n\n\x02pe\x18\x01 \x01(\t\x12\n\n\x02\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x0e\n\x06read_s\x18\x06 \x01(\x01\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12\x0e\n\x06tpot_s\x18\n \x01(\x01\x12\x0f\n\x07\x61lloc_s\x18\x0b \x01(\x01\x12\x0e\n\x06ttst_s\x18\x0c \x01(\x01\x12\x0f\n\x07retries\x18\r \x01(\r*r\n\x08ReadPath\x12\x19\n\x15READ_PATH_UNSPECIFIED\x10\x00\x12\x10\n\x0cREAD_PATH_PE\x10\x01\x12\x10\n\x0cREAD_PATH_DE\x10\x02\x12\x12\n\x0eREAD_PATH_NONE\x10\x03\x12\x13\n\x0fREAD_PATH_SPLIT\x10\x04\x32\xb7\x01\n\x07Storage\x12\x37\n\x04Read\x12\x18.dualpath.v1.ReadRequest\x1a\x13.dualpath.v1.KvData0\x01\x12\x34\n\x05Write\x12\x14.dualpath.v1.KvBatch\x1a\x15.dualpath.v1.WriteAck\x12=\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x19.dualpath.v1.StorageStats2\x99\x05\n\x04Node\x12\x41\n\x07Reserve\x12\x1b.dualpath.v1.ReserveRequest\x1a\x19.dualpath.v1.ReserveReply\x12\x41\n\x07Release\x12\x1b.dualpath.v1.ReserveRequest\x1a\x19.dualpath.v1.ReserveReply\x12\x41\n\x07Prefill\x12\x1b.dualpath.v1.PrefillRequest\x1a\x19.dualpath.v1.PrefillReply\x12;\n\x05\x46\x65tch\x12\x19.dualpath.v1.FetchRequest\x1a\x17.dualpath.v1.FetchReply\x12\x34\n\x06PushKv\x12\x14.dualpath.v1.KvBatch\x1a\x14.dualpath.v1.PushAck\x12>\n\x06\x44\x65\x63ode\x12\x1a.dualpath.v1.DecodeRequest\x1a\x18.dualpath.v1.DecodeReply\x12=\n\x06Status\x12\x1a.dualpath.v1.StatusRequest\x1a\x17.dualpath.v1.NodeStatus\x12G\n\x0eLockstepArrive\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo\x12\x46\n\rLockstepLeave\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo\x12\x45\n\x0cLockstepJoin\x12\x1c.dualpath.v1.LockstepArrival\x1a\x17.dualpath.v1.LockstepGo2\x89\x01\n\tScheduler\x12;\n\x06Submit\x12\x18.dualpath.v1.TurnRequest\x1a\x17.dualpath.v1.TurnResult\x12?\n\x05Stats\x12\x19.dualpath.v1.StatsRequest\x1a\x1b.dualpath.v1.SchedulerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daemons.dualpath_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_READPATH']._serialized_start=3057
-  _globals['_READPATH']._serialized_end=3171
+  _globals['_READPATH']._serialized_start=3138
+  _globals['_READPATH']._serialized_end=3252
   _globals['_BLOCKSPAN']._serialized_start=39
   _globals['_BLOCKSPAN']._serialized_end=144
   _globals['_KVDATA']._serialized_start=146
@@ -49,50 +49,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORAGESTATS']._serialized_end=660
   _globals['_RPCCOUNT']._serialized_start=662
   _globals['_RPCCOUNT']._serialized_end=783
-  _globals['_RPCSTATS']._serialized_start=785
-  _globals['_RPCSTATS']._serialized_end=832
-  _globals['_REQUESTSPEC']._serialized_start=835
-  _globals['_REQUESTSPEC']._serialized_end=970
-  _globals['_PREFILLREQUEST']._serialized_start=973
-  _globals['_PREFILLREQUEST']._serialized_end=1196
-  _globals['_PREFILLREPLY']._serialized_start=1198
-  _globals['_PREFILLREPLY']._serialized_end=1298
-  _globals['_FETCHREQUEST']._serialized_start=1300
-  _globals['_FETCHREQUEST']._serialized_end=1414
-  _globals['_FETCHREPLY']._serialized_start=1416
-  _globals['_FETCHREPLY']._serialized_end=1461
-  _globals['_PUSHACK']._serialized_start=1463
-  _globals['_PUSHACK']._serialized_end=1511
-  _globals['_DECODEREQUEST']._serialized_start=1514
-  _globals['_DECODEREQUEST']._serialized_end=1652
-  _globals['_DECODEREPLY']._serialized_start=1654
-  _globals['_DECODEREPLY']._serialized_end=1772
-  _globals['_STATUSREQUEST']._serialized_start=1774
-  _globals['_STATUSREQUEST']._serialized_end=1804
-  _globals['_ENGINESTATUS']._serialized_start=1806
-  _globals['_ENGINESTATUS']._serialized_end=1892
-  _globals['_NODESTATUS']._serialized_start=1895
-  _globals['_NODESTATUS']._serialized_end=2123
-  _globals['_LEDGER']._serialized_start=2126
-  _globals['_LEDGER']._serialized_end=2275
-  _globals['_RESERVEREQUEST']._serialized_start=2277
-  _globals['_RESERVEREQUEST']._serialized_end=2328
-  _globals['_RESERVEREPLY']._serialized_start=2330
-  _globals['_RESERVEREPLY']._serialized_end=2362
-  _globals['_LOCKSTEPARRIVAL']._serialized_start=2365
-  _globals['_LOCKSTEPARRIVAL']._serialized_end=2586
-  _globals['_LAYERPARTS']._serialized_start=2588
-  _globals['_LAYERPARTS']._serialized_end=2677
-  _globals['_LOCKSTEPGO']._serialized_start=2679
-  _globals['_LOCKSTEPGO']._serialized_end=2722
-  _globals['_TURNREQUEST']._serialized_start=2724
-  _globals['_TURNREQUEST']._serialized_end=2833
-  _globals['_TURNRESULT']._serialized_start=2836
-  _globals['_TURNRESULT']._serialized_end=3055
-  _globals['_STORAGE']._serialized_start=3174
-  _globals['_STORAGE']._serialized_end=3357
-  _globals['_NODE']._serialized_start=3360
-  _globals['_NODE']._serialized_end=4025
-  _globals['_SCHEDULER']._serialized_start=4028
-  _globals['_SCHEDULER']._serialized_end=4159
+  _globals['_SCHEDULERSTATS']._serialized_start=785
+  _globals['_SCHEDULERSTATS']._serialized_end=884
+  _globals['_REQUESTSPEC']._serialized_start=887
+  _globals['_REQUESTSPEC']._serialized_end=1022
+  _globals['_PREFILLREQUEST']._serialized_start=1025
+  _globals['_PREFILLREQUEST']._serialized_end=1248
+  _globals['_PREFILLREPLY']._serialized_start=1250
+  _globals['_PREFILLREPLY']._serialized_end=1350
+  _globals['_FETCHREQUEST']._serialized_start=1352
+  _globals['_FETCHREQUEST']._serialized_end=1466
+  _globals['_FETCHREPLY']._serialized_start=1468
+  _globals['_FETCHREPLY']._serialized_end=1513
+  _globals['_PUSHACK']._serialized_start=1515
+  _globals['_PUSHACK']._serialized_end=1563
+  _globals['_DECODEREQUEST']._serialized_start=1566
+  _globals['_DECODEREQUEST']._serialized_end=1704
+  _globals['_DECODEREPLY']._serialized_start=1706
+  _globals['_DECODEREPLY']._serialized_end=1824
+  _globals['_STATUSREQUEST']._serialized_start=1826
+  _globals['_STATUSREQUEST']._serialized_end=1856
+  _globals['_ENGINESTATUS']._serialized_start=1858
+  _globals['_ENGINESTATUS']._serialized_end=1944
+  _globals['_NODESTATUS']._serialized_start=1947
+  _globals['_NODESTATUS']._serialized_end=2204
+  _globals['_LEDGER']._serialized_start=2207
+  _globals['_LEDGER']._serialized_end=2356
+  _globals['_RESERVEREQUEST']._serialized_start=2358
+  _globals['_RESERVEREQUEST']._serialized_end=2409
+  _globals['_RESERVEREPLY']._serialized_start=2411
+  _globals['_RESERVEREPLY']._serialized_end=2443
+  _globals['_LOCKSTEPARRIVAL']._serialized_start=2446
+  _globals['_LOCKSTEPARRIVAL']._serialized_end=2667
+  _globals['_LAYERPARTS']._serialized_start=2669
+  _globals['_LAYERPARTS']._serialized_end=2758
+  _globals['_LOCKSTEPGO']._serialized_start=2760
+  _globals['_LOCKSTEPGO']._serialized_end=2803
+  _globals['_TURNREQUEST']._serialized_start=2805
+  _globals['_TURNREQUEST']._serialized_end=2914
+  _globals['_TURNRESULT']._serialized_start=2917
+  _globals['_TURNRESULT']._serialized_end=3136
+  _globals['_STORAGE']._serialized_start=3255
+  _globals['_STORAGE']._serialized_end=3438
+  _globals['_NODE']._serialized_start=3441
+  _globals['_NODE']._serialized_end=4106
+  _globals['_SCHEDULER']._serialized_start=4109
+  _globals['_SCHEDULER']._serialized_end=4246
 # @@protoc_insertion_point(module_scope)

@@ -668,7 +668,7 @@ class SchedulerStub:
         self.Stats = channel.unary_unary(
                 '/dualpath.v1.Scheduler/Stats',
                 request_serializer=daemons_dot_dualpath__pb2.StatsRequest.SerializeToString,
-                response_deserializer=daemons_dot_dualpath__pb2.RpcStats.FromString,
+                response_deserializer=daemons_dot_dualpath__pb2.SchedulerStats.FromString,
                 _registered_method=True)
 
 
@@ -698,7 +698,7 @@ def add_SchedulerServicer_to_server(servicer, server):
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=daemons_dot_dualpath__pb2.StatsRequest.FromString,
-                    response_serializer=daemons_dot_dualpath__pb2.RpcStats.SerializeToString,
+                    response_serializer=daemons_dot_dualpath__pb2.SchedulerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -754,7 +754,7 @@ class Scheduler:
             target,
             '/dualpath.v1.Scheduler/Stats',
             daemons_dot_dualpath__pb2.StatsRequest.SerializeToString,
-            daemons_dot_dualpath__pb2.RpcStats.FromString,
+            daemons_dot_dualpath__pb2.SchedulerStats.FromString,
             options,
             channel_credentials,
             insecure,

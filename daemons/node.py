@@ -172,7 +172,7 @@ class NodeService(pb_grpc.NodeServicer):
         lg, tm = self.ledger, self.tm
         return pb.NodeStatus(
             name=self.name, role=self.role, read_queue_tokens=tm.read_queue_tokens, read_tokens=tm.read_tokens,
-            buffer_bytes=tm.buffer.used,
+            buffer_bytes=tm.buffer.used, read_queue_requests=tm.read_queue_requests,
             engines=[pb.EngineStatus(engine=e.index, unfinished_requests=e.unfinished_requests,
                                      unfinished_tokens=max(0, e.unfinished_tokens)) for e in self.engines],
             ledger=lg.to_proto(), rpcs=[] if request.brief else rpc_counts(self.rpcs))

@@ -19,12 +19,20 @@ placement, and of their EP groups' lockstep) and the turns that were running
 on it are placed again, reading their context from storage again.
 
 The config file (JSON) holds ``mode`` (basic | dualpath | oracle), ``policy``
-(paper | round_robin), ``layer_chunks``, ``alpha_tokens``, ``beta_tokens``,
+(paper | round_robin | ..., or a class of one's own: ``/abs/file.py:Class`` or ``module:Class``,
+:mod:`daemons.policyapi`), ``layer_chunks``, ``alpha_tokens``, ``beta_tokens``,
 ``hbm_tokens`` (context tokens one DE engine holds) and ``nodes``: a list of
 ``{"name", "role", "mgmt", "cnics": [ADDR:PORT per engine], "lockstep": [GROUP@HOST per engine]}``
 (lockstep optional), ``status_period_s`` (wall seconds between the nodes' load
 reports, optional). ``--events FILE`` writes what the scheduler saw of the
 nodes (deaths, retried and failed turns) as JSON at stop.
+
+A policy class of one's own is loaded at start and asked for the PE engine and
+the read side where the paper's rules are otherwise used (the DE engine stays
+the paper's), through :class:`daemons.policyapi.Guarded`: a call that raises or
+returns no valid choice falls back to the paper's choice for that turn. Its
+first fallback of each kind is an event ``policy_fallback``; at stop, an event
+``policy_fallbacks`` counts every call and fallback.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import grpc
 from daemons import dualpath_pb2 as pb
 from daemons import dualpath_pb2_grpc as pb_grpc
 from daemons.nodewatch import STATUS_PERIOD_S, NodeWatch
+from daemons.policyapi import Guarded, is_plugin, load_policy
 from daemons.policy import (POLICIES, READ_PATHS, EngineLoad, RoundRobin, choose_de, choose_pe,
                             choose_read_side, split_blocks)
 from daemons.runtime import CONTROL_DEADLINE_S, TURN_DEADLINE_S, RpcCounter, rpc_counts, run_event_loop, \
@@ -81,8 +90,8 @@ class SchedulerConfig:
     def from_json(cls, data: dict) -> "SchedulerConfig":
         if data["mode"] not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {data['mode']!r}")
-        if data["policy"] not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, not {data['policy']!r}")
+        if data["policy"] not in POLICIES and not is_plugin(data["policy"]):
+            raise ValueError(f"policy must be one of {POLICIES} or FILE.py:Class, not {data['policy']!r}")
         if data.get("read_path", "choose") not in READ_PATHS:
             raise ValueError(f"read_path must be one of {READ_PATHS}, not {data['read_path']!r}")
         nodes = tuple(NodeInfo(n["name"], n["role"], n["mgmt"], tuple(n["cnics"]), tuple(n.get("lockstep", ())))
@@ -138,6 +147,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.queue: deque[_Pending] = deque()
         self._changed = asyncio.Event()
         self._rr = RoundRobin()
+        self.plugin = Guarded(load_policy(config.policy), self._policy_fallback) if is_plugin(config.policy) \
+            else None  # a policy class of one's own (daemons/policyapi.py)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeStub]] = {}
         self._dispatcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -152,7 +163,12 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self._channels[mgmt] = (ch, pb_grpc.NodeStub(ch))
         return self._channels[mgmt][1]
 
+    def _policy_fallback(self, method: str, kind: str, detail: str) -> None:
+        self._event("policy_fallback", method=method, kind=kind, detail=detail)
+
     async def close(self) -> None:
+        if self.plugin is not None:
+            self._event("policy_fallbacks", **self.plugin.totals())
         if self._dispatcher:
             self._dispatcher.cancel()
         self.watch.stop()
@@ -199,7 +215,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self._changed.set()
 
     async def Stats(self, request, context):  # noqa: N802
-        return pb.RpcStats(rpcs=rpc_counts(self.rpcs))
+        waiting = sum(1 for item in self.queue if not item.done.done())  # a cancelled Submit is not waiting
+        return pb.SchedulerStats(rpcs=rpc_counts(self.rpcs), waiting_turns=waiting, running_turns=self.running)
 
     # -- placement ---------------------------------------------------------------
     def _pe_loads(self) -> list[EngineLoad]:
@@ -217,7 +234,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if self.cfg.policy.startswith("round_robin"):
             return self._rr.choose("pe", pe_loads), self._rr.choose("de", de_loads)
         nodes = {n: self.watch.load(n) for n in self.nodes}
-        pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
+        if self.plugin is not None:  # idle: nothing placed is unfinished, so a wait would never end
+            idle = not any(e.unfinished_requests for e in pe_loads + de_loads)
+            pe_eng = self.plugin.choose_pe(pe_loads, nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens, idle)
+        else:
+            pe_eng = choose_pe(self._pe_loads(), nodes, self.cfg.alpha_tokens, self.cfg.beta_tokens)
         if pe_eng is None:
             return None
         de_eng = choose_de(self._de_loads(), turn.context_tokens + turn.request.gen_tokens)
@@ -237,6 +258,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             side = "pe"
         elif self.cfg.policy == "round_robin_alternating":
             side = self._rr.alternate("read", ("pe", "de"))
+        elif self.plugin is not None:
+            side = self.plugin.read_side(self.watch.load(pe_node), self.watch.load(de_node))
         else:
             side = choose_read_side(self.watch.load(pe_node), self.watch.load(de_node))
         return (pb.READ_PATH_PE, spec.hit_blocks) if side == "pe" else (pb.READ_PATH_DE, 0)

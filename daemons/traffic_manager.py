@@ -59,6 +59,7 @@ class TrafficManager:
         self.dscp_kv = dscp_kv
         self.read_queue_tokens = 0
         self.read_tokens = 0  # ever taken into the read queue: the scheduler adds what it placed since
+        self.read_queue_requests = 0  # requests with blocks in the read queue (`dpemu top` shows them)
         self.ledger = Ledger() if ledger is None else ledger  # the node's (a file: Ledger.in_file)
         self._received: dict[str, Received] = {}
         self._held: dict[str, int] = {}  # buffer bytes a request holds (a DE: until its decode starts)
@@ -121,10 +122,12 @@ class TrafficManager:
         tokens = blocks * self.geom.block_tokens
         self.read_queue_tokens += tokens
         self.read_tokens += tokens
+        self.read_queue_requests += blocks > 0
         try:
             yield
         finally:
             self.read_queue_tokens -= tokens
+            self.read_queue_requests -= blocks > 0
 
     async def fetch(self, request: pb.FetchRequest) -> pb.FetchReply:
         """DE read path: storage -> this node's buffer, then the hit KV to the PE engine chunk by chunk,

@@ -27,7 +27,7 @@ from emulator import cleanup
 from emulator.errors import DpemuError
 from emulator.registry import Registry
 
-from . import bench, platform, report, reproduce, runner, schema, sweep
+from . import bench, labs, live, livecli, platform, report, reproduce, runner, schema, sweep, top
 from .plan import make_plan, plan_text
 from .schema import label_of
 from .terminal import (EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNTRUSTED, print_run,
@@ -169,6 +169,7 @@ def cmd_clean(_args) -> int:
     platform.require_root()
     with Registry() as reg:
         report = cleanup.clean(reg)
+        live.withdraw()  # we hold the lock: any live cluster's owner is gone
     if report.empty:
         console.print("nothing to clean")
     else:
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_clean)
     sub.add_parser("list", help="list the scenarios that ship").set_defaults(func=cmd_list)
     bench.add_parser(sub)
+    labs.add_parser(sub)
+    livecli.add_parser(sub)
+    top.add_parser(sub)
     return p
 
 

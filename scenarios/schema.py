@@ -28,7 +28,8 @@ from emulator.errors import ConfigError, UnitError
 from emulator.units import format_rate, format_size, parse_duration, parse_rate, parse_size
 from emulator.tcplan import MIN_DEFAULT_SHARE
 from daemons.gpu import GPU_MODELS
-from daemons.policy import POLICIES, READ_PATHS
+from daemons import policyapi
+from daemons.policy import READ_PATHS
 from scenarios.faultspec import Fault
 from scenarios.faultspec import problems as fault_problems
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
@@ -213,7 +214,8 @@ class Serving(_Model):
     modes: list[Literal["basic", "layerwise", "dualpath", "oracle"]] = Field(
         ["basic", "dualpath", "oracle"], min_length=1,
         description="layerwise: Basic's prefill-side reads with layerwise prefill (the paper's first ablation step)")
-    policy: Literal[POLICIES] = "paper"  # type: ignore[valid-type]
+    policy: str = Field("paper", description="a name of daemons/policy.py's POLICIES, or a class of one's own: "
+                        "FILE.py:Class (from the current directory) or module:Class (daemons/policyapi.py)")
     read_path: Literal[READ_PATHS] = Field(  # type: ignore[valid-type]
         "choose", description="dualpath: each request reads from the side with the shorter read queue (choose, "
                               "the paper's) or from both, split so the two queues drain together (split)")
@@ -235,6 +237,11 @@ class Serving(_Model):
             raise ValueError("isolation_compare needs collectives: true and modes with oracle (the reference) "
                              "and dualpath")
         return self
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:  # a class of one's own is imported and checked here, before anything runs
+        return policyapi.resolve(v)
 
     @field_validator("modes")
     @classmethod
@@ -429,6 +436,7 @@ def label_of(values: dict[str, Any]) -> str:
     def text(v: Any) -> str:
         if v == []:
             return "none"
+        v = v.rsplit("/", 1)[-1] if isinstance(v, str) and policyapi.is_plugin(v) else v  # a policy file: its name
         return "+".join(map(str, v)) if isinstance(v, list) else str(v)
 
     raw = ",".join(f"{k.rsplit('.', 1)[-1]}={text(v)}" for k, v in values.items())
