@@ -24,6 +24,7 @@ trustworthy and 4 turns failed in it (graded all the same, marked so); 1 error; 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -39,6 +40,7 @@ from emulator.errors import ConfigError
 LABS_DIR = Path(__file__).resolve().parents[1] / "labs"
 #: lab directory -> the module holding its ``LAB`` (imported when the lab is graded: they import this module)
 GRADERS = {"1-storage-bottleneck": "scenarios.labs_storage", "2-congestion-free-region": "scenarios.labs_region",
+           "3-traffic-classes": "scenarios.labs_classes",
            "4-write-the-scheduler": "scenarios.labs_scheduler"}
 EXIT_FAILED_PREDICTION = 5
 _FRACTION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*/\s*([0-9]+(?:\.[0-9]*)?)\s*$")
@@ -111,6 +113,10 @@ class Lab:
     policy: Callable[[Any, Path | None], tuple[dict, Path]] | None = None
     #: ``--set`` overrides the lab's scenario runs with, made from the answer (lab 4: the policies its sweep runs)
     sets: Callable[[dict], list[str]] | None = None
+    #: a lab that grades a packet capture too (lab 3): ``--pcap FILE`` reaches its grade and picture as the
+    #: answer's "pcap"; without it, ``capture()`` is a context manager held around the lab's own run (lab 3's
+    #: takes a bounded tcpdump on a CNIC into the run directory)
+    capture: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -357,8 +363,16 @@ def cmd_check(args) -> int:
         raise ConfigError(f"lab {lab_dir.name}", "takes predictions (--predictions FILE), not a --policy")
     else:
         predictions = read_predictions(lab, pfile)
-    results = Path(args.results) if args.results else _run(lab_dir, Path(args.runs),
-                                                                  lab.sets(predictions) if lab.sets else None)
+    if args.pcap:  # a capture to grade: the lab must take one, and the file must be there before anything runs
+        if lab.capture is None:
+            raise ConfigError(f"lab {lab_dir.name}", "grades no packet capture (--pcap)")
+        if not Path(args.pcap).is_file():
+            raise ConfigError(args.pcap, "no such capture file (--pcap)")
+        predictions = {**predictions, "pcap": Path(args.pcap)}
+    with (lab.capture() if lab.capture and not args.pcap and not args.results
+          else contextlib.nullcontext()):
+        results = Path(args.results) if args.results else _run(lab_dir, Path(args.runs),
+                                                              lab.sets(predictions) if lab.sets else None)
     g = grade(lab_dir, results, predictions, pfile, Path(args.out) if args.out else results)
     console.print(_table(g, lab_dir))
     for d in g.distrust:
@@ -384,6 +398,9 @@ def add_parser(sub) -> None:
     c.add_argument("--predictions", metavar="FILE", help="default: labs/<lab>/predictions.yaml")
     c.add_argument("--policy", metavar="FILE[:CLASS]", help="a lab whose answer is a scheduler policy (lab 4): "
                                                            "the policy file (default: the lab's policy.py)")
+    c.add_argument("--pcap", metavar="FILE", help="a lab that grades a packet capture (lab 3): this one, e.g. "
+                                                  "taken with tcpdump on a live cluster (default: the one its run "
+                                                  "takes)")
     c.add_argument("--out", metavar="DIR", help="where grade.md, grade.json and the picture go (default: the "
                                                 "results directory)")
     c.add_argument("--runs", default="results", metavar="DIR", help="results root of a new run (default: ./results)")

@@ -32,15 +32,19 @@ from .labs import Lab, LabDir, Row, load_json, run_trust
 CLASS = "StudentPolicy"  # the class a policy file defines, unless --policy FILE.py:Class names another
 BASELINES = ("round_robin", "paper")
 POLICY_KEY, MODE = "serving.policy", "dualpath"
-#: SNIC max/mean may exceed round robin's by this much. Measured on this scenario (TEACHER.md): round robin
-#: and the paper's policy 1.0x-1.1x, differing by up to ~0.05 run to run on one seed; a policy reading
-#: only on the prefill side ~2.9 (2 of 6 SNICs read). 0.15 is three times the spread and rejects any policy
-#: that leaves a side's SNICs idle for a sizable part of the run.
-TOL_BALANCE_RR = 0.15
-#: ... and the paper's by this much: "close to the paper's" (a better balance always passes).
-TOL_BALANCE_PAPER = 0.15
-#: JCT may exceed round robin's by this fraction: the two baselines' JCTs differ by up to ~5% run to run;
-#: a policy that reads on one side only takes ~2x.
+#: SNIC max/mean may exceed round robin's by this much. Measured on this scenario (TEACHER.md: 10 runs, 2
+#: seeds, 3 clocks and loads): round robin 1.16-1.24, the paper's policy and the reference solution 1.28-1.32,
+#: i.e. 0.05-0.16 above round robin (round robin's fixed DE cycle spreads the decode-side reads evenly; the
+#: paper's DE choice follows decode tokens); a policy reading on one side only: 3.0 by construction (2 of 6
+#: SNICs read). 0.25 passes the paper's own rule with margin and fails any policy that leaves a side idle.
+TOL_BALANCE_RR = 0.25
+#: ... and the paper's by this much: "close to the paper's" (a better balance always passes). The reference
+#: solution, the paper's rule written out, measured 0.01-0.03 above the paper's in the same sweep: 0.10 is
+#: three times that.
+TOL_BALANCE_PAPER = 0.10
+#: JCT may exceed round robin's by this fraction: on one seed the three policies that read on the shorter
+#: queue finish within ~3% of each other run to run (up to 4% apart across configurations); reading on the
+#: prefill side only makes the two prefill SNICs the bottleneck.
 TOL_JCT = 0.10
 
 
@@ -96,6 +100,7 @@ def runs(sweep_dir: Path) -> dict[str, list[dict]]:
             out[p["values"].get(POLICY_KEY, "paper")].append({
                 "label": p["label"], "run": run, "balance": bal.get("max_over_mean"),
                 "window_s": bal["window_s"] / scale if bal else None,  # real seconds (the summary's are wall)
+                "time_scale": scale,
                 "jct": m["jct_s"], "paths": m["paths"],
                 "snic_util": m["snic_util"], "fallbacks": fallbacks(run / MODE) if p["values"].get(POLICY_KEY)
                 not in BASELINES else None})
@@ -145,7 +150,8 @@ def grade(sweep_dir: Path, pred: dict) -> list[Row]:
         why = "the scheduler did not stop cleanly: its count of fallbacks is lost"
     else:
         why = (f"{total} of {calls} calls raised or returned no valid choice, and the scheduler used the paper's "
-               f"choice instead (the balance and JCT below are partly the paper's); first: {fb[0]['first'][:2]}")
+               f"choice instead (the balance and JCT below are partly the paper's); first: "
+               + "; ".join(f for r in fb for f in r["first"][:2]))
     rows = [Row("policy_fallbacks", total, 0, "measured", "0", total == 0, why)]
     bal, jct = _mean(me, "balance"), _mean(me, "jct")
     rr_bal, pp_bal, rr_jct = _mean(rr, "balance"), _mean(pp, "balance"), _mean(rr, "jct")
@@ -173,7 +179,8 @@ def grade(sweep_dir: Path, pred: dict) -> list[Row]:
                     jct <= rr_jct * (1 + TOL_JCT),
                     f"real seconds until every turn finished: yours {abs(slower):.0%} "
                     f"{'longer' if slower > 0 else 'shorter'} than round robin's (the paper's: "
-                    f"{_mean(pp, 'jct'):.1f} s); storage-bound, JCT is the bytes to read over the SNICs that read"))
+                    f"{_mean(pp, 'jct'):.1f} s); SNICs left idle make the others the bottleneck: JCT >= the bytes to "
+                    f"read / the rate of the SNICs that read them"))
     return rows
 
 
@@ -188,7 +195,8 @@ def trust(sweep_dir: Path) -> list[str]:
 
 # -- the picture ----------------------------------------------------------------------------------------------
 def snic_series(links_csv: Path, window_s: float) -> dict[str, tuple[list[float], list[float]]]:
-    """Per SNIC (link name): (window end in real s, read bytes/s over the window) from links.csv's counters."""
+    """Per SNIC (link name): (window end in real s, read bytes per real s over the window) from links.csv's
+    counters (its times are real seconds; its bytes are the wire's, whose configured rate is per wall second)."""
     pts: dict[str, list[tuple[float, int]]] = defaultdict(list)
     with links_csv.open() as f:
         for r in csv.DictReader(f):
@@ -244,7 +252,8 @@ def picture(sweep_dir: Path, pred: dict, out: Path) -> str | None:
         links = r["run"] / MODE / "links.csv"
         if links.is_file():
             for link, (ts, bps) in snic_series(links, r["window_s"] or 1.0).items():
-                ax.plot(ts, [b * 8 / rate for b in bps], linewidth=0.9, label=link.removesuffix("-snic"),
+                ax.plot(ts, [b * 8 / (rate * r["time_scale"]) for b in bps], linewidth=0.9,  # bytes per real s
+                        label=link.removesuffix("-snic"),
                         linestyle="-" if link.startswith("pe") else ":")
         ax.set_ylim(0, 1.15)
         ax.set_title(f"{label}: each SNIC's reads", fontsize=9, loc="left")

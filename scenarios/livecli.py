@@ -126,26 +126,27 @@ def cmd_exec(args) -> int:
 def cmd_down(args) -> int:
     platform.require_root()
     cluster = live.current()
-    if cluster is not None:
+    if cluster is not None:  # a live owner: it tears its own cluster down (and the next run may take the lock)
         if cluster.kind != "up":
             raise ConfigError("down", f"the live cluster is a `dpemu {cluster.kind}` (pid {cluster.owner_pid}); "
                                       "stop it with Ctrl-C where it runs")
         took = up.stop_owner(cluster, timeout_s=args.timeout)
         console.print(f"dpemu up (pid {cluster.owner_pid}) went down in {took:.1f}s")
-    try:
+        return EXIT_OK
+    try:  # no live owner: remove what a killed one left
         with Registry() as reg:
             report = cleanup.clean(reg) if reg.leftover() else None
             live.withdraw()
     except BusyError as exc:
         raise ConfigError("down", f"{exc} (a `dpemu run`, or an up that is still starting)") from None
-    if report is not None:
-        console.print(f"removed what a killed cluster left: {len(report.netns)} namespace(s), "
-                      f"{len(report.links)} interface(s)/bridge(s), {len(report.procs)} process(es)")
-        if report.left:
-            terminal.err_console.print(f"could not remove: {', '.join(report.left)}")
-            return EXIT_ERROR
-    elif cluster is None:
+    if report is None:
         console.print("no dpemu cluster is up; nothing to do")
+        return EXIT_OK
+    console.print(f"removed what a killed cluster left: {len(report.netns)} namespace(s), "
+                  f"{len(report.links)} interface(s)/bridge(s), {len(report.procs)} process(es)")
+    if report.left:
+        terminal.err_console.print(f"could not remove: {', '.join(report.left)}")
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -104,6 +104,17 @@ def test_up_exec_prompt_load_top_down(tmp_path):
         assert set(summary["modes"]) == {"dualpath"} and summary["modes"]["dualpath"]["requests"] == 24
         assert summary["ledger"]["blocks_read"] > 0 and summary["ledger"]["blocks_lost"] == 0
 
+        # Ctrl-C during a load at the prompt ends that load only: the prompt comes back, the cluster stays up
+        t.keys("up", "load " + " ".join(SMALL_LOAD))
+        wait_for(lambda: t.screen("up").count("serving mode dualpath") >= 1, 60, "the prompt's load to start",
+                 period=0.2)
+        t.tmux("send-keys", "-t", "dpemu:up", "C-c")
+        wait_for(lambda: "load: interrupted by Ctrl-C" in t.screen("up"), 60, "the load to stop", period=0.2)
+        wait_for(lambda: t.screen("up").rstrip().endswith("dpemu>"), 60, "the prompt again", period=0.2)
+        assert _live("up") is not None
+        res = run_dpemu("exec", "de1", "--", "ping", "-c", "1", "-W", "2", "10.10.1.1")
+        assert res.returncode == 0, describe(res)
+
         # down: the owner tears everything down and says so in its terminal
         res = run_dpemu("down", timeout=180)
         assert res.returncode == 0 and "went down" in res.stdout, describe(res)

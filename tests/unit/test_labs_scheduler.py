@@ -40,7 +40,7 @@ def _run(root: Path, label: str, policy: str, balance: float, jct: float, paths:
     for i in range(120):  # each SNIC's counter: the PE ones read at 0.9 of the rate, the DE ones at their share
         for side, n, util in (("pe", 2, 0.9), ("de", 4, 0.9 * de_share)):
             for k in range(1, n + 1):
-                rows.append(f"{i * 0.5:.1f},{side}{k}-snic,snic,{side},down,link,{int(i * 0.5 * util * SNIC_BPS / 8)},"
+                rows.append(f"{i * 0.5:.1f},{side}{k}-snic,snic,{side},down,link,{int(i * 0.5 * util * SNIC_BPS * 1.6 / 8)},"
                             "0,0,0")
     (run / "dualpath" / "links.csv").write_text("\n".join(rows) + "\n")
     if events is not None:
@@ -131,9 +131,11 @@ def test_the_grade_writes_its_files_and_picture_and_marks_untrusted_runs(tmp_pat
     assert json.loads((tmp_path / "out" / "grade.json").read_text())["trustworthy"] is False
 
 
-def _args(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"lab": "4", "predictions": None, "policy": None, "results": None, "out": None,
-                                 "runs": "results", **kw})
+def _args(lab: str = "4", **kw) -> argparse.Namespace:
+    """`dpemu lab check LAB --KEY VALUE ...` as the command line parses it (every option the parser has)."""
+    parser = argparse.ArgumentParser()
+    labs.add_parser(parser.add_subparsers())
+    return parser.parse_args(["lab", "check", lab, *(a for k, v in kw.items() for a in (f"--{k}", v))])
 
 
 def test_lab_check_exit_codes_on_recorded_results(tmp_path):
