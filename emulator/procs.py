@@ -59,6 +59,19 @@ class ProcessGroup:
                 stream.close()
         return proc.returncode
 
+    def signal_all(self, sig: int) -> int:
+        """Send `sig` to the process group of every live process of this group, without waiting (safe in a
+        signal handler): how many were signalled."""
+        sent = 0
+        for _, proc in list(self._procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                    sent += 1
+                except ProcessLookupError:
+                    pass
+        return sent
+
     def stop_all(self) -> None:
         while self._procs:
             _, proc = self._procs.pop()

@@ -2,17 +2,18 @@
 the isolation experiment (``serving.isolation_compare``) and a packet capture on a CNIC, and its picture.
 
 Every expected value comes from the run directory or the capture: the DSCP marks from the run's own
-``traffic_classes`` (its resolved ``scenario.yaml``), checked packet by packet in the capture; the collectives'
-slowdowns and the KV throughput from ``summary.json``'s ``isolation`` (``results.isolation_comparison``: p99
-completion over the no-KV reference's p99, ``cnic_kv_gbps``); the KV share of the compute fabric's bytes from
-the isolation-on DualPath run's per-class HTB counters (``dualpath/links.csv``, the CNICs' upward classes).
+``traffic_classes`` (its resolved ``scenario.yaml``), checked packet by packet in the capture; the KV share of
+the compute fabric's bytes from the isolation-on DualPath run's per-class HTB counters (``links.csv``); the
+prefill AllToAlls' p99 wait (completion less their own bytes at the CNIC rate) from each run's
+``collectives.csv``: reference (oracle, no KV), isolation on, isolation off; the KV throughputs from
+``summary.json``'s ``isolation`` (``cnic_kv_gbps``).
 
 The capture is ``--pcap FILE`` or else the ``cnic.pcap`` that ``lab check`` took itself (``capture``: a bounded
 tcpdump on pe1's CNIC while DualPath serves, started in pe1's namespace as the runner starts its daemons and
 always stopped). scapy reads it: a TCP packet to or from port 7000 (storage) or 7200 (an engine) is KV, port
-7300 a collective (``scenarios.serve``), anything else other; each is counted per DSCP. The picture is the
-collectives' completion CDFs (reference, on, off) beside the capture's DSCP histogram. TEACHER.md explains every
-tolerance. Called by ``scenarios.labs``; ``python -m scenarios.labs_classes PCAP`` prints a capture's counts.
+7300 a collective (``scenarios.serve``), anything else other. The picture: the AllToAlls' completion against
+their size, the CDF of their wait, the capture's DSCP histogram. TEACHER.md explains every tolerance. Called by
+``scenarios.labs``; ``python -m scenarios.labs_classes PCAP`` prints a capture's counts.
 """
 
 from __future__ import annotations
@@ -47,18 +48,16 @@ PCAP = "cnic.pcap"
 #: prefill collectives to pe2), the first CAPTURE_PACKETS packets once DualPath (isolation on) serves, headers
 #: only, for at most CAPTURE_S wall seconds
 CAPTURE_NODE, CAPTURE_PACKETS, CAPTURE_SNAP, CAPTURE_S = "pe1", 4000, 128, 120.0
-#: prefill collectives with isolation on, p99 / the reference's: 0.79x-1.07x over 8 runs (docs/traffic-classes.md)
-#: and 0.87x-1.04x over this lab's runs (TEACHER.md). +-0.3 takes "unchanged" (1.0) and rejects 1.5 and 2
-TOL_ON = 0.3
-#: isolation off: 2.5x-8.8x over 8 runs, 2.2x-7x over this lab's: too wide a spread for a point value; the
-#: check is the side of SLOW_LINE the prediction and the run fall on ("clearly slower" or not)
+#: p99 wait of the prefill AllToAlls, isolation on / the reference's: 0.61-1.25 over the lab's runs (the
+#: reference's own tail is host scheduling); +-0.5 takes "unchanged" (1) and rejects 2 or more
+TOL_ON = 0.5
+#: isolation off: 3.6x-7.7x, too wide for a point value: graded by the side of SLOW_LINE it falls on
 SLOW_LINE = 2.0
-#: KV throughput with isolation on / off: 0.93-1.0 (docs), 0.96-1.03 (this lab's runs); +-0.15 rejects "KV
-#: gets its 1% guarantee" (0.01) and "half" (0.5)
+#: KV throughput, isolation on / off: 0.98-1.04; +-0.15 rejects "KV gets its 1% guarantee" (0.01) and 0.5
 TOL_KV_RATE = 0.15
-#: the KV share of the CNICs' bytes: 0.78-0.80 in this lab's runs; +-0.1 takes the per-turn estimate of the
-#: handout (0.75) and rejects "all KV" (1.0), "all collectives" and "half and half"
-TOL_SHARE = 0.10
+#: the KV share of the CNICs' bytes: 0.627-0.645 measured, the per-turn formula 0.657; +-0.05 rejects the
+#: context counted twice (0.76) and the decode AllToAlls forgotten (0.71)
+TOL_SHARE = 0.05
 
 
 # -- the capture ----------------------------------------------------------------------------------------------
@@ -116,11 +115,9 @@ def read_capture(path: Path) -> Capture:
                     cap.non_ip += 1
                     continue
                 ip = p[IP]
-                if TCP in p:
-                    kind = kind_of(p[TCP].sport, p[TCP].dport)
-                    data = ip.len - 4 * ip.ihl - 4 * p[TCP].dataofs > 0
-                else:
-                    kind, data = "other", True
+                tcp = p[TCP] if TCP in p else None
+                kind = kind_of(tcp.sport, tcp.dport) if tcp else "other"
+                data = tcp is None or ip.len - 4 * ip.ihl - 4 * tcp.dataofs > 0
                 c = cap.counts.setdefault((kind, ip.tos >> 2, data), [0, 0])
                 c[0] += 1
                 c[1] += getattr(p, "wirelen", None) or len(p)  # the packet's length on the wire, not the snap
@@ -130,9 +127,8 @@ def read_capture(path: Path) -> Capture:
 
 
 def _capture_of(run: Path, pred: dict) -> Capture | None:
-    given = pred.get("pcap")
-    path = Path(given) if given else run / PCAP
-    return read_capture(path) if given or path.is_file() else None
+    path = Path(pred.get("pcap") or run / PCAP)
+    return read_capture(path) if pred.get("pcap") or path.is_file() else None
 
 
 @contextlib.contextmanager
@@ -196,8 +192,7 @@ def _mark(key: str, pred: int, expected: int, kind: str, cap: Capture | None) ->
     if cap is None:
         return Row(key, pred, expected, "scenario", "exact", pred == expected,
                    f"the scenario marks every one of its {what} with {config}; no capture to see it in (--pcap)")
-    marks = cap.marks(kind)
-    n = sum(marks.values())
+    marks, n = cap.marks(kind), sum(cap.marks(kind).values())
     seen = ", ".join(f"{c} carry DSCP {d}" for d, c in marks.items())
     bare = {d: c for d, c in cap.marks(kind, data=False).items() if d != expected}
     note = (f"; {sum(bare.values())} of its packets without data (handshake, acks) carry "
@@ -296,11 +291,11 @@ def grade(run: Path, pred: dict) -> list[Row]:
         f"isolation on: the collectives' own HTB class (1:11, prio 0, {tc.collective_share:.1%} guaranteed) leaves "
         f"ahead of any queued KV: p99 wait {waits['on']:.1f} ms against {ref} (completion p99 {done['on']:.0f} "
         f"against {done['reference']:.0f} ms, set by the biggest batches' own bytes)", abs_tol=TOL_ON))
+    queue = Emulation(**yaml.safe_load((run / "scenario.yaml").read_text()).get("emulation") or {}).queue
     why = (f"isolation off: one FIFO per port, so a collective's messages and acks queue behind the KV ahead of "
-           f"them, up to a port's queue ({queue_ms(run):g} ms) at each hop: p99 wait {waits['off']:.1f} ms against "
+           f"them, up to a port's queue ({queue * 1e3:g} ms) at each hop: p99 wait {waits['off']:.1f} ms against "
            f"{ref} (completion p99 {done['off']:.0f} against {done['reference']:.0f} ms)")
-    if off_x < SLOW_LINE:
-        why += f"; this run stayed below {SLOW_LINE:g}x: see TEACHER.md"
+    why += f"; this run stayed below {SLOW_LINE:g}x: see TEACHER.md" if off_x < SLOW_LINE else ""
     rows.append(Row("slowdown_off", pred["slowdown_off"], round(off_x, 4), "measured", f"same side of {SLOW_LINE:g}x",
                     (pred["slowdown_off"] >= SLOW_LINE) == (off_x >= SLOW_LINE), why))
     kv_on, kv_off = iso["on"].get("cnic_kv_gbps"), iso["off"].get("cnic_kv_gbps")
@@ -314,11 +309,6 @@ def grade(run: Path, pred: dict) -> list[Row]:
         rows.append(Row("kv_rate_on_over_off", pred["kv_rate_on_over_off"], None, "measured", "-", False,
                         "the run has no KV throughput on the compute fabric (cnic_kv_gbps)"))
     return rows
-
-
-def queue_ms(run: Path) -> float:
-    """A port's queue in real ms (emulation.queue)."""
-    return round(Emulation(**yaml.safe_load((run / "scenario.yaml").read_text()).get("emulation") or {}).queue * 1e3, 3)
 
 
 # -- the picture ----------------------------------------------------------------------------------------------
@@ -341,8 +331,7 @@ def picture(run: Path, pred: dict, out: Path) -> str | None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     rate, ref99 = wire_rate(run), None
     for key, d in runs.items():
-        label, color = STYLE[key]
-        rows = collectives(run, d)
+        (label, color), rows = STYLE[key], collectives(run, d)
         if not rows:
             continue
         ax1.scatter([b / 1e3 for b, _, _ in rows], [c for _, c, _ in rows], s=6, color=color, alpha=0.6, label=label)
@@ -382,10 +371,9 @@ def picture(run: Path, pred: dict, out: Path) -> str | None:
         ax3.text(0.5, 0.5, "no capture\n(--pcap FILE)", ha="center", va="center", transform=ax3.transAxes)
         ax3.set_axis_off()
     fig.tight_layout()
-    path = out / "isolation.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "isolation.png", dpi=110)
     plt.close(fig)
-    return path.name
+    return "isolation.png"
 
 
 def _dscp(value) -> int:
@@ -400,8 +388,8 @@ LAB = Lab(
         Key("dscp_kv", "an integer 0..63: the DSCP every KV packet carries (IP tos >> 2)", parse=_dscp),
         Key("dscp_collective", "an integer 0..63: the DSCP every collective packet carries", parse=_dscp),
         Key("kv_byte_share", "a fraction 0..1: the share of the bytes DualPath puts on the CNICs that is KV"),
-        Key("slowdown_on", "x: prefill collectives' p99 completion with isolation on / with no KV at all"),
-        Key("slowdown_off", "x: prefill collectives' p99 completion with isolation off / with no KV at all"),
+        Key("slowdown_on", "x: the prefill AllToAlls' p99 wait with isolation on / with no KV at all"),
+        Key("slowdown_off", "x: the prefill AllToAlls' p99 wait with isolation off / with no KV at all"),
         Key("kv_rate_on_over_off", "x: KV throughput on the compute fabric, isolation on / isolation off"),
     ),
     grades="run", grade=grade, picture=picture, trust=run_trust, capture=capture)

@@ -18,19 +18,19 @@ from . import report
 from .labs import Key, Lab, Row, load_json, run_trust, within
 
 #: Basic's PE SNICs: storage-bound, Basic reads at the full rate while turns queue, then the last agents' turns
-#: drain with the SNICs partly idle; over the middle 80% of its JCT the runs measured 0.82 (96 agents) and
-#: 0.92 (128). +-0.2 takes "saturated" (1.0) and the drain-aware 0.8-0.9, and rejects reads spread over every
+#: drain with the SNICs partly idle; over the middle 80% of its JCT five runs measured 0.82-0.87 (0.92 with
+#: 128 agents). +-0.2 takes "saturated" (1.0) and the drain-aware 0.8-0.9, and rejects reads spread over every
 #: SNIC (0.33) or half-idle SNICs (0.5).
 TOL_UTIL_PE = 0.2
-#: Basic's DE SNICs read nothing (write-backs leave them upwards and are not reads): measured 0.0003.
+#: Basic's DE SNICs read nothing (write-backs leave them upwards and are not reads): measured 0.0003-0.0004.
 TOL_UTIL_DE = 0.05
 #: DualPath's decode-side share of the reads: D / (P + D) = 0.67 if the shorter-read-queue choice balances
-#: the six SNICs; runs measured 0.64-0.66. +-0.1 rejects "half and half" (0.5) and "all on DE" (1.0).
+#: the six SNICs; runs measured 0.64-0.67. +-0.1 rejects "half and half" (0.5) and "all on DE" (1.0).
 TOL_SHARE = 0.10
-#: The measured DualPath / Basic speedup: 1.39 and 1.51 measured (96 and 128 agents), and Oracle / Basic, the
-#: handout's estimate, 1.31 and 1.59: a run and its own estimate differ by up to ~0.1, runs by more. +-0.3
-#: takes an estimate from the compute bound, and rejects the storage-only bound (3), "no gain" (1) and 2.
-TOL_SPEEDUP = 0.3
+#: The measured DualPath / Basic speedup: 1.31-1.39 over four runs of the lab's 96 agents, whose own
+#: Oracle / Basic ratios, the handout's estimate, were 1.31-1.39 too. +-0.25 takes any estimate made from the
+#: compute bound, and rejects the storage-only bound (3), 2, and "no gain" (1).
+TOL_SPEEDUP = 0.25
 
 def _cluster(run: Path) -> dict:
     return yaml.safe_load((run / "scenario.yaml").read_text())["cluster"]

@@ -109,6 +109,7 @@ class Cluster:
         self._logs: list = []
         self.jobs: queue.Queue[Load | None] = queue.Queue()  # None: go down
         self.busy = threading.Event()  # a load is running
+        self.cancelled = threading.Event()  # Ctrl-C during the running load
 
     def start_idle(self) -> None:
         """The scenario's first mode's daemons, nothing in storage (no serving section: no plane)."""
@@ -130,9 +131,17 @@ class Cluster:
         self._procs, self._logs = [], []
         shutil.rmtree(self.run_dir / "idle" / "storage", ignore_errors=True)
 
+    def interrupt(self) -> None:
+        """Ctrl-C during a load (called in the signal handler): stop the load's processes, without waiting. The
+        load's own code then sees its daemons or driver gone, says so, and returns: nothing is interrupted
+        half-way inside Python (an exception raised at any instruction could leave a lock or a thread stuck)."""
+        self.cancelled.set()
+        self.emu.procs.signal_all(signal.SIGTERM)
+
     def run_load(self, load: Load) -> None:
         """Serve `load` as a run serves (fresh daemons per mode), into ``load<k>/``; the idle plane again after.
-        Ctrl-C (KeyboardInterrupt) ends this load only; an Interrupted (SIGTERM) goes on up."""
+        Ctrl-C (``interrupt``) ends this load only; an Interrupted (SIGTERM) goes on up."""
+        self.cancelled.clear()
         self.busy.set()
         try:
             self.loads += 1
@@ -142,9 +151,10 @@ class Cluster:
             self.stop_idle()
             serving = runner.serve_modes(self.emu, load.plan, d, load.say, load.progress)
             results.write_summary(d, load.plan, self.calib, self.emu.build_s, None, serving, None)
-            load.run_dir = d
-        except KeyboardInterrupt:
-            load.error = "interrupted by Ctrl-C in the dpemu up terminal; the cluster stays up"
+            if self.cancelled.is_set():
+                load.error = f"interrupted by Ctrl-C; the cluster stays up (what the load finished: {d})"
+            else:
+                load.run_dir = d
         except runner.Interrupted:
             load.error = "the cluster went down during the load"
             raise
@@ -289,7 +299,7 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
     socket, publish it, call `on_up(cluster)` and run loads until told to go down (a None job, SIGTERM, SIGHUP,
     or SIGINT outside a load); then tear everything down, always. `on_up` may return `hold()`: while it is
     true a SIGINT is left to the prompt's foreground command (a ping). A SIGINT during a load ends that load
-    only. Returns the cluster's summary (its calibration, build and teardown times)."""
+    only (``Cluster.interrupt``). Returns the cluster's summary (its calibration, build and teardown times)."""
     platform.require_root()
     platform.require_tools()
     plan.check()
@@ -300,7 +310,8 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
         c = state["cluster"]
         if signum == signal.SIGINT and c is not None:
             if c.busy.is_set():
-                raise KeyboardInterrupt
+                c.interrupt()
+                return
             if state["hold"]():
                 return
         raise runner.Interrupted(f"stopped by {signal.Signals(signum).name}")

@@ -122,6 +122,8 @@ def test_up_exec_prompt_load_top_down(tmp_path):
         assert not LIVE.exists()
         assert_nothing_left("after dpemu down")
     finally:
+        if t.started:
+            print("the dpemu up terminal at the end:\n" + t.screen("up"))
         t.kill()
         if leftovers()["netns"]:
             run_dpemu("down", timeout=180)
