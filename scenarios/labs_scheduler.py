@@ -261,6 +261,7 @@ def picture(sweep_dir: Path, pred: dict, out: Path) -> str | None:
         ax.grid(alpha=0.3)
         if i == 0:
             ax.set_ylabel("read utilization")
+        if i == 0 and links.is_file():
             ax.legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
     path = out / "scheduler.png"

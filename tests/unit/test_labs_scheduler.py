@@ -169,3 +169,21 @@ def test_the_check_sweeps_the_students_policy_then_the_baselines():
     assert all(p.scenario.serving.modes == ["dualpath"] for p in points)
     # without the check, the scenario runs the two baselines
     assert [p.scenario.serving.policy for p in schema.sweep_points(str(LAB.scenario))] == ["round_robin", "paper"]
+
+
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "labs" / "lab4"
+
+
+@pytest.mark.parametrize("which, passed", [("starter", 1), ("solution", 4)])
+def test_the_recorded_checks_grade_as_they_did(tmp_path, which, passed):
+    """The two `dpemu lab check 4` runs of 2026-12-06 (TEACHER.md), trimmed to what the grade reads: the
+    starter fails on balance and JCT for reading on the prefill side only; the solution passes; both trusted."""
+    g = labs.grade(LAB, RECORDED / which, {"policy": "recorded"}, STARTER, tmp_path)
+    rows = _by_key(g.rows)
+    assert g.passed == passed and not g.distrust and rows["policy_fallbacks"].ok
+    if which == "starter":
+        assert rows["snic_balance_vs_round_robin"].predicted > 3.0 and "0% on the decode side" in \
+            rows["snic_balance_vs_round_robin"].why
+        assert rows["jct_vs_round_robin"].predicted > 1.5 * rows["jct_vs_round_robin"].expected
+    else:
+        assert abs(rows["snic_balance_vs_paper"].predicted - rows["snic_balance_vs_paper"].expected) < 0.05
