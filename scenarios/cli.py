@@ -20,95 +20,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich import box
-from rich.table import Table
 
 from emulator import cleanup
 from emulator.errors import DpemuError
 from emulator.registry import Registry
 
-from . import bench, labs, live, livecli, platform, report, reproduce, runner, schema, sweep, top
+from . import bench, labs, live, livecli, platform, report, reproduce, runner, schema, top
 from .plan import make_plan, plan_text
-from .schema import label_of
-from .terminal import (EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNTRUSTED, print_run,
-                       progress_bar, console, err_console, exit_code)
-
-def _sweep_table(index: dict) -> Table:
-    """One row per point (seeds folded), mean +- sd over seeds: offline, JCT per mode and the DualPath
-    speedup; online, mean TTFT per mode and how many seeds met the SLO."""
-    groups = sweep.aggregate(index)
-    online_run = any(k.startswith("online.") for g in groups for k in g["stats"])
-    key = "online.ttft_s.mean.{}" if online_run else "jct_s.{}"
-    modes = [m for m in ("basic", "layerwise", "dualpath", "oracle")
-             if any(key.format(m) in g["stats"] for g in groups)]
-    what = "mean TTFT in real s, SLO: seeds that met it" if online_run else "JCT in real s"
-    t = Table(title=f"sweep: mean +- sd over trustworthy seeds ({what})", box=box.SIMPLE_HEAD,
-              pad_edge=False, collapse_padding=True, title_justify="left")
-    last = ("SLO",) if online_run else ("dualpath\n/basic",)
-    for col in ("point", "seeds", *[f"{'TTFT' if online_run else 'JCT'}\n{m}" for m in modes], *last):
-        t.add_column(col, justify="left" if col == "point" else "right", no_wrap=True)
-
-    def cell(g: dict, k: str, fmt: str) -> str:
-        st = g["stats"].get(k)
-        return "-" if st is None else f"{fmt.format(st['mean'])}+-{fmt.format(st['sd'])}"
-
-    for g in groups:
-        label = label_of(g["values"])
-        seeds = f"{len(g['seeds'])}" + (f" ({len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
-        if online_run:
-            slo = " ".join(f"{m} {round(st['mean'] * st['n'])}/{st['n']}" for m in modes
-                           if (st := g["stats"].get(f"online.slo_ok.{m}")))
-            end = slo or "-"
-        else:
-            end = cell(g, "speedup.dualpath_vs_basic", "{:.2f}")
-        t.add_row(label, seeds, *[cell(g, key.format(m), "{:.1f}") for m in modes], end)
-    return t
-
+from .terminal import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, run_points,
+                       progress_bar, console, err_console)
 
 def cmd_run(args) -> int:
-    points = schema.sweep_points(args.scenario, args.set)
-    if len(points) > 1 or points[0].label:
-        return _run_sweep(points, args)
-    plan = make_plan(points[0].scenario)
-    with progress_bar() as bar:
-        task = bar.add_task("calibrating", total=len(plan.rounds))
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        outcome = runner.run(plan, Path(args.out), say=console.print, progress=progress)
-    print_run(outcome.summary, outcome.run_dir)
-    return exit_code(outcome.summary)
-
-
-def _run_sweep(points: list, args) -> int:
-    if points[0].search:
-        console.print(f"capacity search from {len(points)} points, up to {points[0].search.probes} runs each: "
-                      f"{', '.join(p.label for p in points)}")
-    else:
-        console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
-    with progress_bar() as bar:
-        task = bar.add_task("starting", total=1)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        def say(text: str) -> None:  # per point, only what the point's run says about its modes
-            if text.startswith(("[bold]point", "  ")):
-                console.print(text)
-
-        outcome = sweep.run_sweep(points, Path(args.out), say=say, progress=progress)
-    console.print(_sweep_table(outcome.index))
-    untrusted = [p["label"] for p in outcome.index["points"] if not p.get("trustworthy")]
-    if untrusted:
-        console.print(f"[bold red]NOT TRUSTWORTHY[/] (kept out of the statistics): {', '.join(untrusted)}; "
-                      "each run's summary.json says why")
-    console.print(f"results: {outcome.sweep_dir} (`dpemu report {outcome.sweep_dir}` for plots and report.md)")
-    failed = [p["label"] for p in outcome.index["points"] if p.get("failed_turns")]
-    if failed:
-        console.print(f"[yellow]turns failed[/] in: {', '.join(failed)} (each run's summary.json: its faults' effects)")
-        return EXIT_FAILED
-    return EXIT_UNTRUSTED if untrusted else EXIT_OK
+    return run_points(schema.sweep_points(args.scenario, args.set), Path(args.out))[1]
 
 
 def cmd_plan(args) -> int:

@@ -258,6 +258,16 @@ class Grade:
                 "distrust": self.distrust, "picture": self.picture, "rows": [asdict(r) for r in self.rows]}
 
 
+def sweep_trust(sweep_dir: Path) -> list[str]:
+    """Why a sweep's points cannot be trusted: points that did not finish, and each finished run's reasons."""
+    index = load_json(sweep_dir / "sweep.json")
+    out = [f"{p['label']}: {p.get('status')}" for p in index["points"] if p.get("status") != "done"]
+    for p in index["points"]:
+        if p.get("status") == "done":
+            out += [f"{p['label']}: {why}" for why in run_trust(sweep_dir / p["run_dir"])]
+    return out
+
+
 def cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if v != int(v) or abs(v) >= 1e4 else f"{v:g}"
@@ -306,36 +316,12 @@ def cmd_list(_args) -> int:
 
 def _run(lab_dir: LabDir, out_root: Path, sets: list[str] | None = None) -> Path:
     """Run the lab's scenario as ``dpemu run`` does (a run or a sweep, with its progress bar); its directory."""
-    from . import cli, platform, runner, schema, sweep
-    from .plan import make_plan
-    from .terminal import console, print_run, progress_bar
+    from . import platform, schema
+    from .terminal import run_points
 
     points = schema.sweep_points(str(lab_dir.scenario), sets)
     platform.require_root()
-    with progress_bar() as bar:
-        task = bar.add_task("starting", total=1)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        if len(points) > 1 or points[0].label:
-            console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
-
-            def say(text: str) -> None:  # as `dpemu run` prints a sweep: per point, what it says of its modes
-                if text.startswith(("[bold]point", "  ")):
-                    console.print(text)
-
-            outcome = sweep.run_sweep(points, out_root, say=say, progress=progress)
-            result, index = outcome.sweep_dir, outcome.index
-        else:
-            outcome = runner.run(make_plan(points[0].scenario), out_root, say=console.print, progress=progress)
-            result, index = outcome.run_dir, None
-    if index is None:
-        print_run(outcome.summary, result)
-    else:
-        console.print(cli._sweep_table(index))
-        console.print(f"results: {result}")
-    return result
+    return run_points(points, out_root)[0]
 
 
 def _table(g: Grade, lab_dir: LabDir):

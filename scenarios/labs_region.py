@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from . import fabric, report, sweep
-from .labs import Key, Lab, Row, load_json, run_trust, within
+from .labs import Key, Lab, Row, load_json, sweep_trust, within
 
 #: what can congest: the four CNIC link types of section 3 and the DE node's DRAM
 LINKS = (*fabric.LINK_TYPES, "de_dram")
@@ -133,15 +133,6 @@ def picture(sweep_dir: Path, _pred: dict, out: Path) -> str | None:
     return fabric.plot(report._plt(), groups, out / "fabric.png")
 
 
-def trust(sweep_dir: Path) -> list[str]:
-    index = load_json(sweep_dir / "sweep.json")
-    out = [f"{p['label']}: {p.get('status')}" for p in index["points"] if p.get("status") != "done"]
-    for p in index["points"]:
-        if p.get("status") == "done":
-            out += [f"{p['label']}: {why}" for why in run_trust(sweep_dir / p["run_dir"])]
-    return out
-
-
 LAB = Lab(
     title="Lab 2: the congestion-free region",
     keys=(
@@ -156,4 +147,4 @@ LAB = Lab(
         Key("de_read_share_at_4", "a fraction 0..1: the share of DualPath's reads made by the decode side at "
                                   "P/D = 4 (measured)"),
     ),
-    grades="sweep", grade=grade, picture=picture, trust=trust)
+    grades="sweep", grade=grade, picture=picture, trust=sweep_trust)

@@ -27,7 +27,7 @@ from daemons import policyapi
 from emulator.errors import ConfigError
 
 from . import report
-from .labs import Lab, LabDir, Row, load_json, run_trust
+from .labs import Lab, LabDir, Row, load_json, sweep_trust
 
 CLASS = "StudentPolicy"  # the class a policy file defines, unless --policy FILE.py:Class names another
 BASELINES = ("round_robin", "paper")
@@ -184,15 +184,6 @@ def grade(sweep_dir: Path, pred: dict) -> list[Row]:
     return rows
 
 
-def trust(sweep_dir: Path) -> list[str]:
-    index = load_json(sweep_dir / "sweep.json")
-    out = [f"{p['label']}: {p.get('status')}" for p in index["points"] if p.get("status") != "done"]
-    for p in index["points"]:
-        if p.get("status") == "done":
-            out += [f"{p['label']}: {why}" for why in run_trust(sweep_dir / p["run_dir"])]
-    return out
-
-
 # -- the picture ----------------------------------------------------------------------------------------------
 def snic_series(links_csv: Path, window_s: float) -> dict[str, tuple[list[float], list[float]]]:
     """Per SNIC (link name): (window end in real s, read bytes per real s over the window) from links.csv's
@@ -270,5 +261,5 @@ def picture(sweep_dir: Path, pred: dict, out: Path) -> str | None:
     return path.name
 
 
-LAB = Lab(title="Lab 4: write the scheduler", keys=(), grades="sweep", grade=grade, picture=picture, trust=trust,
+LAB = Lab(title="Lab 4: write the scheduler", keys=(), grades="sweep", grade=grade, picture=picture, trust=sweep_trust,
           policy=policy_file, sets=sets)

@@ -48,6 +48,26 @@ def _raise_on_signal(signum, _frame):
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-<pid>``: the run directory's name, unique on this machine."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+
+
+def clean_leftovers(reg: Registry, say) -> None:
+    """With the lock held: remove what a killed run left, and say so."""
+    if reg.leftover():
+        report = cleanup.clean(reg)
+        say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
+            f"{len(report.links)} interfaces, {len(report.procs)} processes")
+
+
+def teardown(emu: Emulation, say) -> None:
+    """Tear the emulation down (signals deferred); PlatformError naming whatever could not be removed."""
+    left = teardown_shielded(emu, say)
+    if left:
+        raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
+
+
 def teardown_shielded(emu: Emulation, say) -> list[str]:
     """Tear down with stop signals deferred: a second Ctrl-C must not abort the
     removal of what the run built (every wait inside teardown is bounded)."""
@@ -96,16 +116,13 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     first = head[0]
     platform.require_root()
     platform.require_tools()
-    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    run_id = new_run_id()
     outcomes: list[RunOutcome] = []
     pending: list[tuple[Plan, Path, dict | None]] = []  # finished runs, their summary written again at the end
     old = {s: signal.signal(s, _raise_on_signal) for s in STOP_SIGNALS}
     try:
         with Registry() as reg:
-            if reg.leftover():
-                report = cleanup.clean(reg)
-                say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
-                    f"{len(report.links)} interfaces, {len(report.procs)} processes")
+            clean_leftovers(reg, say)
             emu = Emulation(first.net, reg, run_id)
             try:
                 calib = build_calibrated(emu, first, say, progress)
@@ -129,9 +146,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
                     done(i, outcomes[-1])
             finally:
                 live.withdraw()
-                left = teardown_shielded(emu, say)
-                if left:
-                    raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
+                teardown(emu, say)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

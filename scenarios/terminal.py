@@ -18,8 +18,10 @@ from rich.table import Table
 from emulator import fidelity
 from emulator.units import format_rate
 
-from . import tables
+from . import runner, sweep, tables
+from .plan import make_plan
 from .report import fmt_ms, fmt_num
+from .schema import label_of
 
 # Output that is not a terminal (CI logs, files) gets 120 columns, not rich's 80.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -154,3 +156,75 @@ def failure_paragraphs(s: dict) -> list[str]:
                    f"({', '.join(done) or 'none'}) are in summary.json; the daemons' stderr is in "
                    f"{a['mode']}/*.stderr.log.")
     return out
+
+
+def sweep_table(index: dict) -> Table:
+    """One row per point (seeds folded), mean +- sd over seeds: offline, JCT per mode and the DualPath
+    speedup; online, mean TTFT per mode and how many seeds met the SLO."""
+    groups = sweep.aggregate(index)
+    online_run = any(k.startswith("online.") for g in groups for k in g["stats"])
+    key = "online.ttft_s.mean.{}" if online_run else "jct_s.{}"
+    modes = [m for m in ("basic", "layerwise", "dualpath", "oracle")
+             if any(key.format(m) in g["stats"] for g in groups)]
+    what = "mean TTFT in real s, SLO: seeds that met it" if online_run else "JCT in real s"
+    t = Table(title=f"sweep: mean +- sd over trustworthy seeds ({what})", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True, title_justify="left")
+    last = ("SLO",) if online_run else ("dualpath\n/basic",)
+    for col in ("point", "seeds", *[f"{'TTFT' if online_run else 'JCT'}\n{m}" for m in modes], *last):
+        t.add_column(col, justify="left" if col == "point" else "right", no_wrap=True)
+
+    def cell(g: dict, k: str, fmt: str) -> str:
+        st = g["stats"].get(k)
+        return "-" if st is None else f"{fmt.format(st['mean'])}+-{fmt.format(st['sd'])}"
+
+    for g in groups:
+        label = label_of(g["values"])
+        seeds = f"{len(g['seeds'])}" + (f" ({len(g['untrusted'])} untrusted)" if g["untrusted"] else "")
+        if online_run:
+            slo = " ".join(f"{m} {round(st['mean'] * st['n'])}/{st['n']}" for m in modes
+                           if (st := g["stats"].get(f"online.slo_ok.{m}")))
+            end = slo or "-"
+        else:
+            end = cell(g, "speedup.dualpath_vs_basic", "{:.2f}")
+        t.add_row(label, seeds, *[cell(g, key.format(m), "{:.1f}") for m in modes], end)
+    return t
+
+
+def run_points(points: list, out_root: Path) -> tuple[Path, int]:
+    """Run a scenario's points (one run, a sweep or a capacity search) as ``dpemu run`` does, with its progress
+    bar and tables: the run's or the sweep's directory, and the exit code."""
+    sweeping = len(points) > 1 or bool(points[0].label)
+    if sweeping and points[0].search:
+        console.print(f"capacity search from {len(points)} points, up to {points[0].search.probes} runs each: "
+                      f"{', '.join(p.label for p in points)}")
+    elif sweeping:
+        console.print(f"sweep of {len(points)} runs: {', '.join(p.label for p in points)}")
+    plan = None if sweeping else make_plan(points[0].scenario)
+    with progress_bar() as bar:
+        task = bar.add_task("starting" if sweeping else "calibrating", total=1 if sweeping else len(plan.rounds))
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        def say(text: str) -> None:  # per point, only what the point's run says about its modes
+            if text.startswith(("[bold]point", "  ")):
+                console.print(text)
+
+        if not sweeping:
+            outcome = runner.run(plan, out_root, say=console.print, progress=progress)
+        else:
+            outcome = sweep.run_sweep(points, out_root, say=say, progress=progress)
+    if not sweeping:
+        print_run(outcome.summary, outcome.run_dir)
+        return outcome.run_dir, exit_code(outcome.summary)
+    console.print(sweep_table(outcome.index))
+    untrusted = [p["label"] for p in outcome.index["points"] if not p.get("trustworthy")]
+    if untrusted:
+        console.print(f"[bold red]NOT TRUSTWORTHY[/] (kept out of the statistics): {', '.join(untrusted)}; "
+                      "each run's summary.json says why")
+    console.print(f"results: {outcome.sweep_dir} (`dpemu report {outcome.sweep_dir}` for plots and report.md)")
+    failed = [p["label"] for p in outcome.index["points"] if p.get("failed_turns")]
+    if failed:
+        console.print(f"[yellow]turns failed[/] in: {', '.join(failed)} (each run's summary.json: its faults' effects)")
+        return outcome.sweep_dir, EXIT_FAILED
+    return outcome.sweep_dir, EXIT_UNTRUSTED if untrusted else EXIT_OK

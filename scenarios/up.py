@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from emulator import cleanup
-from emulator.errors import ConfigError, DpemuError, PlatformError
+from emulator.errors import ConfigError, DpemuError
 from emulator.net import Emulation
 from emulator.registry import Registry
 from traffic.traces import play
@@ -303,7 +302,7 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
     platform.require_root()
     platform.require_tools()
     plan.check()
-    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    run_id = runner.new_run_id()
     state: dict = {"cluster": None, "hold": lambda: False}
 
     def on_signal(signum, _frame):
@@ -319,10 +318,7 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
     old = {s: signal.signal(s, on_signal) for s in runner.STOP_SIGNALS}
     try:
         with Registry() as reg:
-            if reg.leftover():
-                report = cleanup.clean(reg)
-                say(f"removed leftovers of a killed run: {len(report.netns)} namespaces, "
-                    f"{len(report.links)} interfaces, {len(report.procs)} processes")
+            runner.clean_leftovers(reg, say)
             emu = Emulation(plan.net, reg, run_id)
             server = cluster = None
             try:
@@ -350,9 +346,7 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
                     server.close()
                 if cluster is not None:
                     cluster.stop_idle()
-                left = runner.teardown_shielded(emu, say)
-                if left:
-                    raise PlatformError(f"teardown could not remove: {', '.join(left)}; run `dpemu clean`")
+                runner.teardown(emu, say)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

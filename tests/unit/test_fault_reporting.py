@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from emulator.errors import ConfigError
-from scenarios import cli, schema, terminal
+from scenarios import schema, terminal
 from scenarios.results import ledger_problems
 
 CLEAN = {"blocks_read": 10, "blocks_written": 2, "blocks_forwarded": 5, "blocks_verified": 17, "blocks_corrupt": 0,
@@ -55,12 +55,12 @@ def test_a_lost_block_fails_the_verdict_unless_a_fault_lost_it_with_one_copy():
 
 def test_exit_code_and_paragraphs():
     ok = {"fidelity": {"ok": True}, "modes": {"dualpath": {"failed": {"turns": 0}}}}
-    assert cli.exit_code(ok) == cli.EXIT_OK and terminal.failure_paragraphs(ok) == []
-    assert cli.exit_code({**ok, "fidelity": {"ok": False}}) == cli.EXIT_UNTRUSTED
+    assert terminal.exit_code(ok) == terminal.EXIT_OK and terminal.failure_paragraphs(ok) == []
+    assert terminal.exit_code({**ok, "fidelity": {"ok": False}}) == terminal.EXIT_UNTRUSTED
     failed = {"fidelity": {"ok": False}, "failed_turns": 3, "modes": {"dualpath": {
         "failed": {"turns": 3, "abandoned": 2, "unreachable_daemons": ["10.9.3.2:7000"]},
         "faults": {"message": "In mode dualpath: kill st2 at 19.0 s: 3 failed."}}}}
-    assert cli.exit_code(failed) == cli.EXIT_FAILED == 4
+    assert terminal.exit_code(failed) == terminal.EXIT_FAILED == 4
     assert terminal.failure_paragraphs(failed) == ["In mode dualpath: kill st2 at 19.0 s: 3 failed."]
     unplanned = {"fidelity": {"ok": True}, "failed_turns": 1, "modes": {"basic": {
         "failed": {"turns": 1, "abandoned": 0, "unreachable_daemons": ["10.9.3.1:7000"]}}},
@@ -68,4 +68,4 @@ def test_exit_code_and_paragraphs():
     lines = terminal.failure_paragraphs(unplanned)
     assert "no fault injected" in lines[0] and "10.9.3.1:7000" in lines[0]
     assert lines[1].startswith("Mode dualpath did not finish") and "(basic)" in lines[1]
-    assert cli.exit_code(unplanned) == cli.EXIT_FAILED
+    assert terminal.exit_code(unplanned) == terminal.EXIT_FAILED

@@ -175,7 +175,7 @@ def test_ablation_and_balance_sections_set_each_step_beside_the_paper():
 def test_the_sweep_table_of_an_online_sweep_shows_ttft_and_slo_seeds():
     from rich.console import Console
 
-    from scenarios.cli import _sweep_table
+    from scenarios.terminal import sweep_table as _sweep_table
 
     def point(rate, seed, ttft, ok):
         return {"label": f"r={rate},seed={seed}", "status": "done", "trustworthy": True,
