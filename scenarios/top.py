@@ -15,7 +15,6 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
 import sys
 import termios
 import threading
@@ -29,7 +28,7 @@ from rich.text import Text
 
 from daemons.statuswatch import PlaneLoads, parse_line
 from emulator.errors import ConfigError
-from emulator.kernel import kill_pids
+from emulator.procs import ProcessGroup
 from emulator.monitor import ClassKey, TcSampler, proc_cpu_s
 from emulator.units import format_rate
 from topologies.cluster import CONTROL_HOST
@@ -174,17 +173,22 @@ class StatusWatcher:
     """The ``daemons.statuswatch`` child (its own session: Ctrl-C is top's); threads keep its last line, stderr."""
 
     def __init__(self, argv: list[str]):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        self._group = ProcessGroup()  # its own session, and it dies with top (parent-death signal)
+        self.proc = self._group.start("statuswatch", None, argv)
         self.latest: PlaneLoads | None = None
         self.err: collections.deque[str] = collections.deque(maxlen=3)
         threading.Thread(target=self._lines, daemon=True).start()
-        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
+        threading.Thread(target=self._errors, daemon=True).start()
 
     def _lines(self) -> None:
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):  # not a status line
-                self.latest = parse_line(line)
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed by stop()
+            for line in self.proc.stdout:
+                with contextlib.suppress(ValueError):  # not a status line
+                    self.latest = parse_line(line)
+
+    def _errors(self) -> None:
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed by stop()
+            self.err.extend(self.proc.stderr)
 
     def wait_running(self, timeout_s: float) -> None:
         """Until a line shows the serving plane running, or the timeout (between modes none will)."""
@@ -199,10 +203,8 @@ class StatusWatcher:
         return self.latest or PlaneLoads("starting the status watcher")
 
     def stop(self) -> None:
-        """SIGTERM, SIGKILL 2 s later, by its pid (ours, not yet reaped: never a recycled one)."""
-        if self.proc.poll() is None:
-            kill_pids([(self.proc.pid, None)], grace_s=2.0)
-        self.proc.wait(timeout=5)
+        """SIGTERM, SIGKILL 2 s later, by its process group (ours, not yet reaped: never a recycled one)."""
+        self._group.stop(self.proc, grace_s=2.0)
 
 
 class Session:
