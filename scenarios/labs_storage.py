@@ -123,14 +123,13 @@ def picture(run: Path, pred: dict, out: Path) -> str | None:
     modes = [m for m in ("basic", "dualpath") if (run / m / "links.csv").is_file()]
     if not modes:
         return None
-    # links.csv's t_s is in real seconds, the configured rate a wall rate: bytes per real second / scale.time
-    wall_rate = next(c["configured_bps"] for c in s["calibration"]["classes"] if c["link_class"] == "snic")
-    rate = wall_rate * s["scale"]["time"]
+    rate = next(c["configured_bps"] for c in s["calibration"]["classes"] if c["link_class"] == "snic")
     plt = report._plt()
     fig, axes = plt.subplots(len(modes), 1, figsize=(8, 2.6 * len(modes)), sharex=True, squeeze=False)
     colors = {"pe": "tab:orange", "de": "tab:green"}
     for ax, mode in zip(axes[:, 0], modes, strict=True):
-        for side, (ts, bps) in report._side_rate_series(run / mode / "links.csv", "snic", "down").items():
+        for side, (ts, bps) in report._side_rate_series(run / mode / "links.csv", "snic", "down",
+                                                            s["scale"]["time"]).items():
             ts, util = _smooth(ts, [b / rate for b in bps], 1.0)
             ax.plot(ts, util, color=colors[side], linewidth=1.2,
                     label=f"{side.upper()} SNICs (middle-80% mean {s['modes'][mode]['snic_util'][side]:.2f})")

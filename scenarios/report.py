@@ -67,8 +67,11 @@ def report(path: Path) -> Path:
 
 
 # -- one run ------------------------------------------------------------------------------------------------
-def _side_rate_series(links_csv: Path, link_class: str, direction: str) -> dict[str, tuple[list, list]]:
-    """Per side (pe/de): (t_s, mean utilization of that side's links) from links.csv's cumulative bytes."""
+def _side_rate_series(links_csv: Path, link_class: str, direction: str, time_scale: float
+                      ) -> dict[str, tuple[list, list]]:
+    """Per side (pe/de): (t_s, mean wall bit/s of that side's links) from links.csv's cumulative bytes. Its
+    times are real seconds, so bytes per real second are divided by `time_scale` to compare with a configured
+    (wall) rate."""
     per_link: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
     with links_csv.open() as f:
         for r in csv.DictReader(f):
@@ -86,7 +89,7 @@ def _side_rate_series(links_csv: Path, link_class: str, direction: str) -> dict[
             if dt <= 0:
                 continue
             ts.append(series[0][i][0])
-            bps.append(sum((s[i][1] - s[i - 1][1]) * 8 / dt for s in series) / len(series))
+            bps.append(sum((s[i][1] - s[i - 1][1]) * 8 / dt for s in series) / len(series) / time_scale)
         out[side] = (ts, bps)
     return out
 
@@ -98,7 +101,8 @@ def _run_plots(run: Path, summary: dict, rate_bps: dict[str, float]) -> list[str
     if modes:  # SNIC read throughput over time: who reads the KV
         fig, axes = plt.subplots(len(modes), 1, figsize=(8, 2.2 * len(modes)), sharex=True, squeeze=False)
         for ax, mode in zip(axes[:, 0], modes, strict=True):
-            for side, (ts, bps) in _side_rate_series(run / mode / "links.csv", "snic", "down").items():
+            for side, (ts, bps) in _side_rate_series(run / mode / "links.csv", "snic", "down",
+                                                     summary["scale"]["time"]).items():
                 ax.plot(ts, [b / rate_bps["snic"] for b in bps], label=f"{side} SNICs",
                         color="tab:orange" if side == "pe" else "tab:green")
             ax.set_ylim(0, 1.1)
