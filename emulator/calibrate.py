@@ -281,7 +281,7 @@ def _run_round(emu, rnd: list[Test], duration_s: float, python: str, cpu: CpuSam
     # Counters are read only while the flows ramp up and at the window's two
     # edges, not periodically: polling hundreds of classes through pyroute2
     # costs real CPU, which would distort the measurement.
-    sampler = TcSampler([t.key(net) for t in targets])
+    sampler = emu.tc_sampler([t.key(net) for t in targets])
     sampler.setup()
     servers, clients = [], []
     try:

@@ -127,9 +127,13 @@ class TcSampler(_Periodic):
     """Counters of a fixed set of HTB classes, every period (``start``/``stop``),
     or at chosen instants (``setup``, ``sample(now)`` ..., ``teardown``)."""
 
-    def __init__(self, keys: list[ClassKey], period_s: float = 0.1):
+    def __init__(self, keys: list[ClassKey], period_s: float = 0.1, remote=None):
+        """`remote(netns, dev)`: for an interface on another server, (its agent, that server's monotonic clock
+        less ours); None for one here. Remote counters are read by the agent and stamped by its clock, moved to
+        ours."""
         super().__init__(period_s)
         self.keys = list(keys)
+        self._remote = remote
         self.samples: list[ClassSample] = []
         # per key, its samples sorted by time and their times (for bisect), built from `samples` on demand:
         # a run's figures ask for thousands of windows, and scanning every sample per window was quadratic
@@ -140,16 +144,19 @@ class TcSampler(_Periodic):
 
     def setup(self) -> None:
         """Resolve interface indexes (pyroute2, once) and open one lean counter socket per namespace."""
-        for netns in {k.netns for k in self.keys}:
+        for netns in {k.netns for k in self.keys if not self._elsewhere(k)}:
             ipr: IPRoute = netlink(netns)
             try:
                 for key in self.keys:
-                    if key.netns == netns and (netns, key.dev) not in self._index:
+                    if key.netns == netns and (netns, key.dev) not in self._index and not self._elsewhere(key):
                         (idx,) = ipr.link_lookup(ifname=key.dev)
                         self._index[(netns, key.dev)] = idx
             finally:
                 ipr.close()
             self._counters[netns] = ClassCounters(netns)
+
+    def _elsewhere(self, key: ClassKey) -> bool:
+        return self._remote is not None and self._remote(key.netns, key.dev) is not None
 
     def teardown(self) -> None:
         for c in self._counters.values():
@@ -164,13 +171,23 @@ class TcSampler(_Periodic):
         for key in self.keys:
             wanted.setdefault((key.netns, key.dev), {})[key.classid] = key
         new: list[ClassSample] = []
+        remote: dict[int, tuple] = {}
         for (netns, dev), by_id in wanted.items():
+            where = self._remote(netns, dev) if self._remote else None
+            if where is not None:
+                remote.setdefault(id(where[0]), (where, []))[1].append([netns, dev, sorted(by_id)])
+                continue
             classes = self._counters[netns].dump(self._index[(netns, dev)])
             t_read = time.monotonic()
             for handle, key in by_id.items():
                 if handle in classes:
                     nbytes, packets, drops, backlog = classes[handle]
                     new.append(ClassSample(t_read, key, nbytes, packets, drops, backlog))
+        for (agent, offset), groups in remote.values():
+            for netns, dev, t_read, classes in agent.call("counters", groups=groups):
+                for handle, (nbytes, packets, drops, backlog) in classes.items():
+                    new.append(ClassSample(t_read - offset, wanted[(netns, dev)][int(handle)], nbytes, packets,
+                                           drops, backlog))
         self.samples += new
         return new
 

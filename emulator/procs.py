@@ -23,19 +23,28 @@ def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
 
 
 class ProcessGroup:
-    """The processes of one run. `on_start(pid)` lets the registry record them."""
+    """The processes of one run. `on_start(pid)` lets the registry record them. `remote(netns)` names the
+    server (an :class:`emulator.servers.ServerSpec`) that holds a namespace on another machine, or None: such a
+    process is started there over its own ssh connection, with the same parent-death chain (a stopped or dead
+    ssh ends the remote process), and its pipes come back through ssh. `cwd` and `env` apply here only."""
 
-    def __init__(self, on_start: Callable[[int], None] | None = None):
+    def __init__(self, on_start: Callable[[int], None] | None = None, remote: Callable | None = None):
         self._procs: list[tuple[str, subprocess.Popen]] = []
         self._on_start = on_start
+        self._remote = remote
+        self.remote_pids: set[int] = set()  # local ssh clients of processes that run on another server
 
     def start(self, name: str, netns: str | None, argv: list[str], *,
               stdin: IO | int | None = subprocess.DEVNULL,
               stdout: IO | int | None = subprocess.PIPE, stderr: IO | int | None = subprocess.PIPE,
               cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(netns_argv(netns, argv), stdin=stdin, stdout=stdout, stderr=stderr, text=True,
+        srv = self._remote(netns) if self._remote else None
+        full = netns_argv(netns, argv) if srv is None else netns_argv(None, srv.wrap(netns_argv(netns, argv)))
+        proc = subprocess.Popen(full, stdin=stdin, stdout=stdout, stderr=stderr, text=True,
                                 cwd=cwd, env=env, start_new_session=True)
         self._procs.append((name, proc))
+        if srv is not None:
+            self.remote_pids.add(proc.pid)
         if self._on_start:
             self._on_start(proc.pid)
         return proc

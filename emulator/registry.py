@@ -46,6 +46,7 @@ class Manifest:
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)  # root-namespace interfaces and bridges
     procs: list[tuple[int, int]] = field(default_factory=list)  # (pid, start time)
+    servers: list[dict] = field(default_factory=list)  # the other servers of the run (emulator.servers.ServerSpec)
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -97,8 +98,8 @@ class Registry:
             return Manifest.load(self.manifest_path)
         return None
 
-    def begin(self, run_id: str, netns: list[str], links: list[str]) -> Manifest:
-        self.manifest = Manifest(run_id, os.getpid(), list(netns), list(links))
+    def begin(self, run_id: str, netns: list[str], links: list[str], servers: list[dict] | None = None) -> Manifest:
+        self.manifest = Manifest(run_id, os.getpid(), list(netns), list(links), servers=list(servers or []))
         self._write()
         return self.manifest
 

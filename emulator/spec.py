@@ -13,8 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from .names import check_ifname, owned
+from .servers import ServerSpec
 from .tcplan import (SEG_WIRE_BYTES, TcOp, TrafficClass, queue_limit_bytes, shape_ops, skb_segs_for,
                      skb_wire_bytes, window_skb_segs)
+
+
+def tunnel_temp(i: int) -> str:
+    """The owned name tunnel `i`'s host end has in the root namespace, before it moves into the host's."""
+    return owned(f"t{i}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,11 @@ class NetSpec:
     links: tuple[LinkSpec, ...]  # shaped
     tcp_cc: str = "reno"  # congestion control inside every host namespace (see emulator.net)
     control: tuple[ControlLink, ...] = ()  # unshaped management network
+    # Several servers (emulator.servers): the first is where dpemu runs. `placement` puts a host or switch on a
+    # server by name (unlisted: the first); a cable whose host and switch sit on different servers is a tunnel.
+    servers: tuple[ServerSpec, ...] = ()
+    placement: tuple[tuple[str, str], ...] = ()
+    tunnel: str = "vxlan"  # or "gretap" where the kernel has it
 
     def host(self, name: str) -> HostSpec:
         return next(h for h in self.hosts if h.name == name)
@@ -110,6 +121,48 @@ class NetSpec:
         """(namespace, interface) of both shaped ends of `lk`: the host's interface ("up" egress) and the switch
         port in the root namespace ("down" egress)."""
         return [(self.host(lk.host).netns, lk.host_intf), (None, lk.switch_intf)]
+
+    def server_of(self, node: str) -> str | None:
+        """The server a host or switch sits on (None: one machine, no servers)."""
+        if not self.servers:
+            return None
+        return dict(self.placement).get(node, self.servers[0].name)
+
+    def server(self, name: str | None) -> ServerSpec | None:
+        return next((s for s in self.servers if s.name == name), None)
+
+    def remote_of(self, netns: str | None, dev: str | None = None) -> ServerSpec | None:
+        """The REMOTE server that holds namespace `netns` (a host's), or, for the root namespace (None), the
+        switch side `dev` or bridge `dev`; None where that is the machine dpemu runs on."""
+        if not self.servers:
+            return None
+        if netns is not None:
+            node = next((h.name for h in self.hosts if h.netns == netns), None)
+        else:
+            node = next((c.switch for c in self.cables() if c.switch_intf == dev), None) or \
+                next((s.name for s in self.switches if s.bridge == dev), None)
+        srv = self.server(self.server_of(node)) if node else None
+        return None if srv is None or srv.local else srv
+
+    def end_of(self, dev: str) -> tuple[str | None, str]:
+        """(namespace, dev) of a cable end by its interface name (names are unique across the run)."""
+        host = next((c.host for c in self.cables() if c.host_intf == dev), None)
+        return (self.host(host).netns if host else None), dev
+
+    def tunnelled(self) -> list[LinkSpec | ControlLink]:
+        """Cables whose host and switch sit on different servers: each is a tunnel over the underlay."""
+        return [c for c in self.cables() if self.server_of(c.host) != self.server_of(c.switch)]
+
+    def objects_on(self, server: str | None) -> tuple[list[str], list[str]]:
+        """(named namespaces, root-namespace links and bridges) this network creates on `server` (None: all, on
+        one machine). A tunnel's host end is made in the root namespace as ``dp-t<i>`` before it moves."""
+        def here(node: str) -> bool:
+            return server is None or self.server_of(node) == server
+        netns = [h.netns for h in self.hosts if here(h.name)]
+        links = [s.bridge for s in self.switches if here(s.name)] + [c.switch_intf for c in self.cables()
+                                                                      if here(c.switch)]
+        links += [tunnel_temp(i) for i, c in enumerate(self.tunnelled()) if server is not None and here(c.host)]
+        return netns, links
 
     def links_of(self, host: str) -> list[LinkSpec]:
         return [lk for lk in self.links if lk.host == host]
@@ -187,3 +240,10 @@ class NetSpec:
                     raise ValueError(f"duplicate interface name {n}")
                 seen.add(n)
         self.root_objects()
+        if self.servers:
+            snames = [s.name for s in self.servers]
+            if len(set(snames)) != len(snames) or not self.servers[0].local or any(s.local for s in self.servers[1:]):
+                raise ValueError("servers: unique names; the first is this machine (no address), every other has one")
+            bad = [f"{n} -> {s}" for n, s in self.placement if n not in names or s not in snames]
+            if bad:
+                raise ValueError(f"placement names unknown nodes or servers: {', '.join(bad)}")

@@ -23,6 +23,9 @@ from emulator.tcplan import TcOp, gso_limits, render, skb_wire_bytes
 from emulator.units import format_rate
 from topologies.cluster import cluster_net, invariants, link_rates
 
+from emulator.servers import TUNNEL_OVERHEAD
+
+from .placement import spread, underlay_demand
 from .schema import Scenario
 
 
@@ -55,7 +58,7 @@ def make_plan(sc: Scenario) -> Plan:
     cluster, scale = sc.cluster_spec(), sc.scale_spec()
     net = cluster_net(cluster, scale, sc.emulation.queue, sc.traffic_classes.classes(), sc.emulation.skb,
                       sc.emulation.lossless)
-    net = dataclasses.replace(net, tcp_cc=sc.emulation.tcp_cc)
+    net = spread(dataclasses.replace(net, tcp_cc=sc.emulation.tcp_cc), sc.servers)
     rates = link_rates(cluster, scale)
     tests = calibrate.plan_tests(net, sc.calibration.mode)
     rounds = calibrate.schedule(tests, fidelity.KERNEL_BUDGET_BPS)
@@ -94,6 +97,27 @@ def process_argvs(plan: Plan, python: str = sys.executable) -> list[tuple[str, l
     return out
 
 
+def servers_text(net: NetSpec) -> list[str]:
+    """Where each node and bridge sits, and the tunnels between the machines (docs/distributed.md)."""
+    if not net.servers:
+        return []
+    where = dict(net.placement)
+    lines = ["", f"## servers ({len(net.servers)}; tunnels: {net.tunnel}, every interface's MTU = the underlay's "
+                 f"less {TUNNEL_OVERHEAD[net.tunnel]} B, measured at build)"]
+    demand = underlay_demand(net)
+    for srv in net.servers:
+        nodes = [h.name for h in net.hosts if where.get(h.name) == srv.name]
+        bridges = [sw.bridge for sw in net.switches if where.get(sw.name) == srv.name]
+        at = "this machine" if srv.local else f"{srv.user}@{srv.address}, underlay {format_rate(srv.underlay_bps)}" \
+            f" (tunnelled links can carry {format_rate(demand[srv.name])} each way)"
+        lines.append(f"{srv.name:6s} {at}: nodes {', '.join(nodes) or '-'}; bridges {', '.join(bridges) or '-'}")
+    for i, c in enumerate(net.tunnelled()):
+        shaped = f"shaped {format_rate(c.rate_bps)} at both ends" if hasattr(c, "rate_bps") else "unshaped"
+        lines.append(f"tunnel {i + 1:3d} {net.tunnel}: {c.host_intf} on {where[c.host]} <-> {c.switch_intf} on "
+                     f"{where[c.switch]} ({net.switch(c.switch).bridge}), {shaped}")
+    return lines
+
+
 def plan_text(plan: Plan) -> str:
     """The whole plan as text: what `dpemu plan` prints and a run stores."""
     net, sc = plan.net, plan.scenario
@@ -111,6 +135,7 @@ def plan_text(plan: Plan) -> str:
     lines += ["", "## management network (unshaped: control messages only)"]
     lines += [f"{c.host_intf:12s} {c.ip:17s} <-> {c.switch_intf:15s} on {net.switch(c.switch).bridge}"
               for c in net.control]
+    lines += servers_text(net)
     lines += ["", "## invariants (preserved by scaling)"]
     lines += [f"{k} = {v:.4g}" for k, v in plan.invariants.items()]
     lines += ["", "## skb caps (GSO/TSO, both ends of every link; bursts and queues above are sized from them)"]

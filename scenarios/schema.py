@@ -6,9 +6,8 @@ checked here, before anything is built: unknown keys, missing units, zero or
 negative rates, P or D of 0 and bad names are refused with the file, the field
 path and the reason (``default.yaml: cluster.snic_rate: '40' has no unit``).
 
-The models are pydantic (frozen, ``extra='forbid'``); unit strings are parsed
-by :mod:`emulator.units` and serialized back to unit strings, so the resolved
-scenario a run stores reads like the file a user wrote.
+The models are pydantic (frozen, ``extra='forbid'``); unit strings are parsed by :mod:`emulator.units` and
+serialized back to unit strings, so the resolved scenario a run stores reads like the file a user wrote.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ from emulator.tcplan import MIN_DEFAULT_SHARE
 from daemons.gpu import GPU_MODELS
 from daemons import policyapi
 from daemons.policy import READ_PATHS
-from scenarios.faultspec import Fault
-from scenarios.faultspec import problems as fault_problems
+from scenarios.faultspec import Fault, problems as fault_problems
+from scenarios.placement import Servers
 from topologies.cluster import MAX_GPUS_PER_NODE, MAX_NODES_PER_ROLE, MODELS, ClusterSpec, Scale, compute_classes
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "catalog"
@@ -305,6 +304,7 @@ class Scenario(_Model):
     serving: Serving | None = None
     faults: list[Fault] = Field([], description="what fails during each serving mode, when (docs/faults.md)")
     sweep: Sweep | None = None
+    servers: Servers | None = Field(None, description="machines to spread the cluster over (docs/distributed.md)")
     paper: dict[str, Number | str] = Field({}, description="the paper's figures for this experiment, by the "
                                                             "name of the measured value, for reports")
 
@@ -318,7 +318,8 @@ class Scenario(_Model):
     def fault_problems(self) -> list[tuple[str, str]]:
         """(field, problem) of every fault that does not fit this cluster and workload, and of the replicas."""
         c, s = self.cluster, self.serving
-        out = []
+        out = [("faults", "not injected into a cluster spread over servers (docs/distributed.md)")] \
+            if self.faults and self.servers else []
         if c.storage.replicas > c.storage.servers:
             out.append(("cluster.storage.replicas", f"{c.storage.replicas} replicas need as many storage servers "
                                                     f"(cluster.storage.servers is {c.storage.servers})"))

@@ -34,7 +34,6 @@ from daemons import costmodel
 from daemons.kvbytes import KvGeometry
 from daemons.lockstep import groups as lockstep_groups
 from emulator import dequeue
-from emulator.monitor import TcSampler
 from scenarios.schema import trace_path
 from topologies.cluster import CONTROL_HOST
 from traffic.driver import preload_list
@@ -232,19 +231,23 @@ def start_plane(emu, plan, mode: str, mode_dir: Path, trajectories, procs: list,
     (mode_dir / "scheduler.json").write_text(json.dumps(sched_cfg, indent=1))
     (mode_dir / "ledger").mkdir()
     started = len(procs)
+    emu.push(mode_dir)  # the other servers' daemons read and write their own copy of the mode's directory
     for what, netns, argv in daemon_argvs(plan, mode_dir, sys.executable):
         logs.append(stderr_path(mode_dir, what).open("w"))
-        procs.append((what, emu.procs.start(what, netns, argv, stderr=logs[-1])))
+        procs.append((what, emu.procs.start(what, netns, emu.there(netns, argv, mode_dir), stderr=logs[-1])))
     for what, proc in procs[started:]:
         wait_ready(proc, what, stderr_path(mode_dir, what))
 
 
-def stop_plane(emu, procs: list, logs: list) -> None:
-    """Stop the daemons `start_plane` started and close their logs."""
+def stop_plane(emu, procs: list, logs: list, mode_dir: Path | None = None) -> None:
+    """Stop the daemons `start_plane` started and close their logs; collect what the daemons on other servers
+    wrote into `mode_dir` (their storage servers' block files stay there: scratch)."""
     for _, proc in procs:
         emu.procs.stop(proc)
     for log in logs:
         log.close()
+    if mode_dir is not None:
+        emu.pull(mode_dir, exclude=("storage",))
 
 
 def run_mode(emu, plan, mode: str, mode_dir: Path,
@@ -268,7 +271,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         start_plane(emu, plan, mode, mode_dir, trajectories, procs, logs, preload=True)
         injector.procs.update(procs)
         keys = modestats.link_keys(plan)
-        sampler = TcSampler(list(keys), period_s=0.1 * sc.scale.time)
+        sampler = emu.tc_sampler(list(keys), period_s=0.1 * sc.scale.time)
         monitor = emu.dequeue_monitor(linkstats.serving_watch(net), on_s=1.0, off_s=3.0) \
             if dequeue.available() is None and sc.emulation.dequeue_timing else None
         driver = emu.procs.start("driver", ctl, driver_argv(plan, mode, mode_dir, py))
@@ -280,7 +283,8 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
             raise RuntimeError(f"workload driver did not start in mode {mode}: {''.join(errors)[-1500:]}")
         t0 = time.monotonic()
         injector.start(t0)
-        cpu_before = servecost.snapshot(procs)
+        here = [(what, p) for what, p in procs if p.pid not in emu.procs.remote_pids]  # CPU is read here only
+        cpu_before = servecost.snapshot(here)
         total = sum(len(t.turns) for t in trajectories)
         out = ""
         for line in driver.stdout:  # "done N" per finished turn, then the summary
@@ -291,7 +295,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         driver.wait()
         t1 = time.monotonic()
         injector.stop()  # before the status calls: a stopped daemon continues, a downed link comes up
-        cpu_after = servecost.snapshot(procs)
+        cpu_after = servecost.snapshot(here)
         reader.join(timeout=10)
         err = "".join(errors)
         sampler.stop()
@@ -317,7 +321,7 @@ def run_mode(emu, plan, mode: str, mode_dir: Path,
         injector.stop()
         if monitor:
             monitor.stop()
-        stop_plane(emu, procs, logs)
+        stop_plane(emu, procs, logs, mode_dir)
         # the storage servers' block files are scratch (derived contents, ~85 MB a mode in the headline):
         # what they held is in the ledger and the storage stats, so they do not pile up run after run
         shutil.rmtree(mode_dir / "storage", ignore_errors=True)
