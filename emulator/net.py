@@ -133,7 +133,8 @@ class Emulation:
             by_bridge = {s.bridge: s.name for s in spec.switches}
             servers = [s.name if s.address else "localhost" for s in spec.servers]
             self._net = Mininet(**opts, link=link, servers=servers,
-                                serverIP={s.name: s.address for s in spec.servers if s.address},
+                                serverIP={"localhost": "127.0.0.1",
+                                          **{s.name: s.address for s in spec.servers if s.address}},
                                 placement=placer(lambda n: self._ce_server(by_bridge.get(n, n))))
         else:
             self._net = Mininet(**opts)

@@ -46,9 +46,9 @@ class Spread:
         """Precheck, agents, same dpemu everywhere, the underlay, ownership, tunnels planned."""
         t0 = time.monotonic()
         precheck(self.remotes)
-        with ThreadPoolExecutor(max_workers=len(self.remotes)) as pool:
-            for s, agent in zip(self.remotes, pool.map(self._agent, self.remotes), strict=True):
-                self.agents[s.name] = agent
+        for s in self.remotes:  # started from this thread: a parent-death signal follows the thread that forked
+            self.agents[s.name] = Agent(s, self.run_id, self.log_dir / f"agent-{s.name}.log" if self.log_dir else None)
+        self.hello = self.each("hello", {s.name: {} for s in self.remotes})
         mine = source_digest()
         differ = [f"{n} ({h['digest']})" for n, h in self.hello.items() if h["digest"] != mine]
         if differ:
@@ -73,11 +73,6 @@ class Spread:
             h, s = self.spec.server_of(c.host), self.spec.server_of(c.switch)
             self.tunnels[i] = Tunnel(i, kind, self.mtu, {**self._end(h, s), "temp": tunnel_temp(i)}, self._end(s, h))
         self.start_s = time.monotonic() - t0
-
-    def _agent(self, s: ServerSpec) -> Agent:
-        agent = Agent(s, self.run_id, self.log_dir / f"agent-{s.name}.log" if self.log_dir else None)
-        self.hello[s.name] = agent.call("hello", timeout_s=60)
-        return agent
 
     def _end(self, server: str, peer: str) -> dict:
         """Underlay facts of `server`'s end of a tunnel to `peer` (one of them is this machine, or both are
@@ -117,7 +112,7 @@ class Spread:
 
     def record_clocks(self) -> None:
         for name, agent in self.agents.items():
-            self.clocks[name].append(agent.clock())
+            self.clocks.setdefault(name, []).append(agent.clock())
 
     def report(self) -> dict:
         """What a run records of its servers: each one's dpemu, underlay, clock offsets (start and end)."""

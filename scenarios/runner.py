@@ -123,7 +123,7 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
     try:
         with Registry() as reg:
             clean_leftovers(reg, say)
-            emu = Emulation(first.net, reg, run_id)
+            emu = Emulation(first.net, reg, run_id, log_dir=reg.dir)  # other servers' agents log there
             try:
                 calib = build_calibrated(emu, first, say, progress)
                 for i, (plan, run_dir) in enumerate(itertools.chain([head], items_it)):
