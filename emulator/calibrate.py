@@ -211,6 +211,7 @@ class Calibration:
     cpu_util_mean: float | None = None
     dequeue: dict[str, list[float]] = field(default_factory=dict)  # link class -> error of every busy gap
     dequeue_problem: str | None = None  # why dequeue timing was not measured
+    cpu_servers: dict[str, dict] = field(default_factory=dict)  # server -> its CPU figures (several servers)
 
     def worst_error(self) -> float | None:
         errs = [abs(m.error) for m in self.measurements if m.error is not None]
@@ -225,7 +226,7 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
         raise ValueError(f"calibration duration must be >= {WARMUP_S + COOLDOWN_S + MIN_WINDOW_S:.2f}s")
     result = Calibration()
     t_start = time.monotonic()
-    cpu = CpuSampler()
+    cpu = emu.cpu_sampler()  # every server's, where the network spans several
     cpu.start()
     windows = []
     watched = [dequeue.Watched(t.dev, t.link.rate_bps, t.link.link_class) for test in tests for t in test.saturated]
@@ -249,6 +250,7 @@ def run(emu, tests: list[Test], duration_s: float, budget_bps: float, python: st
     result.duration_s = time.monotonic() - t_start
     summary = cpu.summary(windows)
     result.cpu_util_max, result.cpu_util_mean = summary["cpu_util_max"], summary["cpu_util_mean"]
+    result.cpu_servers = cpu.by_server(windows) if hasattr(cpu, "by_server") else {}
     return result
 
 

@@ -28,7 +28,7 @@ from .errors import PlatformError
 from .procs import ProcessGroup
 from .registry import Registry
 from .spec import NetSpec
-from .monitor import TcSampler
+from .monitor import CpuSampler, TcSampler
 from .dequeue import DequeueMonitor, Watched, remove_instance
 from .tcplan import apply as apply_tc, gso_limits
 from . import cluster_edition
@@ -290,6 +290,10 @@ class Emulation:
         for srv in (self.spread.remotes if self.spread else []):
             srv.pull(self.run_id, root, exclude)
 
+    def cpu_sampler(self):
+        """A sampler of the CPU of every server of the run (one machine: a CpuSampler), not started."""
+        return self.spread.cpu_sampler() if self.spread else CpuSampler()
+
     def tc_sampler(self, keys: list, period_s: float = 0.1) -> TcSampler:
         """A counter sampler of `keys` on whichever servers hold them (not started)."""
         return TcSampler(keys, period_s, remote=self._remote_counters if self.spread else None)
@@ -376,7 +380,9 @@ class _SpreadMonitor:
         errors = {k: list(v) for k, v in self.local.stop().items()}
         self.error = self.error or self.local.error
         started, self._started = self._started, []
+        self.spread.add_dequeue(self.spread.spec.servers[0].name, errors)
         for name, res in self.spread.each("dequeue_stop", {n: {} for n in started}).items():
+            self.spread.add_dequeue(name, res["errors"])
             for group, errs in res["errors"].items():
                 errors.setdefault(group, []).extend(errs)
             if res["error"]:

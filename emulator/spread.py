@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from . import kernel
+from . import dequeue, kernel
 from .agent import make_tunnel_end
 from .cluster_edition import Tunnel, precheck
 from .errors import PlatformError
+from .monitor import CpuSampler
 from .servers import TUNNEL_OVERHEAD, Agent, ServerSpec, source_digest
 from .spec import NetSpec, tunnel_temp
 
@@ -36,6 +37,7 @@ class Spread:
         self.mtu: int | None = None
         self.tunnels: dict[int, Tunnel] = {}
         self.start_s: float | None = None
+        self.dequeue: dict[str, dict[str, list[float]]] = {}  # server -> group -> every busy gap's error
 
     @property
     def remotes(self) -> list[ServerSpec]:
@@ -110,13 +112,27 @@ class Spread:
             futs = {n: pool.submit(self.agents[n].call, op, timeout_s, **a) for n, a in per_server.items()}
             return {n: f.result() for n, f in futs.items()}
 
+    def cpu_sampler(self) -> ServersCpu:
+        """A sampler of every server's CPU: this machine's and each remote one's (not started)."""
+        first = self.spec.servers[0].name
+        return ServersCpu({first: CpuSampler(), **{n: RemoteCpuSampler(a, self.clocks[n][0]["mono_offset_s"])
+                                                    for n, a in self.agents.items()}})
+
+    def add_dequeue(self, server: str, errors: dict[str, list[float]]) -> None:
+        """Keep one server's dequeue-timing errors (per group) for its own figures."""
+        mine = self.dequeue.setdefault(server, {})
+        for group, errs in errors.items():
+            mine.setdefault(group, []).extend(errs)
+
     def record_clocks(self) -> None:
         for name, agent in self.agents.items():
             self.clocks.setdefault(name, []).append(agent.clock())
 
     def report(self) -> dict:
         """What a run records of its servers: each one's dpemu, underlay, clock offsets (start and end)."""
-        return {"mtu": self.mtu, "tunnel": self.spec.tunnel, "tunnels": len(self.tunnels),
+        dq = {n: {g: dequeue.summarize(dequeue.histogram(e)) for g, e in groups.items() if e}
+              for n, groups in self.dequeue.items()}
+        return {"mtu": self.mtu, "dequeue": dq, "tunnel": self.spec.tunnel, "tunnels": len(self.tunnels),
                 "agents_start_s": self.start_s,
                 "servers": {s.name: {"address": s.address, "hello": self.hello.get(s.name),
                                      "underlay": self.underlay.get(s.name), "here": self.here.get(s.name),
@@ -152,3 +168,48 @@ def servers_of(manifest_servers: list[dict]) -> list[ServerSpec]:
 
 def as_dicts(servers: tuple[ServerSpec, ...]) -> list[dict]:
     return [asdict(s) for s in servers]
+
+
+class RemoteCpuSampler(CpuSampler):
+    """A remote server's busy fraction, read by its agent, stamped on this machine's clock."""
+
+    def __init__(self, agent: Agent, mono_offset_s: float, period_s: float = 0.1):
+        super().__init__(period_s)
+        self.agent, self.offset = agent, mono_offset_s
+
+    def sample(self, now: float) -> None:
+        t, busy, total = self.agent.call("cpu")
+        if self._last is not None and total > self._last[1]:
+            self.samples.append((t - self.offset, (busy - self._last[0]) / (total - self._last[1])))
+        self._last = (busy, total)
+
+
+class ServersCpu:
+    """The CPU of every server of a run, as one sampler: its summary is the busiest server's (the verdict's
+    CPU limit holds on every machine); ``by_server`` gives each one's; ``samples`` are this machine's."""
+
+    def __init__(self, samplers: dict[str, CpuSampler]):
+        self.samplers = samplers
+        self.local = next(iter(samplers.values()))
+
+    @property
+    def samples(self) -> list[tuple[float, float]]:
+        return self.local.samples
+
+    def start(self) -> None:
+        for s in self.samplers.values():
+            s.start()
+
+    def stop(self) -> None:
+        for s in self.samplers.values():
+            s.stop()
+
+    def by_server(self, windows: list[tuple[float, float]] | None = None, span_s: float = 0.5) -> dict[str, dict]:
+        return {name: s.summary(windows, span_s) for name, s in self.samplers.items()}
+
+    def summary(self, windows: list[tuple[float, float]] | None = None, span_s: float = 0.5) -> dict:
+        each = [v for v in self.by_server(windows, span_s).values() if v["cpu_util_max"] is not None]
+        if not each:
+            return {"cpu_util_mean": None, "cpu_util_max": None}
+        return {"cpu_util_mean": max(v["cpu_util_mean"] for v in each),
+                "cpu_util_max": max(v["cpu_util_max"] for v in each)}

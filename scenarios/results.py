@@ -25,7 +25,7 @@ from emulator import fidelity
 from emulator.calibrate import Calibration
 from topologies.cluster import real_link_rates
 
-from . import linkstats
+from . import linkstats, serverstats
 from .plan import Plan, plan_text
 
 CAL_COLUMNS = ["link", "link_class", "direction", "interface", "netns", "configured_bps", "expected_bps",
@@ -202,6 +202,7 @@ def write_summary(run_dir: Path, plan: Plan, calib: Calibration, build_s: float,
                         "duration_s": round(calib.duration_s, 2), "classes": rows,
                         **({"reshaped": class_table(plan, recal)} if recal else {})},
         "dequeue": dequeue_figs,
+        **({"servers": servers} if (servers := serverstats.figures(run_dir, net)) else {}),
         **serving_part,
         "fidelity": verdict.as_dict(),
     }

@@ -26,7 +26,7 @@ from emulator.errors import DpemuError, PlatformError
 from emulator.net import Emulation
 from emulator.registry import Registry
 
-from . import live, platform, results, serve
+from . import live, platform, results, serve, serverstats
 from .plan import Plan, make_plan
 
 
@@ -151,6 +151,9 @@ def run_group(items: Iterable[tuple[Plan, Path | None]], out_root: Path, say: Ca
         for s, h in old.items():
             signal.signal(s, h)
     for o, (plan, run_dir, serving) in zip(outcomes, pending, strict=True):
+        if emu.spread:
+            serving_cpu = (serving or {}).get("cpu", {}).get("servers")
+            serverstats.write(run_dir, emu.spread.report(), calib.cpu_servers, serving_cpu)
         o.summary = results.write_summary(run_dir, plan, calib, emu.build_s, emu.teardown_s, serving, len(outcomes))
     return outcomes
 
@@ -185,7 +188,7 @@ def check_same(first: Plan, plan: Plan) -> None:
 
 def serve_modes(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dict:
     """Every serving mode on the built cluster; the CPU is watched all along."""
-    cpu = CpuSampler()
+    cpu = emu.cpu_sampler()  # every server's, where the cluster spans several
     cpu.start()
     modes, windows = {}, []
     names = list(plan.scenario.serving.modes)
@@ -230,6 +233,8 @@ def serve_modes(emu: Emulation, plan: Plan, run_dir: Path, say, progress) -> dic
     # 0.5 s of REAL time: a CPU-starved wall second distorts real timing by 1/time_scale s.
     span_s = 0.5 * plan.scenario.scale.time
     out = {"modes": modes, "cpu": cpu.summary(windows, span_s=span_s)}
+    if hasattr(cpu, "by_server"):
+        out["cpu"]["servers"] = cpu.by_server(windows, span_s=span_s)
     if aborted:
         out["aborted"] = aborted
     if flipped is not None:

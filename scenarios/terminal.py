@@ -18,7 +18,7 @@ from rich.table import Table
 from emulator import fidelity
 from emulator.units import format_rate
 
-from . import runner, sweep, tables
+from . import runner, serverstats, sweep, tables
 from .plan import make_plan
 from .report import fmt_ms, fmt_num
 from .schema import label_of
@@ -129,6 +129,8 @@ def print_run(s: dict, run_dir: Path, calibration: bool = True) -> None:
         teardown = "" if s["teardown_s"] is None else f", teardown {s['teardown_s']:.2f}s"
         console.print(f"build {s['build_s']:.2f}s{teardown}, calibration "
                       f"{s['calibration']['duration_s']:.1f}s in {s['calibration']['rounds']} round(s)")
+    for line in serverstats.lines(s["servers"]) if s.get("servers") else []:
+        console.print(line, markup=False)
     for line in verdict_lines(s):
         console.print(line)
     console.print(f"results: {run_dir}")
