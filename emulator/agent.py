@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,9 +36,10 @@ from .tcstats import ClassCounters
 class Ops:
     """The agent's operations; each returns something JSON can carry."""
 
-    def __init__(self, server: str, run_id: str):
+    def __init__(self, server: str, run_id: str, workdir: str | None = None):
         self.server = server
         self.run_id = run_id
+        self.workdir = workdir  # where runs keep their files on this server
         self.registry = Registry()
         self._counters: dict[str | None, ClassCounters] = {}
         self._index: dict[tuple[str | None, str], int] = {}
@@ -61,10 +63,20 @@ class Ops:
         """Remove what a killed run left on this server (``dpemu clean --servers``)."""
         if self.registry._lock_fd is None:  # noqa: SLF001 - the agent owns its registry
             self.registry.acquire()
+        left = self.registry.leftover()
         r = cleanup.clean(self.registry)
-        return {"procs": r.procs, "netns": r.netns, "links": r.links, "left": r.left}
+        files = self._drop_files(left.run_id) if left else []
+        return {"procs": r.procs, "netns": r.netns, "links": r.links, "left": r.left + files}
 
-    def teardown(self, netns: list[str], links: list[str], files: str | None = None) -> dict:
+    def _drop_files(self, run_id: str) -> list[str]:
+        """Remove a run's copy of its files here; what could not be removed."""
+        if not self.workdir or not run_id or "/" in run_id:
+            return []
+        path = Path(self.workdir) / run_id
+        shutil.rmtree(path, ignore_errors=True)
+        return [str(path)] if path.exists() else []
+
+    def teardown(self, netns: list[str], links: list[str]) -> dict:
         """Remove the run's namespaces (and what runs in them), links, and its copy of the run's files."""
         inside = [pid for name in netns for pid in kernel.netns_pids(name)]
         kernel.kill_pids([(pid, kernel.proc_start_time(pid)) for pid in inside], grace_s=0.5)
@@ -73,10 +85,7 @@ class Ops:
         self._close_counters()
         left = kernel.delete_links([n for n in links if is_owned(n)])
         left += [n for n in kernel.list_netns() if n in set(netns)]
-        if files and Path(files).name == self.run_id:
-            shutil.rmtree(files, ignore_errors=True)
-            if Path(files).exists():
-                left.append(files)
+        left += self._drop_files(self.run_id)
         if not left and self.registry.manifest is not None:
             self.registry.end()
         return {"left": left}
@@ -206,6 +215,7 @@ class Ops:
             self._dequeue.stop()
         if self.registry.manifest is not None:
             cleanup.clean(self.registry)
+            self._drop_files(self.run_id)
         self.registry.release()
 
 
@@ -252,12 +262,19 @@ def serve(ops: Ops, inp, out) -> None:
         out.flush()
 
 
+def _exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emulator.agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--server", required=True)
     p.add_argument("--run", required=True)
+    p.add_argument("--workdir", help="where runs keep their files on this server")
     a = p.parse_args(argv)
-    ops = Ops(a.server, a.run)
+    ops = Ops(a.server, a.run, a.workdir)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # its ssh ended: clean up on the way out
+        signal.signal(sig, _exit)
     try:
         serve(ops, sys.stdin, sys.stdout)
     finally:

@@ -99,6 +99,8 @@ def classes(make_tunnel: Callable[[Tunnel, int], None], bridge_cls):
                 if tt:
                     ssh = [*ssh[:-1], "-tt", ssh[-1]]
                 cmd = [*ssh, *(["sudo", "-E"] if sudo and self.dp_server.user != "root" else []), *cmd]
+                # the local ssh dies with dpemu, so the remote shell gets its hangup (Mininet's own start no signal)
+                cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
             params.update(preexec_fn=self._ignoreSignal)
             return super(cluster.RemoteMixin, self)._popen(cmd, **params)  # Node's, past RemoteMixin's sudo
 

@@ -144,12 +144,12 @@ class Emulation:
             agent = self.spread.agent_of(h.netns) if self.spread else None
             if agent:
                 agent.call("attach", netns=h.netns, pid=node.pid)
+                self.registry.add_proc(node.shell.pid)  # the local ssh that holds the remote shell
                 continue
             self.registry.add_proc(node.pid)
             kernel.run_argv(["ip", "netns", "attach", h.netns, str(node.pid)])
         for sw in self._net.switches:
-            if not getattr(sw, "isRemote", False):
-                self.registry.add_proc(sw.pid)
+            self.registry.add_proc(sw.shell.pid if getattr(sw, "isRemote", False) else sw.pid)
         self._net.start()
         if self.spread:
             self._mtus()

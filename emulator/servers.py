@@ -143,7 +143,7 @@ class Agent:
         self._n = 0
         self._log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in close()
         inner = ["setpriv", "--pdeathsig", "TERM", "--", server.python, "-m", "emulator.agent",
-                 "--server", server.name, "--run", run_id]
+                 "--server", server.name, "--run", run_id, "--workdir", server.workdir]
         self.proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *server.wrap(inner)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      start_new_session=True)

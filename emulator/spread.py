@@ -146,8 +146,7 @@ class Spread:
         per = {}
         for name in self.agents:
             netns, links = self.spec.objects_on(name)
-            srv = self.spec.server(name)
-            per[name] = {"netns": netns, "links": links, "files": str(Path(srv.workdir) / self.run_id)}
+            per[name] = {"netns": netns, "links": links}
         try:
             self.record_clocks()
         except PlatformError:

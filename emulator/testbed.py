@@ -275,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--state", type=Path, help=f"state file (default {STATE_DIR}/<name>.json)")
+    parser.add_argument("--workdir", type=Path, help="the server's keys and sshd files (default: a new /tmp dir)")
     args = parser.parse_args(argv)
     path = args.state or state_path(args.name)
     if args.action == "up":
         try:
-            server = start(args.name, args.index, args.mtu, timeout_s=args.timeout)
+            server = start(args.name, args.index, args.mtu, workdir=args.workdir, timeout_s=args.timeout)
         except (RuntimeError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

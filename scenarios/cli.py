@@ -3,7 +3,8 @@
     dpemu run SCENARIO [--set KEY=VALUE ...] [--out DIR]
     dpemu plan SCENARIO [--set ...]        (no root needed)
     dpemu check                            what this machine lacks
-    dpemu clean                            remove leftovers of a killed run
+    dpemu clean [--servers [SCENARIO]]     remove leftovers of a killed run (also on its other servers)
+    dpemu testbed up|down|status           a second server on this machine (docs/distributed.md)
     dpemu list                             the scenarios that ship
     dpemu bench rates|load|serve          re-measure the limits in emulator/fidelity.py, a turn's cost
     dpemu bench gpu                        the profiled GPU model's checks (Fig. 3; no root needed)
@@ -25,7 +26,7 @@ from emulator import cleanup
 from emulator.errors import DpemuError
 from emulator.registry import Registry
 
-from . import bench, labs, live, livecli, platform, report, reproduce, runner, schema, top
+from . import bench, labs, live, livecli, platform, report, reproduce, runner, schema, servercli, top
 from .plan import make_plan, plan_text
 from .terminal import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, run_points,
                        progress_bar, console, err_console)
@@ -88,9 +89,14 @@ def cmd_check(_args) -> int:
     return EXIT_OK if all(it.ok for it in items) else EXIT_ERROR
 
 
-def cmd_clean(_args) -> int:
+def cmd_clean(args) -> int:
     platform.require_root()
     with Registry() as reg:
+        if args.servers is not None:  # the other servers first: the local manifest names them
+            left = reg.leftover()
+            code = servercli.clean_servers(servercli.servers_to_clean(left.servers if left else [], args.servers))
+            if code != EXIT_OK:
+                return code
         report = cleanup.clean(reg)
         live.withdraw()  # we hold the lock: any live cluster's owner is gone
     if report.empty:
@@ -138,13 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir", help="a run directory (has summary.json) or a sweep directory (has sweep.json)")
     rp.set_defaults(func=cmd_report)
     sub.add_parser("check", help="tell what this machine lacks").set_defaults(func=cmd_check)
-    sub.add_parser("clean", help="remove what a killed run left (only dpemu's own objects)").set_defaults(
-        func=cmd_clean)
+    cl = sub.add_parser("clean", help="remove what a killed run left (only dpemu's own objects)")
+    cl.add_argument("--servers", nargs="?", const="", metavar="SCENARIO",
+                    help="also on the run's other servers (those the killed run recorded, or SCENARIO's)")
+    cl.set_defaults(func=cmd_clean)
     sub.add_parser("list", help="list the scenarios that ship").set_defaults(func=cmd_list)
     bench.add_parser(sub)
     labs.add_parser(sub)
     livecli.add_parser(sub)
     top.add_parser(sub)
+    servercli.add_parser(sub)
     return p
 
 

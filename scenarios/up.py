@@ -302,6 +302,9 @@ def own(plan: Plan, out_root: Path, say: Callable[[str], None], progress: Callab
     platform.require_root()
     platform.require_tools()
     plan.check()
+    if plan.net.servers:
+        raise ConfigError(plan.scenario.name, "servers: a live cluster runs on one machine (dpemu run spreads "
+                                              "a cluster over several; docs/distributed.md)")
     run_id = runner.new_run_id()
     state: dict = {"cluster": None, "hold": lambda: False}
 
