@@ -5,7 +5,7 @@
 SYSTEM_PYTHON := /usr/bin/python3
 VENV          := .venv
 STAMP         := $(VENV)/.installed
-APT_PACKAGES  := mininet iperf3 libiperf0 iproute2 python3-venv python3-pip procps tmux tcpdump iputils-ping
+APT_PACKAGES  := mininet iperf3 libiperf0 iproute2 python3-venv python3-pip procps tmux tcpdump iputils-ping openssh-server openssh-client
 SCENARIO      ?= default
 PYTEST_ARGS   ?=
 
