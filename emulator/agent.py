@@ -252,13 +252,17 @@ def serve(ops: Ops, inp, out) -> None:
     for line in inp:
         if not line.strip():
             continue
-        req = json.loads(line)
+        rid = None
         try:
-            result = getattr(ops, req["op"])(**req.get("args", {})) if not req["op"].startswith("_") else None
-            reply = {"id": req["id"], "ok": True, "result": result}
+            req = json.loads(line)
+            rid = req.get("id")
+            if not isinstance(req.get("op"), str) or req["op"].startswith("_") or not hasattr(ops, req["op"]):
+                raise ValueError(f"no op {req.get('op')!r}")
+            reply = {"id": rid, "ok": True, "result": getattr(ops, req["op"])(**req.get("args", {}))}
+            text = json.dumps(reply)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the coordinator as a message
-            reply = {"id": req["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
+            text = json.dumps({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        out.write(text + "\n")
         out.flush()
 
 

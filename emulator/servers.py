@@ -60,7 +60,7 @@ class ServerSpec:
     def from_dict(cls, d: dict) -> "ServerSpec":
         return cls(**d)
 
-    def ssh_argv(self, *, batch: bool = True) -> list[str]:
+    def ssh_argv(self) -> list[str]:
         """ssh to this server with no questions asked (a missing key or unknown host is an error)."""
         argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
@@ -69,7 +69,6 @@ class ServerSpec:
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(self.known_hosts)}",
                      "-o", "StrictHostKeyChecking=yes"]
-        del batch
         return argv + [f"{self.user}@{self.address}"]
 
     def wrap(self, argv: list[str]) -> list[str]:
@@ -141,6 +140,7 @@ class Agent:
         self.run_id = run_id
         self._lock = threading.Lock()
         self._n = 0
+        self._buf = b""
         self._log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in close()
         inner = ["setpriv", "--pdeathsig", "TERM", "--", server.python, "-m", "emulator.agent",
                  "--server", server.name, "--run", run_id, "--workdir", server.workdir]
@@ -156,29 +156,33 @@ class Agent:
             try:
                 self.proc.stdin.write(msg.encode())
                 self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, OSError, ValueError):
                 raise AgentError(self._gone(op)) from None
-            line = self._readline(timeout_s, op)
-        reply = json.loads(line)
+            reply = self._reply(self._n, timeout_s, op)
         if not reply.get("ok"):
             raise AgentError(f"server {self.server.name}: {op} failed: {reply.get('error')}")
         return reply.get("result")
 
-    def _readline(self, timeout_s: float, op: str) -> bytes:
+    def _reply(self, want: int, timeout_s: float, op: str) -> dict:
+        """The reply to request `want`; a late reply to an earlier call that timed out is skipped."""
         deadline = time.monotonic() + timeout_s
         fd = self.proc.stdout.fileno()
-        buf = b""
-        while not buf.endswith(b"\n"):
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                if line.strip():
+                    reply = json.loads(line)
+                    if reply.get("id") == want:
+                        return reply
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AgentError(f"server {self.server.name}: {op} did not answer within {timeout_s:.0f} s")
+                raise AgentError(f"server {self.server.name}: {op} did not answer within {timeout_s:g} s")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     raise AgentError(self._gone(op))
-                buf += chunk
-        return buf
+                self._buf += chunk
 
     def _gone(self, op: str) -> str:
         code = self.proc.poll()

@@ -97,10 +97,10 @@ def spread(net: NetSpec, servers: Servers | None, where: str = "servers") -> Net
     hosts = [h.name for h in net.hosts]
     problems = []
     if isinstance(servers.placement, dict):
-        problems += [f"{where}.placement: no node {n!r} (nodes: {', '.join(hosts)})"
+        problems += [f"placement: no node {n!r} (nodes: {', '.join(hosts)})"
                      for n in servers.placement if n not in hosts]
         if servers.placement.get(CONTROL_HOST, names[0]) != names[0]:
-            problems.append(f"{where}.placement: {CONTROL_HOST} (scheduler, workload driver) stays on {names[0]}")
+            problems.append(f"placement: {CONTROL_HOST} (scheduler, workload driver) stays on {names[0]}")
         placed = {h: servers.placement.get(h, names[0]) for h in hosts}
     else:
         placed = _balanced(net, names)
@@ -109,9 +109,9 @@ def spread(net: NetSpec, servers: Servers | None, where: str = "servers") -> Net
         votes = [sum(placed[h] == n for h in ports) for n in names]
         placed[s.name] = names[votes.index(max(votes))]
     out = dataclasses.replace(net, servers=specs, placement=tuple(placed.items()), tunnel=servers.tunnel)
-    problems += underlay_problems(out, where)
+    problems += underlay_problems(out)
     if problems:
-        raise ConfigError("", "; ".join(problems))
+        raise ConfigError(where, "; ".join(problems))
     return out
 
 
@@ -138,7 +138,7 @@ def underlay_demand(net: NetSpec) -> dict[str, float]:
     return out
 
 
-def underlay_problems(net: NetSpec, where: str) -> list[str]:
-    return [f"{where}: the links tunnelled to {name} can carry {format_rate(bps)} each way, more than its underlay "
+def underlay_problems(net: NetSpec) -> list[str]:
+    return [f"the links tunnelled to {name} can carry {format_rate(bps)} each way, more than its underlay "
             f"({format_rate(net.server(name).underlay_bps)}): place fewer nodes there or lower scale.bytes"
             for name, bps in underlay_demand(net).items() if bps > net.server(name).underlay_bps]

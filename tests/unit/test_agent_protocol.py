@@ -76,7 +76,7 @@ def test_bad_arguments_and_unknown_ops_fail_without_ending_the_loop():
                           {"id": 3, "op": "add", "args": {"a": 1, "b": 2}})
     assert [r["id"] for r in replies] == [1, 2, 3]
     assert replies[0]["ok"] is False and replies[0]["error"].startswith("TypeError: ")
-    assert replies[1]["ok"] is False and replies[1]["error"].startswith("AttributeError: ") and "nope" in replies[1]["error"]
+    assert replies[1]["ok"] is False and replies[1]["error"] == "ValueError: no op 'nope'"
     assert replies[2] == {"id": 3, "ok": True, "result": 3}
     assert ops.calls == [("add", 1, 2)]
 
@@ -93,10 +93,17 @@ def test_replies_keep_request_order_and_ids_are_echoed_not_counted():
     assert [(r["id"], r["result"]) for r in replies] == [(10, 1), (3, 2), ("x", 3), (99, 4)]
 
 
-def test_private_ops_are_answered_with_none_and_not_run():
+def test_private_ops_are_refused_and_not_run():
     replies, ops = _serve({"id": 1, "op": "_private", "args": {}}, {"id": 2, "op": "__class__", "args": {}})
-    assert replies == [{"id": 1, "ok": True, "result": None}, {"id": 2, "ok": True, "result": None}]
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, False), (2, False)]
+    assert "no op '_private'" in replies[0]["error"] and "no op '__class__'" in replies[1]["error"]
     assert ops.calls == []
+
+
+def test_a_line_that_is_not_json_is_answered_and_the_loop_goes_on():
+    replies, ops = _serve("{not json\n", {"id": 2, "op": "add", "args": {"a": 1, "b": 1}})
+    assert replies[0]["id"] is None and replies[0]["ok"] is False and "JSONDecodeError" in replies[0]["error"]
+    assert replies[1] == {"id": 2, "ok": True, "result": 2}
 
 
 def test_empty_input_writes_nothing():

@@ -8,7 +8,6 @@ import csv
 import json
 import shlex
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
@@ -363,7 +362,3 @@ def test_servers_to_clean_from_the_scenario_is_its_remote_servers():
 def test_servers_to_clean_of_a_scenario_without_servers():
     with pytest.raises(ConfigError, match="has no servers"):
         servercli.servers_to_clean([], "tiny")
-
-
-def test_fixture_paths_exist():
-    assert Path(schema.SCENARIO_DIR / "two_servers.yaml").is_file()
