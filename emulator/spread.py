@@ -161,10 +161,6 @@ class Spread:
         return left
 
 
-def servers_of(manifest_servers: list[dict]) -> list[ServerSpec]:
-    return [ServerSpec.from_dict(d) for d in manifest_servers]
-
-
 def as_dicts(servers: tuple[ServerSpec, ...]) -> list[dict]:
     return [asdict(s) for s in servers]
 

@@ -91,7 +91,20 @@ def check() -> list[Item]:
     return [Item("root", root, "yes" if root else "not root: `sudo dpemu ...`"),
             Item("cpus", os.cpu_count() >= 2, f"{os.cpu_count()} (the limits in emulator/fidelity.py "
                                                "were measured on 2)"),
-            _mininet(), _iperf3(), _iproute(), _qdiscs()]
+            _mininet(), _iperf3(), _iproute(), _qdiscs(), _servers()]
+
+
+def _servers() -> Item:
+    """What a run over several servers needs here: Cluster Edition, ssh, and sshd for the testbed."""
+    try:
+        import mininet.examples.cluster  # noqa: F401 - importable on Debian 12's Python 3.11 (it uses distutils)
+    except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
+        return Item("servers", None, f"Mininet's Cluster Edition not importable ({exc}): runs stay on one machine")
+    missing = [t for t in ("ssh", "/usr/sbin/sshd") if shutil.which(t) is None]
+    if missing:
+        return Item("servers", None, f"{', '.join(missing)} missing (apt-get install openssh-client "
+                                     "openssh-server): no runs over several servers, no testbed")
+    return Item("servers", True, "Cluster Edition, ssh and sshd (runs over several servers, the testbed)")
 
 
 def require_tools() -> None:
