@@ -112,7 +112,8 @@ def servers_text(net: NetSpec) -> list[str]:
             f" (tunnelled links can carry {format_rate(demand[srv.name])} each way)"
         lines.append(f"{srv.name:6s} {at}: nodes {', '.join(nodes) or '-'}; bridges {', '.join(bridges) or '-'}")
     for i, c in enumerate(net.tunnelled()):
-        shaped = f"shaped {format_rate(c.rate_bps)} at both ends" if hasattr(c, "rate_bps") else "unshaped"
+        shaped = "unshaped" if not hasattr(c, "rate_bps") else f"shaped {format_rate(c.rate_bps)} at both ends" + (
+            ", classes " + ", ".join(f"{tc.name} (DSCP {tc.dscp})" for tc in c.traffic_classes) if c.traffic_classes else "")
         lines.append(f"tunnel {i + 1:3d} {net.tunnel}: {c.host_intf} on {where[c.host]} <-> {c.switch_intf} on "
                      f"{where[c.switch]} ({net.switch(c.switch).bridge}), {shaped}")
     return lines
