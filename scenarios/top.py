@@ -212,6 +212,10 @@ class Session:
 
     def __init__(self, lc: live.LiveCluster, interval_s: float):
         self.lc, self.interval_s, self.plan, self.watcher = lc, interval_s, lc.plan(), None
+        if self.plan.net.servers:
+            raise ConfigError("dpemu top", "this run is spread over several servers, and top reads one machine's "
+                                           "counters; each server's figures are in the run's summary "
+                                           "(docs/distributed.md)")
         self.keys = modestats.link_keys(self.plan)
         self.counters = Counters(self.keys)
         try:
