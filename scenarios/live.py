@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from emulator.errors import DpemuError
-from emulator.registry import STATE_DIR, proc_start_time
+from emulator.registry import STATE_DIR, proc_start_time, proc_stat
 
 LIVE_FILE = "live.json"
 SOCKET_FILE = "control.sock"
@@ -39,7 +39,10 @@ class LiveCluster:
     started_at: float         # time.time() when the cluster was ready
 
     def alive(self) -> bool:
-        return proc_start_time(self.owner_pid) == self.owner_start
+        """The owner still runs: same pid and start time, and not a zombie (an owner that has exited but that
+        its parent, e.g. a tmux server, has not reaped yet has ended: it holds nothing any more)."""
+        fields = proc_stat(self.owner_pid)
+        return proc_start_time(self.owner_pid) == self.owner_start and fields is not None and fields[0] != "Z"
 
     def plan(self):
         """The plan the owner built (scenario resolved by the owner, planned again here)."""

@@ -37,6 +37,28 @@ def test_a_killed_owners_file_is_not_a_live_cluster(tmp_path):
     assert live.current(tmp_path) is None
 
 
+def test_an_owner_that_exited_unreaped_is_gone(tmp_path):
+    """A `dpemu up` that has exited is a zombie until its parent (a tmux server, a shell) reaps it: `dpemu down`
+    must see it gone at once, not wait for its parent (this once made `down` wait its full 120 s)."""
+    import subprocess
+    import time
+
+    from emulator.registry import proc_stat, proc_start_time
+
+    child = subprocess.Popen(["sleep", "0.05"])
+    try:
+        start = proc_start_time(child.pid)
+        cluster = live.LiveCluster("up", "r1", child.pid, start, "s.yaml", str(tmp_path), None, 0.0)
+        assert cluster.alive()
+        deadline = time.monotonic() + 10
+        while proc_stat(child.pid)[0] != "Z" and time.monotonic() < deadline:  # exited, not reaped
+            time.sleep(0.01)
+        assert proc_stat(child.pid)[0] == "Z" and proc_start_time(child.pid) == start
+        assert not cluster.alive()
+    finally:
+        child.wait()
+
+
 def test_load_words_become_scenario_keys():
     assert up.load_sets(["mode=dualpath", "agents=32", "turns=2", "serving.workload.seed=3"]) == [
         "serving.modes=[dualpath]", "serving.workload.agents=32", "serving.workload.turns_per_agent=2",
