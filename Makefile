@@ -37,6 +37,9 @@ $(STAMP): setup.cfg pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@# byte-compile dpemu now: a run's first processes (a dozen iperf3 ends, the daemons) would otherwise all
+	@# compile it at once, and that CPU burst alone can fail the first run's fidelity verdict
+	$(VENV)/bin/python -m compileall -q emulator topologies traffic daemons scenarios
 	touch $(STAMP)
 
 clean-env:
