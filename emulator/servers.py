@@ -141,6 +141,7 @@ class Agent:
         self._lock = threading.Lock()
         self._n = 0
         self._buf = b""
+        self._log_path = log
         self._log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in close()
         inner = ["setpriv", "--pdeathsig", "TERM", "--", server.python, "-m", "emulator.agent",
                  "--server", server.name, "--run", run_id, "--workdir", server.workdir]
@@ -185,9 +186,16 @@ class Agent:
                 self._buf += chunk
 
     def _gone(self, op: str) -> str:
-        code = self.proc.poll()
-        return (f"server {self.server.name}: the agent is gone during {op} (ssh exit {code}; is dpemu installed "
-                f"at {self.server.python} there, and does `{shlex.join(self.server.ssh_argv())} true` work?)")
+        try:
+            code = self.proc.wait(timeout=2)  # its output ended: its exit follows
+        except subprocess.TimeoutExpired:
+            code = None
+        said = ""
+        if self._log_path is not None and self._log_path.exists():
+            said = self._log_path.read_text(errors="replace").strip()[-300:]
+        return (f"server {self.server.name}: the agent is gone during {op} (ssh exit {code}"
+                + (f": {said}" if said else "") + f"; is dpemu installed at {self.server.python} there, and does "
+                f"`{shlex.join(self.server.ssh_argv())} true` work?)")
 
     def clock(self) -> dict:
         """This server's clocks against ours, from the fastest of five round trips: ``mono_offset_s`` and

@@ -38,6 +38,7 @@ class Spread:
         self.tunnels: dict[int, Tunnel] = {}
         self.start_s: float | None = None
         self.dequeue: dict[str, dict[str, list[float]]] = {}  # server -> group -> every busy gap's error
+        self.begun: set[str] = set()  # servers whose agent owns its share of the run
 
     @property
     def remotes(self) -> list[ServerSpec]:
@@ -70,6 +71,7 @@ class Spread:
         for name, agent in self.agents.items():
             netns, links = self.spec.objects_on(name)
             agent.call("begin", netns=netns, links=links)
+            self.begun.add(name)
             self.clocks[name] = [agent.clock()]
         for i, c in enumerate(self.spec.tunnelled()):
             h, s = self.spec.server_of(c.host), self.spec.server_of(c.switch)
@@ -124,10 +126,6 @@ class Spread:
         for group, errs in errors.items():
             mine.setdefault(group, []).extend(errs)
 
-    def record_clocks(self) -> None:
-        for name, agent in self.agents.items():
-            self.clocks.setdefault(name, []).append(agent.clock())
-
     def report(self) -> dict:
         """What a run records of its servers: each one's dpemu, underlay, clock offsets (start and end)."""
         dq = {n: {g: dequeue.summarize(dequeue.histogram(e)) for g, e in groups.items() if e}
@@ -141,21 +139,26 @@ class Spread:
 
     # -- end --------------------------------------------------------------------------------------------------------
     def teardown(self) -> list[str]:
-        """Every agent removes its server's share of the run, then ends; what is left, named by server."""
+        """Every agent removes its server's share of the run, then ends; what is left, named by server. A server
+        whose agent never began owns nothing of the run; one whose agent died has cleaned up as it ended (its
+        ssh closed), or, if it could not, is named for ``dpemu clean --servers``."""
         left: list[str] = []
-        per = {}
-        for name in self.agents:
-            netns, links = self.spec.objects_on(name)
-            per[name] = {"netns": netns, "links": links}
-        try:
-            self.record_clocks()
-        except PlatformError:
-            pass
-        try:
-            for name, res in self.each("teardown", per).items():
-                left += [f"{n} on {name}" for n in res["left"]]
-        except PlatformError as exc:
-            left.append(str(exc))
+        live = {n: a for n, a in self.agents.items() if n in self.begun and a.proc.poll() is None}
+        left += [f"server {n}: its agent ended during the run (`dpemu clean --servers` checks it)"
+                 for n in self.begun if n not in live]
+        for name, agent in live.items():
+            try:
+                self.clocks.setdefault(name, []).append(agent.clock())
+            except PlatformError:
+                pass
+        per = {name: dict(zip(("netns", "links"), self.spec.objects_on(name), strict=True)) for name in live}
+        with ThreadPoolExecutor(max_workers=max(1, len(per))) as pool:
+            futs = {n: pool.submit(self.agents[n].call, "teardown", 60, **a) for n, a in per.items()}
+        for name, fut in futs.items():
+            try:
+                left += [f"{n} on {name}" for n in fut.result()["left"]]
+            except PlatformError as exc:
+                left.append(str(exc))
         for agent in self.agents.values():
             agent.close()
         return left
