@@ -266,8 +266,19 @@ def serve(ops: Ops, inp, out) -> None:
         out.flush()
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _exit(signum, _frame) -> None:
+    """The first stop signal ends the serve loop; the ones that follow it (the end of an ssh session brings a
+    hangup and the parent-death SIGTERM together) must not cut the cleanup short on the way out."""
+    _ignore_stops()
     raise SystemExit(128 + signum)
+
+
+def _ignore_stops() -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where runs keep their files on this server")
     a = p.parse_args(argv)
     ops = Ops(a.server, a.run, a.workdir)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # its ssh ended: clean up on the way out
+    for sig in _STOP_SIGNALS:  # its ssh ended: clean up on the way out
         signal.signal(sig, _exit)
     try:
         serve(ops, sys.stdin, sys.stdout)
     finally:
+        _ignore_stops()  # stdin ended, or a signal came: nothing stops the cleanup now
         ops.at_exit()
     return 0
 

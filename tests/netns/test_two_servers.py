@@ -85,7 +85,16 @@ def test_a_killed_run_leaves_nothing_on_the_second_server(server, tmp_path):
         run.proc.send_signal(signal.SIGKILL)
         run.wait(10)
         # its agent saw its ssh end and removed the run there; nobody had to ask
-        wait_for(lambda: _remote_state(server) == CLEAN, 30, "the second server to be clean", period=0.5)
+        seen = [None]
+
+        def clean() -> bool:
+            seen[0] = _remote_state(server)
+            return seen[0] == CLEAN
+
+        try:
+            wait_for(clean, 30, "the second server to be clean", period=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; on the second server: {seen[0]}") from None
     finally:
         run.close()
     res = run_dpemu("clean", "--servers", timeout=120)
