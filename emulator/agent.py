@@ -118,11 +118,7 @@ class Ops:
         for netns, group in by_ns.items():
             ipr = kernel.netlink(netns)
             try:
-                if replace:
-                    for dev in dict.fromkeys(op.dev for op in group):
-                        (idx,) = ipr.link_lookup(ifname=dev)
-                        ipr.tc("del", index=idx, handle=0x10000, parent=0xFFFFFFFF)
-                apply_tc(ipr, group)
+                apply_tc(ipr, group, replace)
             finally:
                 ipr.close()
 

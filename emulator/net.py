@@ -182,12 +182,7 @@ class Emulation:
         for op in local:
             grouped.setdefault(op.netns, []).append(op)
         for op_ns, group in grouped.items():
-            ipr = self.ipr(op_ns)
-            if replace:
-                for dev in dict.fromkeys(op.dev for op in group):
-                    (idx,) = ipr.link_lookup(ifname=dev)
-                    ipr.tc("del", index=idx, handle=0x10000, parent=0xFFFFFFFF)  # root qdisc, classes, filters
-            apply_tc(ipr, group)
+            apply_tc(self.ipr(op_ns), group, replace)
 
     def _mtus(self) -> None:
         """Every interface of a network with tunnels takes the tunnels' MTU (a bridge drops a frame larger than

@@ -106,13 +106,23 @@ class Spread:
         srv = self.spec.remote_of(netns, dev)
         return None if srv is None else self.agents[srv.name]
 
-    def each(self, op: str, per_server: dict[str, dict], timeout_s: float = 60) -> dict[str, object]:
-        """`op` on several servers at once ({server: args}); their results by server."""
+    def each(self, op: str, per_server: dict[str, dict], timeout_s: float = 60,
+             errors: bool = False) -> dict[str, object]:
+        """`op` on several servers at once ({server: args}); their results by server. `errors`: a server's
+        PlatformError is its result instead of being raised."""
         if not per_server:
             return {}
         with ThreadPoolExecutor(max_workers=len(per_server)) as pool:
             futs = {n: pool.submit(self.agents[n].call, op, timeout_s, **a) for n, a in per_server.items()}
-            return {n: f.result() for n, f in futs.items()}
+        out = {}
+        for n, f in futs.items():
+            try:
+                out[n] = f.result()
+            except PlatformError as exc:
+                if not errors:
+                    raise
+                out[n] = exc
+        return out
 
     def cpu_sampler(self) -> ServersCpu:
         """A sampler of every server's CPU: this machine's and each remote one's (not started)."""
@@ -152,13 +162,8 @@ class Spread:
             except PlatformError:
                 pass
         per = {name: dict(zip(("netns", "links"), self.spec.objects_on(name), strict=True)) for name in live}
-        with ThreadPoolExecutor(max_workers=max(1, len(per))) as pool:
-            futs = {n: pool.submit(self.agents[n].call, "teardown", 60, **a) for n, a in per.items()}
-        for name, fut in futs.items():
-            try:
-                left += [f"{n} on {name}" for n in fut.result()["left"]]
-            except PlatformError as exc:
-                left.append(str(exc))
+        for name, res in self.each("teardown", per, errors=True).items():
+            left += [str(res)] if isinstance(res, PlatformError) else [f"{n} on {name}" for n in res["left"]]
         for agent in self.agents.values():
             agent.close()
         return left

@@ -221,9 +221,14 @@ def describe(op: TcOp) -> str:
     return f"{op.dev}: {op.kind} {op.op} {handle_str(op.handle)}"
 
 
-def apply(ipr, ops: list[TcOp]) -> None:
-    """Execute `ops` with a pyroute2 ``IPRoute`` already bound to their namespace."""
+def apply(ipr, ops: list[TcOp], replace: bool = False) -> None:
+    """Execute `ops` with a pyroute2 ``IPRoute`` already bound to their namespace. `replace`: each device's root
+    qdisc (with its classes and filters) is deleted first, so a new plan replaces the one in place."""
     _register_bfifo()
+    if replace:
+        for dev in dict.fromkeys(op.dev for op in ops):
+            (idx,) = ipr.link_lookup(ifname=dev)
+            ipr.tc("del", index=idx, handle=0x10000, parent=0xFFFFFFFF)
     index_of: dict[str, int] = {}
     for op in ops:
         if op.dev not in index_of:

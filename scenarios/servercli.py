@@ -14,7 +14,6 @@ from emulator.errors import ConfigError, DpemuError
 from emulator.servers import Agent, ServerSpec
 
 from . import schema
-from .placement import Servers
 from .terminal import EXIT_ERROR, EXIT_OK, console, err_console
 
 TESTBED_WORKDIR = "/tmp/dpt-{name}-testbed"  # fixed, so two_servers.yaml can name its key
@@ -29,7 +28,7 @@ def servers_to_clean(manifest_servers: list[dict], scenario: str | None) -> list
     sc = schema.load(scenario)
     if sc.servers is None:
         raise ConfigError(scenario, "has no servers: section")
-    return [s for s in Servers.specs(sc.servers) if not s.local]
+    return [s for s in sc.servers.specs() if not s.local]
 
 
 def clean_servers(servers: list[ServerSpec]) -> int:
